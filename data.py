@@ -1,0 +1,160 @@
+"""Prompt templates and tasks for GRPO.
+
+A task is a list of examples, dicts with `question` (the text the template wraps) and `answer`
+(the ground truth the rewards compare against); `solution` is a worked completion in the
+think/answer format where the task has one (used only by the cold-start SFT), and countdown
+examples carry `numbers` and `target`. `load_task` returns disjoint (train, test) lists.
+"""
+import json
+import os
+import random
+import re
+
+# DeepSeek-R1-Zero's template (R1 paper, Table 1); the model continues after "Assistant:".
+R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant "
+           "solves it. The assistant first thinks about the reasoning process in the mind and then "
+           "provides the user with the answer. The reasoning process and answer are enclosed within "
+           "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+           "process here </think> <answer> answer here </answer>. User: {question}. Assistant:")
+# The same instruction as a system prompt, for the chat form.
+R1_SYSTEM = R1_ZERO.split(" User:")[0]
+TEMPLATES = ("r1zero", "plain", "chat")
+TASKS = ("arithmetic", "countdown", "gsm8k", "jsonl")
+
+
+class DataError(ValueError):
+    """A data problem the user must fix; the message names the file and line."""
+
+
+def render_prompt(example, template, tokenizer=None):
+    """The prompt text for `example`: r1zero (the R1-Zero template), plain (the question and a
+    newline), or chat (the tokenizer's chat template, R1's instruction as system prompt)."""
+    question = example["question"]
+    if template == "r1zero":
+        return R1_ZERO.format(question=question)
+    if template == "plain":
+        return question + "\n"
+    messages = [{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------
+# synthetic tasks (seeded, generated, train and test disjoint)
+
+def addition_example(a, b):
+    """`a+b` with a worked solution that adds column by column, right to left, with the carry:
+    47+38 -> <think>7+8=15,4+3+1=8</think><answer>85</answer>."""
+    steps, carry, da, db = [], 0, str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={x + y + carry}")
+        carry = (x + y + carry) // 10
+    solution = f"<think>{','.join(steps)}</think><answer>{a + b}</answer>"
+    return {"question": f"{a}+{b}", "answer": str(a + b), "solution": solution}
+
+
+def arithmetic_task(seed, n_test, digits=2):
+    """All sums of two `digits`-digit numbers, shuffled by `seed`; the first n_test are the test set."""
+    numbers = range(10 ** (digits - 1), 10 ** digits)
+    pairs = [(a, b) for a in numbers for b in numbers]
+    random.Random(seed).shuffle(pairs)
+    examples = [addition_example(a, b) for a, b in pairs]
+    return examples[n_test:], examples[:n_test]
+
+
+def countdown_example(rng):
+    """Countdown (TinyZero): 3 or 4 numbers in 1..99 and a target in 1..999 that some expression
+    using each number once with + - * / reaches (made by combining the numbers at random)."""
+    while True:
+        numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
+        order = numbers[:]
+        rng.shuffle(order)
+        value = order[0]
+        for n in order[1:]:
+            options = [value + n, value - n, value * n] + ([value // n] if value % n == 0 else [])
+            value = rng.choice(options)
+        if 1 <= value <= 999:
+            question = (f"Using the numbers {numbers}, create an equation that equals {value}. "
+                        "You can use + - * / and each number exactly once.")
+            return {"question": question, "answer": str(value), "numbers": numbers, "target": value}
+
+
+def countdown_task(seed, n_train, n_test):
+    rng, seen, examples = random.Random(seed), set(), []
+    while len(examples) < n_train + n_test:
+        example = countdown_example(rng)
+        key = (tuple(sorted(example["numbers"])), example["target"])
+        if key not in seen:
+            seen.add(key)
+            examples.append(example)
+    return examples[n_test:], examples[:n_test]
+
+
+# ----------------------------------------------------------------------------
+# tasks from files
+
+def read_jsonl(path):
+    """Yield (line number, dict) for each non-blank line; a bad line raises DataError naming it."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, row
+
+
+def require_text(row, key, path, lineno):
+    if not isinstance(row.get(key), str) or not row[key].strip():
+        raise DataError(f"{path}:{lineno}: missing or empty string field '{key}'")
+    return row[key]
+
+
+def gsm8k_example(row, path, lineno):
+    """A GSM8K row: `answer` is the worked solution, with <<calculator>> notes, ending '#### N'."""
+    question, answer = require_text(row, "question", path, lineno), require_text(row, "answer", path, lineno)
+    reasoning, sep, final = answer.rpartition("####")
+    if not sep or not final.strip():
+        raise DataError(f"{path}:{lineno}: 'answer' does not end with '#### <number>'")
+    final = final.strip().replace(",", "")
+    reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
+    return {"question": question, "answer": final,
+            "solution": f"<think>{reasoning}</think><answer>{final}</answer>"}
+
+
+def jsonl_example(row, path, lineno):
+    """A generic row {"prompt": ..., "answer": ...}; extra fields are kept for custom rewards."""
+    example = dict(row, question=require_text(row, "prompt", path, lineno))
+    if "answer" not in row:
+        raise DataError(f"{path}:{lineno}: missing field 'answer'")
+    example["answer"] = str(row["answer"])
+    return example
+
+
+def load_file(path, make_example):
+    examples = [make_example(row, path, lineno) for lineno, row in read_jsonl(path)]
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def load_task(task, seed, data_path="", eval_data_path="", eval_size=200, digits=2):
+    """(train, test) example lists. File tasks take the test split from eval_data_path, or
+    hold out the first eval_size rows of data_path when none is given."""
+    if task == "arithmetic":
+        return arithmetic_task(seed, eval_size, digits)
+    if task == "countdown":
+        return countdown_task(seed, 100_000, eval_size)
+    make_example = gsm8k_example if task == "gsm8k" else jsonl_example
+    train = load_file(data_path, make_example)
+    if eval_data_path:
+        return train, load_file(eval_data_path, make_example)
+    if len(train) <= eval_size:
+        raise DataError(f"{data_path}: {len(train)} examples, not enough to hold out eval_size={eval_size}")
+    return train[eval_size:], train[:eval_size]

@@ -1,0 +1,785 @@
+"""
+grpo.py: Group Relative Policy Optimization in one file.
+
+GRPO (DeepSeekMath, arXiv 2402.03300) trains a causal LM from rule-based rewards without a value
+model: for each question it samples a group of G completions, scores them, and uses each
+completion's reward relative to its group, A_i = (r_i - mean(r)) / (std(r) + eps), as the
+advantage of every one of its tokens in a PPO-style clipped objective, with a k3 KL penalty
+towards a frozen reference model. Read top to bottom: config, the math as pure functions, model
+helpers, then the training loop.
+
+Where it departs from or extends the paper (each one a flag, paper default first):
+  - scale_rewards=group|batch|none   none is Dr. GRPO (arXiv 2503.20783); unbiased std
+  - loss_type=grpo|dapo|dr_grpo      per-sequence mean (paper), token mean (DAPO), constant
+  - clip_eps_high                     DAPO's clip-higher (arXiv 2503.14476) when > clip_eps_low
+  - mask_truncated, drop_zero_std_groups, the overlong reward: DAPO's other three changes
+  - log-probs are taken at the sampling temperature, so the ratio compares the sampled policy
+  - sft_steps: a short cold-start SFT on worked solutions before RL (DeepSeek-R1's phase 1)
+
+Commands:
+  python grpo.py                                   # offline CPU demo: tiny model, SFT, GRPO, before/after
+  python grpo.py --config configs/gsm8k_qwen.py    # one GPU (bf16 autocast + torch.compile on CUDA)
+  python grpo.py --config configs/NAME.py --max_steps=100 --lr=1e-6   # overrides follow the file
+  python grpo.py --resume=runs/default             # continue from the latest checkpoint
+"""
+import ast
+import contextlib
+import copy
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+import data
+import rewards as R
+
+# ----------------------------------------------------------------------------
+# config: defaults -> --config FILE -> --key=value; the defaults are the CPU demo
+
+
+@dataclass
+class Config:
+    # run
+    model: str = "tiny"            # hub name or local path; "tiny" builds a ~1M-param Llama locally
+    task: str = "arithmetic"       # arithmetic | countdown | gsm8k | jsonl (see data.py)
+    data_path: str = ""            # training JSONL for gsm8k / jsonl
+    eval_data_path: str = ""       # held-out JSONL; "" holds out the first eval_size rows of data_path
+    template: str = "plain"        # r1zero | plain | chat (R1-Zero: r1zero)
+    digits: int = 2                # arithmetic: digits per operand
+    out_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, summary
+    resume: str = ""               # run directory to continue from its latest checkpoint
+    seed: int = 0                  # seeds data split, init, sampling; CPU runs are reproducible
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    # cold start (DeepSeek-R1 phase 1)
+    sft_steps: int = 150           # SFT steps on worked solutions before RL; 0 = none (R1-Zero)
+    sft_examples: int = 500        # distinct worked examples the cold start sees (R1: thousands)
+    sft_batch_size: int = 32       # examples per SFT step
+    sft_lr: float = 1e-3           # SFT learning rate (constant)
+    # sampling
+    max_steps: int = 800          # GRPO steps; each samples prompts_per_step x group_size completions
+    prompts_per_step: int = 8      # questions per step (DeepSeekMath: 1024 samples / 64 = 16)
+    group_size: int = 8            # G completions per question (DeepSeekMath: 64)
+    max_new_tokens: int = 32       # completion length cap (DeepSeekMath: 1024)
+    temperature: float = 1.0       # sampling temperature (DeepSeekMath: 1.0)
+    top_p: float = 1.0             # nucleus sampling (DeepSeekMath: 1.0)
+    # rewards
+    rewards: str = "accuracy:1,format:0.5"  # name:weight from rewards.REWARDS (R1-Zero: accuracy + format)
+    overlong_buffer: int = 0       # L_cache of the overlong reward (DAPO: 4096 of 20480 tokens)
+    language: str = "en"           # target script of the language reward (R1: the prompt's language)
+    # objective
+    scale_rewards: str = "group"   # group | batch | none: std that divides advantages (Dr. GRPO: none)
+    adv_eps: float = 1e-4          # eps in (r - mean) / (std + eps)
+    clip_eps_low: float = 0.2      # ratio clipped below at 1 - eps_low (DeepSeekMath: 0.2)
+    clip_eps_high: Optional[float] = None  # above at 1 + eps_high; None = eps_low (DAPO: 0.28)
+    beta: float = 0.04             # k3 KL coefficient; 0 loads no reference model (DeepSeekMath: 0.04)
+    loss_type: str = "grpo"        # grpo (per-sequence mean) | dapo (token mean) | dr_grpo (constant)
+    num_iterations: int = 1        # mu: policy updates per batch of samples (DeepSeekMath: 1)
+    ref_sync_every: int = 0        # steps between reference updates; 0 = fixed (DeepSeekMath iterative RL)
+    ref_sync_alpha: float = 1.0    # ref <- alpha * theta + (1 - alpha) * ref; 1.0 = hard copy
+    mask_truncated: bool = False   # leave completions without EOS out of the loss (DAPO: True)
+    drop_zero_std_groups: bool = False  # leave groups with equal rewards out (DAPO: True, resampled)
+    # optimisation
+    lr: float = 3e-4               # AdamW peak learning rate (DeepSeekMath: 1e-6 for 7B)
+    warmup_steps: int = 10         # linear warmup, then cosine decay
+    min_lr_ratio: float = 0.1      # cosine floor as a fraction of lr
+    weight_decay: float = 0.0      # AdamW weight decay (DeepSeekMath: not stated; TRL: 0)
+    adam_betas: tuple = (0.9, 0.99)  # AdamW betas
+    grad_clip: float = 1.0         # max global grad norm; 0 = off
+    micro_batch_size: int = 64     # completions per forward/backward; gradients accumulate
+    bf16: Optional[bool] = None    # bf16 autocast; None = on CUDA only (weights stay fp32)
+    compile: Optional[bool] = None  # torch.compile the log-prob forward; None = on CUDA only
+    # evaluation, logging, checkpoints
+    eval_size: int = 200           # held-out questions for greedy accuracy before and after RL
+    eval_every: int = 0            # steps between evaluations during RL; 0 = before and after only
+    eval_batch_size: int = 200     # questions per greedy sampling batch
+    log_samples_every: int = 200  # steps between printed sample completions; 0 = never
+    save_every: int = 400         # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2      # checkpoints kept on disk
+    wandb: bool = False            # log to Weights & Biases (needs the package)
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key or file."""
+
+
+CHOICES = {"task": data.TASKS, "template": data.TEMPLATES, "scale_rewards": ("group", "batch", "none"),
+           "loss_type": ("grpo", "dapo", "dr_grpo")}
+
+
+def coerce(key, value, from_text):
+    """value (a literal from a file, or text from the command line) as the type of Config.key."""
+    kind = typing.get_type_hints(Config)[key]
+    optional = typing.get_origin(kind) is typing.Union
+    kind = typing.get_args(kind)[0] if optional else kind
+    if from_text and kind is not str:
+        if optional and value == "None":
+            return None
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{key}: cannot read {value!r} as {kind.__name__}") from None
+    if value is None and optional:
+        return value
+    if kind is float and type(value) is int:
+        value = float(value)
+    if kind is tuple and type(value) is list:
+        value = tuple(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def read_config_file(path):
+    """A config file is `key = literal` lines, parsed with ast and never executed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror}") from None
+    except SyntaxError as err:
+        raise ConfigError(f"{path}:{err.lineno}: {err.msg}") from None
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ConfigError(f"{path}:{node.lineno}: only `key = value` lines are allowed")
+        try:
+            values[node.targets[0].id] = (ast.literal_eval(node.value), node.lineno)
+        except ValueError:
+            raise ConfigError(f"{path}:{node.lineno}: value of {node.targets[0].id} is not a literal") from None
+    return values
+
+
+def check_key(key, where=""):
+    names = [f.name for f in dataclasses.fields(Config)]
+    if key not in names:
+        hint = difflib.get_close_matches(key, names, 1)
+        raise ConfigError(f"{where}unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+
+
+def parse_config(argv):
+    """Config from the command line: [--config FILE] [--resume=DIR] [--key=value ...]."""
+    values, args = {}, list(argv)
+    if args and args[0] == "--config":
+        if len(args) < 2:
+            raise ConfigError("--config needs a file")
+        args[:1] = ["--config=" + args.pop(1)]
+    overrides = {}
+    for arg in args:
+        key, eq, text = arg[2:].partition("=")
+        if not arg.startswith("--") or not eq:
+            raise ConfigError(f"expected --key=value, got {arg!r}")
+        if key == "config":
+            for k, (v, line) in read_config_file(text).items():
+                check_key(k, f"{text}:{line}: ")
+                try:
+                    values[k] = coerce(k, v, from_text=False)
+                except ConfigError as err:
+                    raise ConfigError(f"{text}:{line}: {err}") from None
+        else:
+            check_key(key)
+            overrides[key] = coerce(key, text, from_text=True)
+    if "resume" in overrides:  # the run's own config, then the command line's changes to it
+        path = os.path.join(overrides["resume"], "train_config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"resume: {path} not found")
+        with open(path) as f:
+            values = {k: coerce(k, v, from_text=False) for k, v in json.load(f).items()}
+        overrides["out_dir"] = overrides["resume"]
+    cfg = Config(**{**values, **overrides})
+    if cfg.clip_eps_high is None:
+        cfg.clip_eps_high = cfg.clip_eps_low
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(message)
+    for key, options in CHOICES.items():
+        need(getattr(cfg, key) in options, f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(options)}")
+    need(cfg.group_size >= 2, "group_size: must be at least 2 (advantages compare a completion with its group)")
+    for key in ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "num_iterations",
+                "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size"):
+        need(getattr(cfg, key) >= 1, f"{key}: must be at least 1")
+    for key in ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
+                "warmup_steps", "sft_steps", "eval_size", "eval_every", "log_samples_every", "ref_sync_every",
+                "overlong_buffer", "sft_examples"):
+        need(getattr(cfg, key) >= 0, f"{key}: must not be negative")
+    need(cfg.clip_eps_low < 1, "clip_eps_low: must be below 1 (the ratio is clipped at 1 - clip_eps_low)")
+    need(cfg.temperature > 0, "temperature: must be positive")
+    need(0 < cfg.top_p <= 1, "top_p: must be in (0, 1]")
+    need(0 < cfg.ref_sync_alpha <= 1, "ref_sync_alpha: must be in (0, 1]")
+    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio: must be in [0, 1]")
+    need(len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), "adam_betas: two numbers in [0, 1)")
+    need(cfg.language in R.SCRIPTS, f"language: {cfg.language!r} is not one of {', '.join(R.SCRIPTS)}")
+    need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), f"device: {cfg.device!r}")
+    need(cfg.task in ("arithmetic", "countdown") or cfg.data_path, f"data_path: task {cfg.task} needs a JSONL file")
+    for key in ("data_path", "eval_data_path"):
+        need(not getattr(cfg, key) or os.path.isfile(getattr(cfg, key)), f"{key}: {getattr(cfg, key)}: no such file")
+    need(cfg.model == "tiny" or os.path.isdir(cfg.model) or cfg.model.count("/") == 1,
+         f"model: {cfg.model}: no such directory, and not a hub name (owner/name)")
+    try:
+        R.parse_reward_spec(cfg.rewards)
+    except ValueError as err:
+        raise ConfigError(f"rewards: {err}") from None
+
+
+# ----------------------------------------------------------------------------
+# the math: pure functions on tensors
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """A_i = (r_i - mean_group(r)) / (std + eps) for rewards [N] of N/G consecutive groups -> [N].
+    scale: group = std of the group (DeepSeekMath), batch = std of all N, none = no division
+    (Dr. GRPO). A group whose rewards are all equal gets exactly 0, never NaN."""
+    r = rewards.view(-1, group_size)
+    centered = r - r.mean(1, keepdim=True)
+    centered = torch.where((r == r[:, :1]).all(1, keepdim=True), 0.0, centered)
+    if scale == "group":
+        centered = centered / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (rewards.std() + eps)
+    return centered.view(-1)
+
+
+def completion_mask(completion_ids, eos_ids):
+    """1 for tokens up to and including each row's first EOS, 0 after it ([B, T] -> [B, T] float).
+    Only the first EOS counts, so padding after it is never mistaken for text, even when the
+    pad token is the EOS token. A row without EOS (truncated) is all ones."""
+    is_eos = torch.isin(completion_ids, eos_ids).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).float()
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token KL(pi_theta || pi_ref) estimate, k3 = exp(ref - logp) - (ref - logp) - 1
+    (DeepSeekMath eq. 4): unbiased for samples from pi_theta and never negative. [B, T] -> [B, T]."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high):
+    """Per-token PPO loss -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho =
+    exp(logp - old_logp); logp, old_logp [B, T], advantages [B]. Also returns where the clip is
+    active: low (rho < 1 - eps_low, A < 0) and high (rho > 1 + eps_high, A > 0), both [B, T] bool."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    return loss, (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
+
+
+def aggregate_loss(per_token, mask, loss_type, num_completions, num_tokens, max_new_tokens):
+    """Scalar loss from per-token losses [B, T] and mask [B, T]. The counts are those of the whole
+    batch, so summing this over micro-batches gives exactly the full-batch loss:
+      grpo:    sum_i (1/|o_i|) sum_t l_it / num_completions    (DeepSeekMath eq. 3)
+      dapo:    sum_i sum_t l_it / num_tokens                    (DAPO eq. 8)
+      dr_grpo: sum_i sum_t l_it / (num_completions * max_new_tokens)  (Dr. GRPO)"""
+    masked = per_token * mask
+    if loss_type == "grpo":
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / num_completions
+    if loss_type == "dapo":
+        return masked.sum() / num_tokens
+    return masked.sum() / (num_completions * max_new_tokens)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, num_completions, num_tokens):
+    """The GRPO objective for one micro-batch: clipped surrogate + beta * k3 KL, aggregated by
+    cfg.loss_type. ref_logp is None when beta = 0. Returns (loss, dict of masked sums for logging)."""
+    per_token, clip_low, clip_high = clipped_surrogate(logp, old_logp, advantages, cfg.clip_eps_low, cfg.clip_eps_high)
+    stats = {"clip_low": (clip_low * mask).sum().item(), "clip_high": (clip_high * mask).sum().item()}
+    if cfg.beta > 0:
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + cfg.beta * kl
+        stats["kl"] = (kl.detach() * mask).sum().item()
+    loss = aggregate_loss(per_token, mask, cfg.loss_type, num_completions, num_tokens, cfg.max_new_tokens)
+    return loss, stats
+
+
+def lr_factor(step, warmup_steps, total_steps, min_ratio):
+    """Linear warmup to 1 over warmup_steps, then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def sync_reference(ref_model, model, alpha):
+    """ref <- alpha * theta + (1 - alpha) * ref, parameter by parameter (alpha = 1: hard copy)."""
+    for ref_param, param in zip(ref_model.parameters(), model.parameters()):
+        ref_param.lerp_(param.detach().to(ref_param.dtype), alpha)
+
+
+# ----------------------------------------------------------------------------
+# model helpers
+
+
+def build_tiny_model(path, seed):
+    """A ~1M-parameter Llama and a character-level tokenizer with the think/answer tags as single
+    tokens, built from a config (no download) and saved with save_pretrained."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    specials = ["<pad>", "<eos>", "<unk>"]
+    tags = ["<think>", "</think>", "<answer>", "</answer>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + tags + chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.add_tokens(tags)  # matched whole, before the character split
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def load_model(path, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model: {path}: the tokenizer has no EOS token, so completions could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: masks count only the first EOS
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return model, tokenizer
+
+
+def stop_ids(model, tokenizer):
+    """Every token id that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return torch.tensor(sorted(ids), device=model.device)
+
+
+def cache_arg(model):
+    """The KV-cache argument's name: `cache` in newer transformers, `past_key_values` before."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0):
+    """Sample completions for left-padded prompts [B, P] with a KV cache; temperature 0 is greedy.
+    Returns [B, T] with T <= max_new_tokens (it stops once every row has an EOS); tokens after a
+    row's EOS are pad_id."""
+    from transformers import DynamicCache
+    cache, mask = {cache_arg(model): DynamicCache()}, prompt_mask
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions,
+                   use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        token = pick_token(logits.float(), temperature, top_p)
+        token = torch.where(done, pad_id, token)
+        tokens.append(token)
+        done |= torch.isin(token, eos_ids)
+        if t == max_new_tokens - 1 or (t % 4 == 3 and bool(done.all())):  # check every few: each check syncs
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                       use_cache=True, **cache).logits[:, -1]
+    return torch.stack(tokens, 1)
+
+
+def pick_token(logits, temperature, top_p):
+    """One token per row from logits [B, V]: argmax when temperature is 0, else sampled from
+    softmax(logits / temperature) restricted to the top_p nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps the top token always
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+    return torch.multinomial(probs, 1).squeeze(1)
+
+
+def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0):
+    """log pi(o_t | q, o_<t) / temperature-scaled, for the last num_completion tokens of
+    input_ids [B, L] (left-padded prompt + completion) -> logp [B, C] and entropy [B, C]
+    (detached). Logits exist only at completion positions, and log-softmax is taken one row at a
+    time, so the full-vocabulary log-probs of the whole batch are never held at once."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   use_cache=False, logits_to_keep=num_completion + 1).logits[:, :-1]
+    targets = input_ids[:, -num_completion:]
+    logps, entropies = [], []
+    for row_logits, row_targets in zip(logits, targets):
+        row_logits = row_logits.float() / temperature
+        lse = torch.logsumexp(row_logits, -1)
+        logps.append(row_logits.gather(-1, row_targets[:, None]).squeeze(-1) - lse)
+        with torch.no_grad():
+            entropies.append(lse - (torch.softmax(row_logits, -1) * row_logits).sum(-1))
+    return torch.stack(logps), torch.stack(entropies)
+
+
+def encode_prompts(tokenizer, prompts, device):
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def encode_completions(tokenizer, completions, device):
+    """Texts -> [B, T] ids, each ending in EOS, right-padded with pad_id."""
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in completions]
+    width = max(map(len, rows))
+    return torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows], device=device)
+
+
+def decode(tokenizer, completion_ids):
+    return tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------
+# evaluation, cold start, checkpoints
+
+
+def correctness(task):
+    return R.countdown_reward if task == "countdown" else R.accuracy_reward
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples, cfg, eos_ids, autocast):
+    """Greedy pass@1 accuracy, format compliance and mean completion tokens on `examples`."""
+    model.eval()
+    correct, hits, formatted, tokens = correctness(cfg.task), 0.0, 0.0, 0.0
+    for start in range(0, len(examples), cfg.eval_batch_size):
+        chunk = examples[start:start + cfg.eval_batch_size]
+        ids, mask = encode_prompts(tokenizer, [data.render_prompt(e, cfg.template, tokenizer) for e in chunk], model.device)
+        with autocast():
+            out = sample(model, ids, mask, cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id, temperature=0)
+        tokens += completion_mask(out, eos_ids).sum().item()
+        for text, example in zip(decode(tokenizer, out), chunk):
+            hits += R.safe_reward(correct, text, example)[0]
+            formatted += R.format_reward(text, example)
+    n = max(1, len(examples))
+    return {"accuracy": hits / n, "format": formatted / n, "length": tokens / n}
+
+
+def cold_start(model, tokenizer, examples, cfg, eos_ids, autocast, show):
+    """DeepSeek-R1's phase 1: supervised fine-tuning on worked solutions, loss on completion
+    tokens only (mean token negative log-likelihood)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    model.train()
+    for step in range(cfg.sft_steps):
+        batch = rng.sample(examples, min(cfg.sft_batch_size, len(examples)))
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [data.render_prompt(e, cfg.template, tokenizer) for e in batch], model.device)
+        completion_ids = encode_completions(tokenizer, [e["solution"] for e in batch], model.device)
+        ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
+        mask = completion_mask(completion_ids, eos_ids)
+        with autocast():
+            logp, _ = completion_logprobs(model, ids, attention, completion_ids.size(1))
+        loss = -(logp * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        show(step + 1, cfg.sft_steps, f"sft loss {loss.item():.3f}")
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(run_dir, step, model, tokenizer, state, keep):
+    """Write checkpoint-STEP/ (HF model + tokenizer + trainer_state.pt) under a temporary name and
+    rename it, then point `latest` at it, then prune; a crash at any moment leaves `latest` naming a
+    complete checkpoint. The model files are also hard-linked into run_dir itself, so
+    from_pretrained(run_dir) loads the newest model."""
+    name = f"checkpoint-{step:06d}"
+    final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
+    if not os.path.isdir(final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        os.replace(tmp, final)
+    write_atomic(os.path.join(run_dir, "latest"), name)
+    checkpoints = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+    for file in os.listdir(final):
+        if file != "trainer_state.pt":
+            link = os.path.join(run_dir, file + ".tmp")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(link)
+            try:
+                os.link(os.path.join(final, file), link)
+            except OSError:  # no hard links on this file system
+                shutil.copyfile(os.path.join(final, file), link)
+            os.replace(link, os.path.join(run_dir, file))
+
+
+def latest_checkpoint(run_dir):
+    path = os.path.join(run_dir, "latest")
+    if not os.path.isfile(path):
+        raise ConfigError(f"resume: {run_dir} holds no checkpoint")
+    with open(path) as f:
+        return os.path.join(run_dir, f.read().strip())
+
+
+def step_examples(examples, step, count, seed):
+    """The questions of GRPO step `step`: the next `count` of a seeded permutation per epoch, so
+    the data position is the step number itself and a resumed run sees the same questions."""
+    picked = []
+    for k in range(step * count, (step + 1) * count):
+        epoch, offset = divmod(k, len(examples))
+        picked.append(examples[epoch_order(seed, epoch, len(examples))[offset]])
+    return picked
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, size):
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+class Progress:
+    """One status line: redrawn in place on a terminal, a line every 5 % otherwise."""
+
+    def __init__(self, label):
+        self.label, self.started, self.tty = label, time.time(), sys.stderr.isatty()
+
+    def __call__(self, done, total, text):
+        if not self.tty and done not in (1, total) and done % max(1, total // 20):
+            return
+        elapsed = time.time() - self.started
+        bar = "#" * int(24 * done / total)
+        line = f"{self.label} [{bar:<24}] {done}/{total} {text} | {elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s"
+        print(("\r" + line + "\033[K") if self.tty else line, end="\n" if done == total or not self.tty else "", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# training
+
+
+def train(cfg):
+    wall_start = time.time()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    train_set, test_set = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)
+    reward_spec = R.parse_reward_spec(cfg.rewards)
+    weights = torch.tensor([w for _, w in reward_spec])
+    run_dir = cfg.out_dir
+    os.makedirs(run_dir, exist_ok=True)
+    print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    write_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # setup: the policy (built, cold-started, or resumed), the reference, the optimizer
+    state = None
+    if cfg.resume:
+        checkpoint = latest_checkpoint(run_dir)
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
+        model, tokenizer = load_model(checkpoint, device)
+        init_path = state["init_model"]
+    else:
+        init_path = build_tiny_model(os.path.join(run_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
+        model, tokenizer = load_model(init_path, device)
+    eos_ids = stop_ids(model, tokenizer)
+    if not cfg.resume and cfg.sft_steps:
+        solved = [e for e in train_set[:cfg.sft_examples] if "solution" in e]
+        if not solved:
+            raise ConfigError(f"sft_steps: task {cfg.task} has no worked solutions for a cold start")
+        cold_start(model, tokenizer, solved, cfg, eos_ids, autocast, Progress("cold start"))
+        init_path = os.path.join(run_dir, "cold_start")
+        model.save_pretrained(init_path)
+        tokenizer.save_pretrained(init_path)
+    ref_model = None
+    if cfg.beta > 0:  # with beta = 0 there is no reference model at all
+        ref_model = load_model(init_path, device)[0].eval().requires_grad_(False)
+        if state and "ref_model" in state:
+            ref_model.load_state_dict(state["ref_model"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    compile_ = device.type == "cuda" if cfg.compile is None else cfg.compile
+    train_model = torch.compile(model, dynamic=True) if compile_ else model
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start_step, before = state["step"], state["eval_before"]
+        with open(metrics_path) as f:  # rows logged after the checkpoint are redone
+            rows = [line for line in f if json.loads(line)["step"] <= start_step]
+        write_atomic(metrics_path, "".join(rows))
+    else:
+        start_step = 0
+        before = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if cfg.eval_size else {}
+        write_atomic(metrics_path, "")
+        if before:
+            print(f"before RL: greedy accuracy {before['accuracy']:.1%} on {len(test_set)} held-out questions")
+    if cfg.wandb:
+        import wandb
+        wandb.init(project="grpo", name=os.path.basename(run_dir.rstrip("/")), config=dataclasses.asdict(cfg))
+    G, N = cfg.group_size, cfg.group_size * cfg.prompts_per_step
+    show, rl_start = Progress("grpo"), time.time()
+
+    for step in range(start_step, cfg.max_steps):
+        # 1. sample G completions for each question
+        t0 = time.perf_counter()
+        examples = step_examples(train_set, step, cfg.prompts_per_step, cfg.seed)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [data.render_prompt(e, cfg.template, tokenizer) for e in examples], device)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+        model.eval()
+        with autocast():
+            completion_ids = sample(model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids,
+                                    tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
+        mask = completion_mask(completion_ids, eos_ids)
+        lengths, truncated = mask.sum(1), ~torch.isin(completion_ids, eos_ids).any(1)
+        texts = decode(tokenizer, completion_ids)
+        t1 = time.perf_counter()
+
+        # 2. rewards and group-relative advantages
+        scores, failures, hits = torch.zeros(N, len(reward_spec)), 0, 0.0
+        for i, text in enumerate(texts):
+            context = dict(examples[i // G], completion_tokens=int(lengths[i]), max_new_tokens=cfg.max_new_tokens,
+                           overlong_buffer=cfg.overlong_buffer, language=cfg.language)
+            for j, (name, _) in enumerate(reward_spec):
+                scores[i, j], failed = R.safe_reward(R.REWARDS[name], text, context)
+                failures += failed
+            hits += R.safe_reward(correctness(cfg.task), text, context)[0]
+        total = scores @ weights
+        advantages = group_advantages(total, G, cfg.scale_rewards, cfg.adv_eps).to(device)
+        zero_std = (total.view(-1, G) == total.view(-1, G)[:, :1]).all(1)
+        keep = torch.ones(N, dtype=torch.bool)
+        if cfg.drop_zero_std_groups:
+            keep &= ~zero_std.repeat_interleave(G)
+        if cfg.mask_truncated:
+            keep &= ~truncated.cpu()
+        loss_mask = mask * keep.to(device)[:, None]
+        num_tokens = loss_mask.sum().clamp(min=1)
+        num_completions = (loss_mask.sum(1) > 0).sum().clamp(min=1)
+
+        # 3. old and reference log-probs: one no-grad pass each, only when they are needed
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
+        C, M = completion_ids.size(1), cfg.micro_batch_size
+
+        @torch.no_grad()
+        def logprobs_of(net):
+            with autocast():
+                return torch.cat([completion_logprobs(net, ids[i:i + M], attention[i:i + M], C, cfg.temperature)[0]
+                                  for i in range(0, N, M)])
+        old_logp = logprobs_of(train_model) if cfg.num_iterations > 1 else None
+        ref_logp = logprobs_of(ref_model) if ref_model is not None else None
+        t2 = time.perf_counter()
+
+        # 4. mu policy updates on this batch, gradients accumulated over micro-batches
+        model.train()
+        sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0)
+        grad_norm = 0.0
+        for _ in range(cfg.num_iterations if bool(loss_mask.any()) else 0):
+            optimizer.zero_grad(set_to_none=True)
+            for i in range(0, N, M):
+                rows = slice(i, i + M)
+                with autocast():
+                    logp, entropy = completion_logprobs(train_model, ids[rows], attention[rows], C, cfg.temperature)
+                loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
+                                        None if ref_logp is None else ref_logp[rows], advantages[rows],
+                                        loss_mask[rows], cfg, num_completions, num_tokens)
+                loss.backward()
+                stats.update(loss=loss.item(), entropy=(entropy * loss_mask[rows]).sum().item())
+                for key, value in stats.items():
+                    sums[key] += value
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+            optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        synced = ref_model is not None and cfg.ref_sync_every > 0 and (step + 1) % cfg.ref_sync_every == 0
+        if synced:
+            sync_reference(ref_model, model, cfg.ref_sync_alpha)
+        t3 = time.perf_counter()
+
+        # 5. log, evaluate, checkpoint
+        updates = num_tokens.item() * cfg.num_iterations
+        row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / cfg.num_iterations,
+               "reward_mean": total.mean().item(), "reward_std": total.std().item(),
+               **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
+               "accuracy": hits / N, "zero_std_frac": zero_std.float().mean().item(),
+               "completion_len_mean": lengths.float().mean().item(), "completion_len_max": int(lengths.max()),
+               "truncated_frac": truncated.float().mean().item(),
+               "kl": sums["kl"] / updates if ref_model is not None else None,
+               "clip_low_frac": sums["clip_low"] / updates, "clip_high_frac": sums["clip_high"] / updates,
+               "entropy": sums["entropy"] / updates, "grad_norm": grad_norm, "reward_errors": failures,
+               "ref_synced": synced, "tokens_per_sec": mask.sum().item() / (t3 - t0),
+               "t_sample": t1 - t0, "t_logprobs": t2 - t1, "t_update": t3 - t2}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            row.update({f"eval_{k}": v for k, v in evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast).items()})
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if cfg.wandb:
+            wandb.log(row, step=step + 1)
+        show(step + 1, cfg.max_steps, f"reward {row['reward_mean']:.2f} acc {row['accuracy']:.2f} len {row['completion_len_mean']:.1f}")
+        if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
+            for g in range(min(2, cfg.prompts_per_step)):
+                print(f"\n  [step {step + 1}] {examples[g]['question'][:200]!r} -> {texts[g * G][:300]!r} "
+                      f"(reward {total[g * G].item():.2f}, answer {examples[g]['answer']})", file=sys.stderr)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             **({"cuda": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {})},
+                     "init_model": init_path, "eval_before": before, "config": dataclasses.asdict(cfg)}
+            if ref_model is not None and cfg.ref_sync_every > 0:
+                state["ref_model"] = ref_model.state_dict()
+            save_checkpoint(run_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints)
+
+    # cleanup: the final evaluation and summary
+    rl_seconds = time.time() - rl_start
+    after = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if cfg.eval_size else {}
+    summary = {"accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
+               "format_before": before.get("format"), "format_after": after.get("format"),
+               "length_before": before.get("length"), "length_after": after.get("length"),
+               "eval_questions": len(test_set) if cfg.eval_size else 0, "steps": cfg.max_steps,
+               "rl_seconds": rl_seconds, "wall_seconds": time.time() - wall_start, "run_dir": os.path.abspath(run_dir)}
+    write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
+    print("\n---- summary")
+    if after:
+        print(f"held-out greedy accuracy: {before['accuracy']:.1%} before RL -> {after['accuracy']:.1%} after "
+              f"{cfg.max_steps} GRPO steps ({100 * (after['accuracy'] - before['accuracy']):+.1f} points)")
+        print(f"format compliance: {before['format']:.1%} -> {after['format']:.1%}")
+    print(f"wall time {summary['wall_seconds']:.0f}s (GRPO {rl_seconds:.0f}s); run directory {summary['run_dir']}")
+    print("  metrics.jsonl (one row per step), summary.json, final model: from_pretrained(run directory)")
+    return summary
+
+
+def main(argv):
+    try:
+        train(parse_config(argv))
+    except (ConfigError, data.DataError) as err:
+        print(f"grpo.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
