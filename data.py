@@ -10,6 +10,8 @@ import os
 import random
 import re
 
+import torch
+
 # DeepSeek-R1-Zero's template (R1 paper, Table 1); the model continues after "Assistant:".
 R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant "
            "solves it. The assistant first thinks about the reasoning process in the mind and then "
@@ -158,3 +160,29 @@ def load_task(task, seed, data_path="", eval_data_path="", eval_size=200, digits
     if len(train) <= eval_size:
         raise DataError(f"{data_path}: {len(train)} examples, not enough to hold out eval_size={eval_size}")
     return train[eval_size:], train[:eval_size]
+
+
+# ----------------------------------------------------------------------------
+# the demo's model
+
+
+def build_tiny_model(path, seed):
+    """A ~1M-parameter Llama and a character-level tokenizer with the think/answer tags as single
+    tokens, built from a config (no download) and saved with save_pretrained."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    specials = ["<pad>", "<eos>", "<unk>"]
+    tags = ["<think>", "</think>", "<answer>", "</answer>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + tags + chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.add_tokens(tags)  # matched whole, before the character split
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

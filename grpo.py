@@ -22,11 +22,8 @@ Commands:
   python grpo.py --config configs/NAME.py --max_steps=100 --lr=1e-6   # overrides follow the file
   python grpo.py --resume=runs/default             # continue from the latest checkpoint
 """
-import ast
 import contextlib
-import copy
 import dataclasses
-import difflib
 import functools
 import json
 import math
@@ -35,7 +32,6 @@ import random
 import shutil
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +40,7 @@ import torch
 
 import data
 import rewards as R
+from configurator import ConfigError, parse_args
 
 # ----------------------------------------------------------------------------
 # config: defaults -> --config FILE -> --key=value; the defaults are the CPU demo
@@ -110,96 +107,20 @@ class Config:
     wandb: bool = False            # log to Weights & Biases (needs the package)
 
 
-class ConfigError(ValueError):
-    """A config problem the user must fix; the message names the key or file."""
-
-
 CHOICES = {"task": data.TASKS, "template": data.TEMPLATES, "scale_rewards": ("group", "batch", "none"),
            "loss_type": ("grpo", "dapo", "dr_grpo")}
-
-
-def coerce(key, value, from_text):
-    """value (a literal from a file, or text from the command line) as the type of Config.key."""
-    kind = typing.get_type_hints(Config)[key]
-    optional = typing.get_origin(kind) is typing.Union
-    kind = typing.get_args(kind)[0] if optional else kind
-    if from_text and kind is not str:
-        if optional and value == "None":
-            return None
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise ConfigError(f"{key}: cannot read {value!r} as {kind.__name__}") from None
-    if value is None and optional:
-        return value
-    if kind is float and type(value) is int:
-        value = float(value)
-    if kind is tuple and type(value) is list:
-        value = tuple(value)
-    if type(value) is not kind:
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-def read_config_file(path):
-    """A config file is `key = literal` lines, parsed with ast and never executed."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-    except OSError as err:
-        raise ConfigError(f"{path}: {err.strerror}") from None
-    except SyntaxError as err:
-        raise ConfigError(f"{path}:{err.lineno}: {err.msg}") from None
-    values = {}
-    for node in tree.body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # a docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise ConfigError(f"{path}:{node.lineno}: only `key = value` lines are allowed")
-        try:
-            values[node.targets[0].id] = (ast.literal_eval(node.value), node.lineno)
-        except ValueError:
-            raise ConfigError(f"{path}:{node.lineno}: value of {node.targets[0].id} is not a literal") from None
-    return values
-
-
-def check_key(key, where=""):
-    names = [f.name for f in dataclasses.fields(Config)]
-    if key not in names:
-        hint = difflib.get_close_matches(key, names, 1)
-        raise ConfigError(f"{where}unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "num_iterations",
+                "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size")
+NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
+                "warmup_steps", "sft_steps", "sft_examples", "eval_size", "eval_every", "log_samples_every",
+                "ref_sync_every", "overlong_buffer")
 
 
 def parse_config(argv):
-    """Config from the command line: [--config FILE] [--resume=DIR] [--key=value ...]."""
-    values, args = {}, list(argv)
-    if args and args[0] == "--config":
-        if len(args) < 2:
-            raise ConfigError("--config needs a file")
-        args[:1] = ["--config=" + args.pop(1)]
-    overrides = {}
-    for arg in args:
-        key, eq, text = arg[2:].partition("=")
-        if not arg.startswith("--") or not eq:
-            raise ConfigError(f"expected --key=value, got {arg!r}")
-        if key == "config":
-            for k, (v, line) in read_config_file(text).items():
-                check_key(k, f"{text}:{line}: ")
-                try:
-                    values[k] = coerce(k, v, from_text=False)
-                except ConfigError as err:
-                    raise ConfigError(f"{text}:{line}: {err}") from None
-        else:
-            check_key(key)
-            overrides[key] = coerce(key, text, from_text=True)
-    if "resume" in overrides:  # the run's own config, then the command line's changes to it
-        path = os.path.join(overrides["resume"], "train_config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"resume: {path} not found")
-        with open(path) as f:
-            values = {k: coerce(k, v, from_text=False) for k, v in json.load(f).items()}
-        overrides["out_dir"] = overrides["resume"]
-    cfg = Config(**{**values, **overrides})
+    """defaults -> --config FILE -> --key=value (or --resume=DIR: that run's config), validated."""
+    cfg = parse_args(Config, argv, "train_config.json")
+    if cfg.resume:
+        cfg.out_dir = cfg.resume
     if cfg.clip_eps_high is None:
         cfg.clip_eps_high = cfg.clip_eps_low
     validate(cfg)
@@ -207,36 +128,33 @@ def parse_config(argv):
 
 
 def validate(cfg):
-    def need(ok, message):
-        if not ok:
-            raise ConfigError(message)
-    for key, options in CHOICES.items():
-        need(getattr(cfg, key) in options, f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(options)}")
-    need(cfg.group_size >= 2, "group_size: must be at least 2 (advantages compare a completion with its group)")
-    for key in ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "num_iterations",
-                "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size"):
-        need(getattr(cfg, key) >= 1, f"{key}: must be at least 1")
-    for key in ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
-                "warmup_steps", "sft_steps", "eval_size", "eval_every", "log_samples_every", "ref_sync_every",
-                "overlong_buffer", "sft_examples"):
-        need(getattr(cfg, key) >= 0, f"{key}: must not be negative")
-    need(cfg.clip_eps_low < 1, "clip_eps_low: must be below 1 (the ratio is clipped at 1 - clip_eps_low)")
-    need(cfg.temperature > 0, "temperature: must be positive")
-    need(0 < cfg.top_p <= 1, "top_p: must be in (0, 1]")
-    need(0 < cfg.ref_sync_alpha <= 1, "ref_sync_alpha: must be in (0, 1]")
-    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio: must be in [0, 1]")
-    need(len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), "adam_betas: two numbers in [0, 1)")
-    need(cfg.language in R.SCRIPTS, f"language: {cfg.language!r} is not one of {', '.join(R.SCRIPTS)}")
-    need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), f"device: {cfg.device!r}")
-    need(cfg.task in ("arithmetic", "countdown") or cfg.data_path, f"data_path: task {cfg.task} needs a JSONL file")
-    for key in ("data_path", "eval_data_path"):
-        need(not getattr(cfg, key) or os.path.isfile(getattr(cfg, key)), f"{key}: {getattr(cfg, key)}: no such file")
-    need(cfg.model == "tiny" or os.path.isdir(cfg.model) or cfg.model.count("/") == 1,
-         f"model: {cfg.model}: no such directory, and not a hub name (owner/name)")
+    """Reject impossible values before anything is loaded, naming the key."""
+    problems = [f"{k}: {getattr(cfg, k)!r} is not one of {', '.join(v)}" for k, v in CHOICES.items() if getattr(cfg, k) not in v]
+    problems += [f"{k}: must be at least 1" for k in AT_LEAST_ONE if getattr(cfg, k) < 1]
+    problems += [f"{k}: must not be negative" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
+    checks = [
+        (cfg.group_size >= 2, "group_size: must be at least 2 (advantages compare completions within a group)"),
+        (cfg.clip_eps_low < 1, "clip_eps_low: must be below 1 (the ratio is clipped at 1 - clip_eps_low)"),
+        (cfg.temperature > 0, "temperature: must be positive"),
+        (0 < cfg.top_p <= 1, "top_p: must be in (0, 1]"),
+        (0 < cfg.ref_sync_alpha <= 1, "ref_sync_alpha: must be in (0, 1]"),
+        (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio: must be in [0, 1]"),
+        (len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), "adam_betas: two numbers in [0, 1)"),
+        (cfg.language in R.SCRIPTS, f"language: {cfg.language!r} is not one of {', '.join(R.SCRIPTS)}"),
+        (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device: {cfg.device!r} is not auto, cpu or cuda[:N]"),
+        (cfg.task in ("arithmetic", "countdown") or cfg.data_path, f"data_path: task {cfg.task} needs a JSONL file"),
+        (not cfg.data_path or os.path.isfile(cfg.data_path), f"data_path: {cfg.data_path}: no such file"),
+        (not cfg.eval_data_path or os.path.isfile(cfg.eval_data_path), f"eval_data_path: {cfg.eval_data_path}: no such file"),
+        (not cfg.model.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(cfg.model)),
+         f"model: {cfg.model}: no such directory"),
+    ]
+    problems += [message for ok, message in checks if not ok]
     try:
         R.parse_reward_spec(cfg.rewards)
     except ValueError as err:
-        raise ConfigError(f"rewards: {err}") from None
+        problems.append(f"rewards: {err}")
+    if problems:
+        raise ConfigError(problems[0])
 
 
 # ----------------------------------------------------------------------------
@@ -326,28 +244,6 @@ def sync_reference(ref_model, model, alpha):
 
 # ----------------------------------------------------------------------------
 # model helpers
-
-
-def build_tiny_model(path, seed):
-    """A ~1M-parameter Llama and a character-level tokenizer with the think/answer tags as single
-    tokens, built from a config (no download) and saved with save_pretrained."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    specials = ["<pad>", "<eos>", "<unk>"]
-    tags = ["<think>", "</think>", "<answer>", "</answer>"]
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + tags + chars)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    tokenizer.add_tokens(tags)  # matched whole, before the character split
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def load_model(path, device):
@@ -556,6 +452,70 @@ def epoch_order(seed, epoch, size):
     return np.random.default_rng([seed, epoch]).permutation(size)
 
 
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------
+# one GRPO step, in parts
+
+
+def score(texts, examples, lengths, reward_spec, cfg):
+    """Rewards [N, R] of completion i (question examples[i // G]) under each (name, weight) reward;
+    a reward that raises or is not finite scores 0 and is counted. Also the task's correctness."""
+    scores, failures, correct = torch.zeros(len(texts), len(reward_spec)), 0, torch.zeros(len(texts))
+    for i, text in enumerate(texts):
+        context = dict(examples[i // cfg.group_size], completion_tokens=int(lengths[i]), language=cfg.language,
+                       max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer)
+        for j, (name, _) in enumerate(reward_spec):
+            scores[i, j], failed = R.safe_reward(R.REWARDS[name], text, context)
+            failures += failed
+        correct[i] = R.safe_reward(correctness(cfg.task), text, context)[0]
+    return scores, failures, correct
+
+
+def accumulate_gradients(model, ids, attention, num_completion, advantages, loss_mask, old_logp, ref_logp,
+                         cfg, autocast):
+    """Backpropagate the whole batch's GRPO loss one micro-batch at a time; the gradient equals
+    the full-batch one because every micro-batch is normalised by whole-batch counts. old_logp
+    None means mu = 1: the detached current log-probs stand in (ratio 1, same gradient).
+    Returns the summed loss and masked-token statistics."""
+    num_tokens = loss_mask.sum().clamp(min=1)
+    num_completions = (loss_mask.sum(1) > 0).sum().clamp(min=1)
+    sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0)
+    for i in range(0, len(ids), cfg.micro_batch_size):
+        rows = slice(i, i + cfg.micro_batch_size)
+        with autocast():
+            logp, entropy = completion_logprobs(model, ids[rows], attention[rows], num_completion, cfg.temperature)
+        loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
+                                None if ref_logp is None else ref_logp[rows], advantages[rows], loss_mask[rows],
+                                cfg, num_completions, num_tokens)
+        loss.backward()
+        stats.update(loss=loss.item(), entropy=(entropy * loss_mask[rows]).sum().item())
+        for key, value in stats.items():
+            sums[key] += value
+    return sums
+
+
+@torch.no_grad()
+def batch_logprobs(model, ids, attention, num_completion, cfg, autocast):
+    """Log-probs of a whole batch without gradients (old policy, reference), micro-batch by micro-batch."""
+    with autocast():
+        return torch.cat([completion_logprobs(model, ids[i:i + cfg.micro_batch_size], attention[i:i + cfg.micro_batch_size],
+                                              num_completion, cfg.temperature)[0]
+                          for i in range(0, len(ids), cfg.micro_batch_size)])
+
+
 class Progress:
     """One status line: redrawn in place on a terminal, a line every 5 % otherwise."""
 
@@ -566,9 +526,10 @@ class Progress:
         if not self.tty and done not in (1, total) and done % max(1, total // 20):
             return
         elapsed = time.time() - self.started
-        bar = "#" * int(24 * done / total)
-        line = f"{self.label} [{bar:<24}] {done}/{total} {text} | {elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s"
-        print(("\r" + line + "\033[K") if self.tty else line, end="\n" if done == total or not self.tty else "", file=sys.stderr, flush=True)
+        line = (f"{self.label} [{'#' * int(24 * done / total):<24}] {done}/{total} {text} | "
+                f"{elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s")
+        print(("\r" + line + "\033[K") if self.tty else line, end="\n" if done == total or not self.tty else "",
+              file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -583,14 +544,14 @@ def train(cfg):
     train_set, test_set = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)
     reward_spec = R.parse_reward_spec(cfg.rewards)
     weights = torch.tensor([w for _, w in reward_spec])
-    run_dir = cfg.out_dir
+    run_dir, G, N = cfg.out_dir, cfg.group_size, cfg.group_size * cfg.prompts_per_step
     os.makedirs(run_dir, exist_ok=True)
     print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     write_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # setup: the policy (built, cold-started, or resumed), the reference, the optimizer
+    # the policy: built or loaded, then cold-started; or resumed from the latest checkpoint
     state = None
     if cfg.resume:
         checkpoint = latest_checkpoint(run_dir)
@@ -598,7 +559,7 @@ def train(cfg):
         model, tokenizer = load_model(checkpoint, device)
         init_path = state["init_model"]
     else:
-        init_path = build_tiny_model(os.path.join(run_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
+        init_path = data.build_tiny_model(os.path.join(run_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
         model, tokenizer = load_model(init_path, device)
     eos_ids = stop_ids(model, tokenizer)
     if not cfg.resume and cfg.sft_steps:
@@ -610,7 +571,7 @@ def train(cfg):
         model.save_pretrained(init_path)
         tokenizer.save_pretrained(init_path)
     ref_model = None
-    if cfg.beta > 0:  # with beta = 0 there is no reference model at all
+    if cfg.beta > 0:  # with beta = 0 no reference model is loaded at all
         ref_model = load_model(init_path, device)[0].eval().requires_grad_(False)
         if state and "ref_model" in state:
             ref_model.load_state_dict(state["ref_model"])
@@ -618,20 +579,16 @@ def train(cfg):
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-    compile_ = device.type == "cuda" if cfg.compile is None else cfg.compile
-    train_model = torch.compile(model, dynamic=True) if compile_ else model
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    train_model = torch.compile(model, dynamic=True) if use_compile else model
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        restore_rng(state["rng"])
         start_step, before = state["step"], state["eval_before"]
         with open(metrics_path) as f:  # rows logged after the checkpoint are redone
-            rows = [line for line in f if json.loads(line)["step"] <= start_step]
-        write_atomic(metrics_path, "".join(rows))
+            write_atomic(metrics_path, "".join(line for line in f if json.loads(line)["step"] <= start_step))
     else:
         start_step = 0
         before = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if cfg.eval_size else {}
@@ -640,16 +597,15 @@ def train(cfg):
             print(f"before RL: greedy accuracy {before['accuracy']:.1%} on {len(test_set)} held-out questions")
     if cfg.wandb:
         import wandb
-        wandb.init(project="grpo", name=os.path.basename(run_dir.rstrip("/")), config=dataclasses.asdict(cfg))
-    G, N = cfg.group_size, cfg.group_size * cfg.prompts_per_step
+        wandb.init(project="grpo", name=os.path.basename(os.path.abspath(run_dir)), config=dataclasses.asdict(cfg))
     show, rl_start = Progress("grpo"), time.time()
 
     for step in range(start_step, cfg.max_steps):
-        # 1. sample G completions for each question
+        # 1. sample G completions for each question of this step
         t0 = time.perf_counter()
         examples = step_examples(train_set, step, cfg.prompts_per_step, cfg.seed)
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [data.render_prompt(e, cfg.template, tokenizer) for e in examples], device)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+        prompts = [data.render_prompt(e, cfg.template, tokenizer) for e in examples]
+        prompt_ids, prompt_mask = (t.repeat_interleave(G, 0) for t in encode_prompts(tokenizer, prompts, device))
         model.eval()
         with autocast():
             completion_ids = sample(model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids,
@@ -659,59 +615,35 @@ def train(cfg):
         texts = decode(tokenizer, completion_ids)
         t1 = time.perf_counter()
 
-        # 2. rewards and group-relative advantages
-        scores, failures, hits = torch.zeros(N, len(reward_spec)), 0, 0.0
-        for i, text in enumerate(texts):
-            context = dict(examples[i // G], completion_tokens=int(lengths[i]), max_new_tokens=cfg.max_new_tokens,
-                           overlong_buffer=cfg.overlong_buffer, language=cfg.language)
-            for j, (name, _) in enumerate(reward_spec):
-                scores[i, j], failed = R.safe_reward(R.REWARDS[name], text, context)
-                failures += failed
-            hits += R.safe_reward(correctness(cfg.task), text, context)[0]
-        total = scores @ weights
-        advantages = group_advantages(total, G, cfg.scale_rewards, cfg.adv_eps).to(device)
-        zero_std = (total.view(-1, G) == total.view(-1, G)[:, :1]).all(1)
-        keep = torch.ones(N, dtype=torch.bool)
+        # 2. rewards, group-relative advantages, and which completions the loss sees
+        scores, failures, correct = score(texts, examples, lengths, reward_spec, cfg)
+        rewards = scores @ weights
+        advantages = group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps).to(device)
+        zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1)
+        keep = torch.ones(N, dtype=torch.bool, device=device)
         if cfg.drop_zero_std_groups:
-            keep &= ~zero_std.repeat_interleave(G)
+            keep &= ~zero_std.to(device).repeat_interleave(G)
         if cfg.mask_truncated:
-            keep &= ~truncated.cpu()
-        loss_mask = mask * keep.to(device)[:, None]
-        num_tokens = loss_mask.sum().clamp(min=1)
-        num_completions = (loss_mask.sum(1) > 0).sum().clamp(min=1)
+            keep &= ~truncated
+        loss_mask = mask * keep[:, None]
 
-        # 3. old and reference log-probs: one no-grad pass each, only when they are needed
+        # 3. old and reference log-probs: one no-grad pass each, only when needed
         ids = torch.cat([prompt_ids, completion_ids], 1)
         attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
-        C, M = completion_ids.size(1), cfg.micro_batch_size
-
-        @torch.no_grad()
-        def logprobs_of(net):
-            with autocast():
-                return torch.cat([completion_logprobs(net, ids[i:i + M], attention[i:i + M], C, cfg.temperature)[0]
-                                  for i in range(0, N, M)])
-        old_logp = logprobs_of(train_model) if cfg.num_iterations > 1 else None
-        ref_logp = logprobs_of(ref_model) if ref_model is not None else None
+        C = completion_ids.size(1)
+        old_logp = batch_logprobs(train_model, ids, attention, C, cfg, autocast) if cfg.num_iterations > 1 else None
+        ref_logp = batch_logprobs(ref_model, ids, attention, C, cfg, autocast) if ref_model is not None else None
         t2 = time.perf_counter()
 
-        # 4. mu policy updates on this batch, gradients accumulated over micro-batches
+        # 4. mu policy updates on this batch (none when the loss sees no token)
         model.train()
-        sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0)
-        grad_norm = 0.0
+        sums, grad_norm = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0), 0.0
         for _ in range(cfg.num_iterations if bool(loss_mask.any()) else 0):
             optimizer.zero_grad(set_to_none=True)
-            for i in range(0, N, M):
-                rows = slice(i, i + M)
-                with autocast():
-                    logp, entropy = completion_logprobs(train_model, ids[rows], attention[rows], C, cfg.temperature)
-                loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
-                                        None if ref_logp is None else ref_logp[rows], advantages[rows],
-                                        loss_mask[rows], cfg, num_completions, num_tokens)
-                loss.backward()
-                stats.update(loss=loss.item(), entropy=(entropy * loss_mask[rows]).sum().item())
-                for key, value in stats.items():
-                    sums[key] += value
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+            stats = accumulate_gradients(train_model, ids, attention, C, advantages, loss_mask, old_logp, ref_logp,
+                                         cfg, autocast)
+            sums = {k: sums[k] + v for k, v in stats.items()}
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
             optimizer.step()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -721,16 +653,16 @@ def train(cfg):
         t3 = time.perf_counter()
 
         # 5. log, evaluate, checkpoint
-        updates = num_tokens.item() * cfg.num_iterations
+        per_token = max(1.0, loss_mask.sum().item()) * cfg.num_iterations
         row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / cfg.num_iterations,
-               "reward_mean": total.mean().item(), "reward_std": total.std().item(),
+               "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
-               "accuracy": hits / N, "zero_std_frac": zero_std.float().mean().item(),
-               "completion_len_mean": lengths.float().mean().item(), "completion_len_max": int(lengths.max()),
+               "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
+               "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
                "truncated_frac": truncated.float().mean().item(),
-               "kl": sums["kl"] / updates if ref_model is not None else None,
-               "clip_low_frac": sums["clip_low"] / updates, "clip_high_frac": sums["clip_high"] / updates,
-               "entropy": sums["entropy"] / updates, "grad_norm": grad_norm, "reward_errors": failures,
+               "kl": sums["kl"] / per_token if ref_model is not None else None,
+               "clip_low_frac": sums["clip_low"] / per_token, "clip_high_frac": sums["clip_high"] / per_token,
+               "entropy": sums["entropy"] / per_token, "grad_norm": grad_norm, "reward_errors": failures,
                "ref_synced": synced, "tokens_per_sec": mask.sum().item() / (t3 - t0),
                "t_sample": t1 - t0, "t_logprobs": t2 - t1, "t_update": t3 - t2}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -739,21 +671,20 @@ def train(cfg):
             f.write(json.dumps(row) + "\n")
         if cfg.wandb:
             wandb.log(row, step=step + 1)
-        show(step + 1, cfg.max_steps, f"reward {row['reward_mean']:.2f} acc {row['accuracy']:.2f} len {row['completion_len_mean']:.1f}")
+        show(step + 1, cfg.max_steps, f"reward {row['reward_mean']:.2f} acc {row['accuracy']:.2f} "
+                                      f"len {row['completion_len_mean']:.1f}")
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
             for g in range(min(2, cfg.prompts_per_step)):
-                print(f"\n  [step {step + 1}] {examples[g]['question'][:200]!r} -> {texts[g * G][:300]!r} "
-                      f"(reward {total[g * G].item():.2f}, answer {examples[g]['answer']})", file=sys.stderr)
+                print(f"  [step {step + 1}] {examples[g]['question'][:200]!r} -> {texts[g * G][:300]!r} "
+                      f"(reward {rewards[g * G]:.2f}, answer {examples[g]['answer']})", file=sys.stderr)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             **({"cuda": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {})},
-                     "init_model": init_path, "eval_before": before, "config": dataclasses.asdict(cfg)}
+                     "rng": rng_state(), "init_model": init_path, "eval_before": before, "config": dataclasses.asdict(cfg)}
             if ref_model is not None and cfg.ref_sync_every > 0:
                 state["ref_model"] = ref_model.state_dict()
             save_checkpoint(run_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints)
 
-    # cleanup: the final evaluation and summary
+    # cleanup: the final evaluation and the summary
     rl_seconds = time.time() - rl_start
     after = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if cfg.eval_size else {}
     summary = {"accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
@@ -768,7 +699,7 @@ def train(cfg):
               f"{cfg.max_steps} GRPO steps ({100 * (after['accuracy'] - before['accuracy']):+.1f} points)")
         print(f"format compliance: {before['format']:.1%} -> {after['format']:.1%}")
     print(f"wall time {summary['wall_seconds']:.0f}s (GRPO {rl_seconds:.0f}s); run directory {summary['run_dir']}")
-    print("  metrics.jsonl (one row per step), summary.json, final model: from_pretrained(run directory)")
+    print("  metrics.jsonl (a row per step), summary.json, the final model: from_pretrained(run directory)")
     return summary
 
 

@@ -1,0 +1,113 @@
+"""Config plumbing for grpo.py: defaults -> --config FILE -> --key=value, typed and checked.
+
+A config file is data: lines of `key = literal` (numbers, strings, booleans, None, tuples),
+read with `ast` and never executed. Every value is checked against the dataclass field's type;
+an unknown key, a wrong type or a file that is not plain assignments raises ConfigError naming
+the key (and file and line) before anything else happens.
+"""
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import typing
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key or file."""
+
+
+def coerce(cls, key, value, from_text):
+    """`value` (a literal from a file, or text from the command line) as the type of cls.key."""
+    kind = typing.get_type_hints(cls)[key]
+    optional = typing.get_origin(kind) is typing.Union
+    kind = typing.get_args(kind)[0] if optional else kind
+    if from_text and kind is bool and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if from_text and kind is not str:
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{key}: cannot read {value!r} as {kind.__name__}") from None
+    if value is None and optional:
+        return None
+    if kind is float and type(value) is int:
+        value = float(value)
+    if kind is tuple and type(value) is list:
+        value = tuple(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def check_key(cls, key, where=""):
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key not in names:
+        hint = difflib.get_close_matches(key, names, 1)
+        raise ConfigError(f"{where}unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+
+
+def read_config_file(cls, path):
+    """{key: value} from a file of `key = literal` lines (a docstring and comments allowed)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror}") from None
+    except SyntaxError as err:
+        raise ConfigError(f"{path}:{err.lineno}: {err.msg}") from None
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node is tree.body[0]:
+            continue
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ConfigError(f"{path}:{node.lineno}: only `key = value` lines are allowed")
+        key, where = node.targets[0].id, f"{path}:{node.lineno}: "
+        check_key(cls, key, where)
+        try:
+            values[key] = coerce(cls, key, ast.literal_eval(node.value), from_text=False)
+        except ValueError as err:  # a non-literal, or a ConfigError from coerce
+            raise ConfigError(where + (str(err) if isinstance(err, ConfigError) else f"{key}: not a literal")) from None
+    return values
+
+
+def parse_args(cls, argv, saved_config_name):
+    """An instance of the dataclass `cls` from [--config FILE] [--key=value ...]. With
+    --resume=DIR the run's saved config (DIR/saved_config_name) replaces defaults and file."""
+    if argv and argv[0] == "--config":
+        argv = ["--config=" + (argv[1] if len(argv) > 1 else "")] + list(argv[2:])
+    values, overrides = {}, {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(help_text(cls))
+            raise SystemExit(0)
+        key, eq, text = arg[2:].partition("=")
+        if not arg.startswith("--") or not eq:
+            raise ConfigError(f"expected --key=value, got {arg!r}")
+        if key == "config":
+            values.update(read_config_file(cls, text))
+        else:
+            check_key(cls, key)
+            overrides[key] = coerce(cls, key, text, from_text=True)
+    if overrides.get("resume"):
+        path = os.path.join(overrides["resume"], saved_config_name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"resume: {path} not found")
+        with open(path) as f:
+            values = {k: coerce(cls, k, v, from_text=False) for k, v in json.load(f).items()}
+    return cls(**{**values, **overrides})
+
+
+def help_text(cls):
+    """Every field with its default and its comment, read from the dataclass's source."""
+    lines = ["usage: python grpo.py [--config FILE] [--key=value ...]", ""]
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        line = line.strip()
+        if line.startswith("#"):
+            lines.append(line)
+        elif ":" in line and "=" in line:
+            name, rest = line.split(":", 1)
+            default, _, comment = rest.split("=", 1)[1].partition("#")
+            lines.append(f"  {'--' + name + '=' + default.strip():<36} {comment.strip()}")
+    return "\n".join(lines)
