@@ -166,13 +166,13 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     scale: group = std of the group (DeepSeekMath), batch = std of all N, none = no division
     (Dr. GRPO). A group whose rewards are all equal gets exactly 0, never NaN."""
     r = rewards.view(-1, group_size)
-    centered = r - r.mean(1, keepdim=True)
-    centered = torch.where((r == r[:, :1]).all(1, keepdim=True), 0.0, centered)
+    advantages = r - r.mean(1, keepdim=True)
     if scale == "group":
-        centered = centered / (r.std(1, keepdim=True) + eps)
+        advantages = advantages / (r.std(1, keepdim=True) + eps)
     elif scale == "batch":
-        centered = centered / (rewards.std() + eps)
-    return centered.view(-1)
+        advantages = advantages / (rewards.std() + eps)
+    all_equal = (r == r[:, :1]).all(1, keepdim=True)  # set last: rounding or eps = 0 could leave 1e-8 or 0/0
+    return torch.where(all_equal, 0.0, advantages).view(-1)
 
 
 def completion_mask(completion_ids, eos_ids):
@@ -212,6 +212,18 @@ def aggregate_loss(per_token, mask, loss_type, num_completions, num_tokens, max_
     if loss_type == "dapo":
         return masked.sum() / num_tokens
     return masked.sum() / (num_completions * max_new_tokens)
+
+
+def dapo_filters(mask, zero_std_groups, truncated, drop_zero_std_groups, mask_truncated):
+    """The loss mask [N, T]: `mask` with whole completions removed by DAPO's filters: those of
+    groups whose rewards are all equal (zero_std_groups [N/G], dynamic sampling) and those that
+    never reached EOS (truncated [N], overlong filtering)."""
+    keep = torch.ones(len(mask), dtype=torch.bool, device=mask.device)
+    if drop_zero_std_groups:
+        keep &= ~zero_std_groups.repeat_interleave(len(mask) // len(zero_std_groups))
+    if mask_truncated:
+        keep &= ~truncated
+    return mask * keep[:, None]
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, num_completions, num_tokens):
@@ -544,7 +556,7 @@ def train(cfg):
     train_set, test_set = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)
     reward_spec = R.parse_reward_spec(cfg.rewards)
     weights = torch.tensor([w for _, w in reward_spec])
-    run_dir, G, N = cfg.out_dir, cfg.group_size, cfg.group_size * cfg.prompts_per_step
+    run_dir, G = cfg.out_dir, cfg.group_size
     os.makedirs(run_dir, exist_ok=True)
     print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     write_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -620,12 +632,7 @@ def train(cfg):
         rewards = scores @ weights
         advantages = group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps).to(device)
         zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1)
-        keep = torch.ones(N, dtype=torch.bool, device=device)
-        if cfg.drop_zero_std_groups:
-            keep &= ~zero_std.to(device).repeat_interleave(G)
-        if cfg.mask_truncated:
-            keep &= ~truncated
-        loss_mask = mask * keep[:, None]
+        loss_mask = dapo_filters(mask, zero_std.to(device), truncated, cfg.drop_zero_std_groups, cfg.mask_truncated)
 
         # 3. old and reference log-probs: one no-grad pass each, only when needed
         ids = torch.cat([prompt_ids, completion_ids], 1)

@@ -1,0 +1,137 @@
+"""Sampling, log-probs and the gradient, on the tiny Llama built locally."""
+import contextlib
+import copy
+import types
+
+import pytest
+import torch
+
+import grpo
+from grpo import Config
+
+
+def prompts(tokenizer, texts):
+    return grpo.encode_prompts(tokenizer, texts, "cpu")
+
+
+def test_tiny_model_reloads_and_tokenizes_tags_whole(tiny_dir, tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer = tiny
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 2e6
+    ids = tokenizer("<think>1+2</think>", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 5 and tokenizer.decode(ids) == "<think>1+2</think>"
+    assert AutoModelForCausalLM.from_pretrained(tiny_dir) is not None and AutoTokenizer.from_pretrained(tiny_dir).eos_token == "<eos>"
+
+
+def test_logprobs_match_full_log_softmax_and_ignore_left_padding(tiny):
+    model, tokenizer = tiny
+    ids, mask = prompts(tokenizer, ["12+34\n", "1+2\n"])          # the second is left-padded
+    completion = grpo.encode_completions(tokenizer, ["<think>4+2=6</think>", "<think>x"], "cpu")
+    full_ids, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
+    with torch.no_grad():
+        logp, entropy = grpo.completion_logprobs(model, full_ids, attention, completion.size(1), temperature=0.7)
+        # reference: the second row alone, no padding, full log-softmax over every position
+        alone = torch.cat([prompts(tokenizer, ["1+2\n"])[0], completion[1:]], 1)
+        logits = model(alone).logits[0, -completion.size(1) - 1:-1] / 0.7
+        expected = torch.log_softmax(logits, -1).gather(-1, completion[1][:, None]).squeeze(-1)
+        probs = torch.softmax(logits, -1)
+    assert torch.allclose(logp[1], expected, atol=1e-5)
+    assert torch.allclose(entropy[1], -(probs * probs.log()).sum(-1), atol=1e-5)
+
+
+def test_greedy_sampling_matches_transformers_generate(tiny):
+    model, tokenizer = tiny
+    ids, mask = prompts(tokenizer, ["12+34\n", "5+6\n", "99+1\n"])
+    eos = grpo.stop_ids(model, tokenizer)
+    ours = grpo.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[:, ids.size(1):]
+    assert torch.equal(ours, theirs[:, :ours.size(1)])
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model that emits row r's script token by token (then 9s), with a KV-cache argument."""
+
+    def __init__(self, scripts, vocab=12):
+        super().__init__()
+        self.scripts, self.vocab, self.calls = scripts, vocab, 0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+        step, self.calls = self.calls, self.calls + 1
+        logits = torch.full((len(input_ids), 1, self.vocab), -1e9)
+        for r, script in enumerate(self.scripts):
+            logits[r, 0, script[step] if step < len(script) else 9] = 0
+        return types.SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("pad_id", [0, 2])   # 2 == EOS: pad equal to EOS
+def test_sampling_pads_after_eos_and_stops_early(pad_id):
+    eos = torch.tensor([2])
+    model = Scripted([[5, 2, 7, 7], [5, 6, 2, 7], [2, 7, 7, 7], [5, 6, 7, 2]])
+    out = grpo.sample(model, torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long), 20, eos, pad_id)
+    p = pad_id
+    assert out.tolist() == [[5, 2, p, p], [5, 6, 2, p], [2, p, p, p], [5, 6, 7, 2]]
+    assert model.calls == 4     # stopped once every row had its EOS
+    assert grpo.completion_mask(out, eos).sum(1).tolist() == [2, 3, 1, 4]
+
+
+def test_sampling_without_eos_runs_to_max_new_tokens():
+    out = grpo.sample(Scripted([[5] * 50]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
+                      7, torch.tensor([2]), 0)
+    assert out.shape == (1, 7) and grpo.completion_mask(out, torch.tensor([2])).sum() == 7
+
+
+def test_top_p_keeps_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    picks = grpo.pick_token(logits, 1.0, 0.7)      # nucleus {0, 1}: cumulative 0.5 < 0.7 <= 0.8
+    assert set(picks.tolist()) == {0, 1} and abs((picks == 0).float().mean() - 0.625) < 0.05
+    assert set(grpo.pick_token(logits, 1.0, 0.1).tolist()) == {0}
+    assert set(grpo.pick_token(logits, 0, 1.0).tolist()) == {0}
+    all_four = grpo.pick_token(logits, 1.0, 1.0)
+    assert set(all_four.tolist()) == {0, 1, 2, 3}
+
+
+def batch_for_gradients(tokenizer, n=7):
+    torch.manual_seed(1)
+    ids, mask = prompts(tokenizer, [f"{10 + i}+{3 * i}\n" * (1 + i % 3) for i in range(n)])
+    completion = torch.randint(7, 40, (n, 9))
+    for r in range(n):                      # EOS at different places; row 0 has none
+        if r:
+            completion[r, r + 1:] = tokenizer.eos_token_id
+    full_ids = torch.cat([ids, completion], 1)
+    attention = torch.cat([mask, torch.ones_like(completion)], 1)
+    loss_mask = grpo.completion_mask(completion, torch.tensor([tokenizer.eos_token_id]))
+    loss_mask[3] = 0                        # a completion left out (e.g. a dropped group)
+    return full_ids, attention, completion.size(1), torch.randn(n), loss_mask
+
+
+def gradient(model, batch, cfg, old=None, ref=None):
+    model.zero_grad()
+    ids, attention, c, adv, loss_mask = batch
+    grpo.accumulate_gradients(model, ids, attention, c, adv, loss_mask, old, ref, cfg, contextlib.nullcontext)
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_micro_batched_gradient_equals_full_batch(tiny, loss_type, beta):
+    model = copy.deepcopy(tiny[0]).train()
+    batch = batch_for_gradients(tiny[1])
+    n, c = len(batch[0]), batch[2]
+    old = torch.randn(n, c) * 0.1 - 3 if beta else None       # also exercise mu > 1 (given old log-probs)
+    ref = torch.randn(n, c) * 0.1 - 3 if beta else None
+    full = gradient(model, batch, Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=n), old, ref)
+    for size in (1, 3):
+        micro = gradient(model, batch, Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=size), old, ref)
+        assert full.abs().max() > 0 and torch.allclose(full, micro, atol=1e-6, rtol=1e-4)
+
+
+def test_detached_current_logprobs_give_the_same_gradient_as_old_ones(tiny):
+    """mu = 1: using logp.detach() as pi_old equals computing pi_old in a separate no-grad pass."""
+    model = copy.deepcopy(tiny[0]).train()
+    batch = batch_for_gradients(tiny[1])
+    cfg = Config(beta=0.0, clip_eps_high=0.2)
+    old = grpo.batch_logprobs(model, batch[0], batch[1], batch[2], cfg, contextlib.nullcontext)
+    assert torch.allclose(gradient(model, batch, cfg), gradient(model, batch, cfg, old=old), atol=1e-7)
