@@ -1,0 +1,97 @@
+"""Config: defaults -> file -> command line; every mistake is one line, exit code 2, before any model loads."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import grpo
+from conftest import ROOT, SHARED
+
+
+def run_main(capsys, *args):
+    code = grpo.main(list(args))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_defaults_file_then_command_line(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text('"""A recipe."""\n# comment\nlr = 1e-5\ngroup_size = 4\nrewards = "accuracy"\nbf16 = None\nadam_betas = (0.9, 0.95)\n')
+    cfg = grpo.parse_config(["--config", str(path), "--lr=2e-5", "--mask_truncated=true"])
+    assert (cfg.lr, cfg.group_size, cfg.rewards, cfg.adam_betas, cfg.mask_truncated) == (2e-5, 4, "accuracy", (0.9, 0.95), True)
+    assert cfg.beta == 0.04 and cfg.clip_eps_high == cfg.clip_eps_low == 0.2   # clip_eps_high defaults to low
+    assert grpo.parse_config([f"--config={path}", "--clip_eps_high=0.28"]).clip_eps_high == 0.28
+    assert grpo.parse_config(["--lr=1"]).lr == 1.0                                 # int accepted for float
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lrr=1e-5"], "unknown config key 'lrr' (did you mean 'lr'?)"),
+    (["--lr=fast"], "lr: cannot read 'fast' as float"),
+    (["--group_size=2.5"], "group_size: expected int, got 2.5"),
+    (["--group_size=1"], "group_size: must be at least 2"),
+    (["--clip_eps_low=-0.1"], "clip_eps_low: must not be negative"),
+    (["--clip_eps_high=-0.1"], "clip_eps_high: must not be negative"),
+    (["--beta=-1"], "beta: must not be negative"),
+    (["--loss_type=ppo"], "loss_type: 'ppo' is not one of grpo, dapo, dr_grpo"),
+    (["--scale_rewards=mean"], "scale_rewards: 'mean' is not one of group, batch, none"),
+    (["--rewards=accuracy,speling"], "rewards: unknown reward 'speling'"),
+    (["--task=gsm8k"], "data_path: task gsm8k needs a JSONL file"),
+    (["--task=gsm8k", "--data_path=/no/such.jsonl"], "data_path: /no/such.jsonl: no such file"),
+    (["--model=./no/such/dir"], "model: ./no/such/dir: no such directory"),
+    (["--top_p=0"], "top_p: must be in (0, 1]"),
+    (["--micro_batch_size=0"], "micro_batch_size: must be at least 1"),
+    (["lr=1"], "expected --key=value, got 'lr=1'"),
+    (["--config", "/no/such/config.py"], "/no/such/config.py: No such file or directory"),
+    (["--resume=/no/such/run"], "resume: /no/such/run/train_config.json not found"),
+])
+def test_bad_values_fail_with_one_line_and_code_2(capsys, tmp_path, args, message):
+    out = tmp_path / "run"
+    code, err = run_main(capsys, *args, f"--out_dir={out}")
+    assert code == 2 and err.startswith("grpo.py: error: " + message) and "\n" not in err
+    assert not out.exists()     # stopped before anything was made or loaded
+
+
+@pytest.mark.parametrize("text, message", [
+    ("import os\n", ":1: only `key = value` lines are allowed"),
+    ("lr = 1e-5\nlr2 = 3\n", ":2: unknown config key 'lr2' (did you mean 'lr'?)"),
+    ("lr = 'fast'\n", ":1: lr: expected float, got 'fast'"),
+    ("x = __import__('os').system('touch PWNED')\n", ":1: unknown config key 'x'"),
+    ("lr = __import__('os').system('touch PWNED')\n", ":1: lr: not a literal"),
+    ("lr = (\n", ":1: '(' was never closed"),
+])
+def test_config_files_are_parsed_never_executed(capsys, tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "bad.py"
+    path.write_text(text)
+    code, err = run_main(capsys, "--config", str(path))
+    assert code == 2 and err == f"grpo.py: error: {path}{message}"
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_malformed_data_file_names_file_and_line(capsys, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q", "answer": "#### 3"}\n{"question": "q2"}\n')
+    code, err = run_main(capsys, "--task=gsm8k", f"--data_path={path}", f"--out_dir={tmp_path / 'run'}")
+    assert code == 2 and err == f"grpo.py: error: {path}:2: missing or empty string field 'answer'"
+
+
+def test_command_line_error_in_a_subprocess(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--group_size=1"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "group_size" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as stop:
+        grpo.main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
+    for field in grpo.dataclasses.fields(grpo.Config):
+        assert f"--{field.name}=" in out
+
+
+def test_gsm8k_paths_validate(tmp_path):
+    cfg = grpo.parse_config(["--task=gsm8k", f"--data_path={SHARED}/train.jsonl", f"--eval_data_path={SHARED}/test.jsonl"])
+    assert cfg.task == "gsm8k"

@@ -1,0 +1,100 @@
+"""Whole runs on the tiny model: the command line end to end, checkpoints, resume, the reference model."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo
+from conftest import ROOT
+
+# a cold start long enough to earn some format reward, and a length reward, so that every step
+# has groups with unequal rewards and really updates the policy
+FAST = ["--sft_steps=60", "--eval_size=16", "--prompts_per_step=4", "--group_size=4", "--max_new_tokens=20",
+        "--log_samples_every=0", "--rewards=accuracy:1,format:0.5,overlong:0.5", "--overlong_buffer=16"]
+TIMINGS = {"t_sample", "t_logprobs", "t_update", "tokens_per_sec"}
+ROW_KEYS = {"step", "lr", "loss", "reward_mean", "reward_std", "reward_accuracy", "reward_format", "accuracy",
+            "zero_std_frac", "completion_len_mean", "completion_len_max", "truncated_frac", "kl", "clip_low_frac",
+            "clip_high_frac", "entropy", "grad_norm", "reward_errors", "ref_synced"} | TIMINGS
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timings(rows):
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+
+def test_command_line_run_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *FAST, "--max_steps=3", "--save_every=2",
+                             f"--out_dir={run}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "---- summary" in result.stdout and "held-out greedy accuracy" in result.stdout
+    assert "grpo [" in result.stderr          # the progress bar
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"accuracy_before", "accuracy_after", "wall_seconds"} <= set(summary)
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(ROW_KEYS <= set(r) for r in rows)
+    assert json.loads((run / "train_config.json").read_text())["max_steps"] == 3
+    assert (run / "latest").read_text() == "checkpoint-000003"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(run)           # the final model, in plain transformers
+    saved = AutoModelForCausalLM.from_pretrained(run / "checkpoint-000003")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved.parameters()))
+    assert AutoTokenizer.from_pretrained(run).eos_token == "<eos>"
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
+    # constant lr so that the first half's schedule does not depend on max_steps; every stateful
+    # part on: reference syncing (its weights are checkpointed), mu = 2 (old log-probs), KL
+    common = FAST + ["--warmup_steps=0", "--min_lr_ratio=1.0", "--beta=0.04", "--ref_sync_every=2",
+                     "--ref_sync_alpha=0.5", "--num_iterations=2", "--save_every=3", "--micro_batch_size=5"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    grpo.train(grpo.parse_config(common + ["--max_steps=6", f"--out_dir={whole}"]))
+    first = grpo.train(grpo.parse_config(common + ["--max_steps=3", f"--out_dir={part}"]))
+    # a row logged after the last checkpoint (as if the run died there) is dropped on resume
+    with open(os.path.join(part, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+    second = grpo.train(grpo.parse_config([f"--resume={part}", "--max_steps=6"]))
+    a, b = metrics(whole), metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert without_timings(a) == without_timings(b)
+    assert all(r["grad_norm"] > 0 and r["zero_std_frac"] < 1 for r in a) and all(r["kl"] > 0 for r in a[1:])
+    assert [r["ref_synced"] for r in a] == [False, True, False, True, False, True]
+    assert second["accuracy_before"] == first["accuracy_before"]
+    full = grpo.load_model(whole, "cpu")[0]
+    resumed = grpo.load_model(part, "cpu")[0]
+    assert all(torch.equal(x, y) for x, y in zip(full.parameters(), resumed.parameters()))
+
+
+def test_same_seed_same_metrics_other_seed_differs(tmp_path):
+    runs = [(0, "a"), (0, "b"), (1, "c")]
+    for seed, name in runs:
+        grpo.train(grpo.parse_config(FAST + ["--max_steps=2", f"--seed={seed}", f"--out_dir={tmp_path / name}"]))
+    a, b, c = (without_timings(metrics(tmp_path / name)) for _, name in runs)
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("beta, loads", [(0.0, 1), (0.04, 2)])
+def test_beta_zero_loads_no_reference_model(tmp_path, monkeypatch, beta, loads):
+    calls = []
+    real = grpo.load_model
+    monkeypatch.setattr(grpo, "load_model", lambda *a: calls.append(a) or real(*a))
+    grpo.train(grpo.parse_config(FAST + ["--max_steps=1", "--sft_steps=0", f"--beta={beta}", f"--out_dir={tmp_path}"]))
+    assert len(calls) == loads
+    assert (metrics(tmp_path)[0]["kl"] is None) == (beta == 0)
+
+
+def test_every_flag_combination_runs(tmp_path):
+    grpo.train(grpo.parse_config(FAST + [
+        "--max_steps=2", "--loss_type=dr_grpo", "--scale_rewards=none", "--clip_eps_high=0.28", "--mask_truncated=True",
+        "--drop_zero_std_groups=True", "--rewards=accuracy:1,format:0.5,language:0.1,overlong:1", "--overlong_buffer=4",
+        "--top_p=0.9", "--temperature=0.8", "--eval_every=1", "--template=r1zero", f"--out_dir={tmp_path}"]))
+    rows = metrics(tmp_path)
+    assert len(rows) == 2 and "eval_accuracy" in rows[0] and "reward_overlong" in rows[0]
