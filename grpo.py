@@ -25,6 +25,7 @@ Commands:
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -65,7 +66,7 @@ class Config:
     sft_batch_size: int = 32       # examples per SFT step
     sft_lr: float = 1e-3           # SFT learning rate (constant)
     # sampling
-    max_steps: int = 800          # GRPO steps; each samples prompts_per_step x group_size completions
+    max_steps: int = 800           # GRPO steps; each samples prompts_per_step x group_size completions
     prompts_per_step: int = 8      # questions per step (DeepSeekMath: 1024 samples / 64 = 16)
     group_size: int = 8            # G completions per question (DeepSeekMath: 64)
     max_new_tokens: int = 32       # completion length cap (DeepSeekMath: 1024)
@@ -101,8 +102,8 @@ class Config:
     eval_size: int = 200           # held-out questions for greedy accuracy before and after RL
     eval_every: int = 0            # steps between evaluations during RL; 0 = before and after only
     eval_batch_size: int = 200     # questions per greedy sampling batch
-    log_samples_every: int = 200  # steps between printed sample completions; 0 = never
-    save_every: int = 400         # steps between checkpoints (and one at the end)
+    log_samples_every: int = 200   # steps between printed sample completions; 0 = never
+    save_every: int = 400          # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2      # checkpoints kept on disk
     wandb: bool = False            # log to Weights & Biases (needs the package)
 
@@ -147,6 +148,7 @@ def validate(cfg):
         (not cfg.eval_data_path or os.path.isfile(cfg.eval_data_path), f"eval_data_path: {cfg.eval_data_path}: no such file"),
         (not cfg.model.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(cfg.model)),
          f"model: {cfg.model}: no such directory"),
+        (not cfg.wandb or importlib.util.find_spec("wandb"), "wandb: the wandb package is not installed"),
     ]
     problems += [message for ok, message in checks if not ok]
     try:
@@ -204,7 +206,7 @@ def aggregate_loss(per_token, mask, loss_type, num_completions, num_tokens, max_
     """Scalar loss from per-token losses [B, T] and mask [B, T]. The counts are those of the whole
     batch, so summing this over micro-batches gives exactly the full-batch loss:
       grpo:    sum_i (1/|o_i|) sum_t l_it / num_completions    (DeepSeekMath eq. 3)
-      dapo:    sum_i sum_t l_it / num_tokens                    (DAPO eq. 8)
+      dapo:    sum_i sum_t l_it / num_tokens                    (DAPO token-level loss)
       dr_grpo: sum_i sum_t l_it / (num_completions * max_new_tokens)  (Dr. GRPO)"""
     masked = per_token * mask
     if loss_type == "grpo":
@@ -228,13 +230,14 @@ def dapo_filters(mask, zero_std_groups, truncated, drop_zero_std_groups, mask_tr
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, num_completions, num_tokens):
     """The GRPO objective for one micro-batch: clipped surrogate + beta * k3 KL, aggregated by
-    cfg.loss_type. ref_logp is None when beta = 0. Returns (loss, dict of masked sums for logging)."""
+    cfg.loss_type. ref_logp is None when beta = 0. Returns (loss, masked sums for logging, as
+    tensors so that nothing waits for the device until the step is logged)."""
     per_token, clip_low, clip_high = clipped_surrogate(logp, old_logp, advantages, cfg.clip_eps_low, cfg.clip_eps_high)
-    stats = {"clip_low": (clip_low * mask).sum().item(), "clip_high": (clip_high * mask).sum().item()}
+    stats = {"clip_low": (clip_low * mask).sum(), "clip_high": (clip_high * mask).sum()}
     if cfg.beta > 0:
         kl = k3_kl(logp, ref_logp)
         per_token = per_token + cfg.beta * kl
-        stats["kl"] = (kl.detach() * mask).sum().item()
+        stats["kl"] = (kl.detach() * mask).sum()
     loss = aggregate_loss(per_token, mask, cfg.loss_type, num_completions, num_tokens, cfg.max_new_tokens)
     return loss, stats
 
@@ -501,10 +504,10 @@ def accumulate_gradients(model, ids, attention, num_completion, advantages, loss
     """Backpropagate the whole batch's GRPO loss one micro-batch at a time; the gradient equals
     the full-batch one because every micro-batch is normalised by whole-batch counts. old_logp
     None means mu = 1: the detached current log-probs stand in (ratio 1, same gradient).
-    Returns the summed loss and masked-token statistics."""
+    Returns the summed loss and masked-token statistics (as tensors)."""
     num_tokens = loss_mask.sum().clamp(min=1)
     num_completions = (loss_mask.sum(1) > 0).sum().clamp(min=1)
-    sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0)
+    sums = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "entropy"), 0.0)
     for i in range(0, len(ids), cfg.micro_batch_size):
         rows = slice(i, i + cfg.micro_batch_size)
         with autocast():
@@ -513,7 +516,7 @@ def accumulate_gradients(model, ids, attention, num_completion, advantages, loss
                                 None if ref_logp is None else ref_logp[rows], advantages[rows], loss_mask[rows],
                                 cfg, num_completions, num_tokens)
         loss.backward()
-        stats.update(loss=loss.item(), entropy=(entropy * loss_mask[rows]).sum().item())
+        stats.update(loss=loss.detach(), entropy=(entropy * loss_mask[rows]).sum())
         for key, value in stats.items():
             sums[key] += value
     return sums
@@ -550,6 +553,8 @@ class Progress:
 
 def train(cfg):
     wall_start = time.time()
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # one progress bar is enough: ours
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
@@ -644,13 +649,13 @@ def train(cfg):
 
         # 4. mu policy updates on this batch (none when the loss sees no token)
         model.train()
-        sums, grad_norm = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0), 0.0
+        sums, grad_norm = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "entropy"), 0.0), 0.0
         for _ in range(cfg.num_iterations if bool(loss_mask.any()) else 0):
             optimizer.zero_grad(set_to_none=True)
             stats = accumulate_gradients(train_model, ids, attention, C, advantages, loss_mask, old_logp, ref_logp,
                                          cfg, autocast)
             sums = {k: sums[k] + v for k, v in stats.items()}
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             optimizer.step()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -660,6 +665,7 @@ def train(cfg):
         t3 = time.perf_counter()
 
         # 5. log, evaluate, checkpoint
+        sums = {k: float(v) for k, v in sums.items()}  # the one wait for the device per step
         per_token = max(1.0, loss_mask.sum().item()) * cfg.num_iterations
         row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / cfg.num_iterations,
                "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
@@ -669,7 +675,7 @@ def train(cfg):
                "truncated_frac": truncated.float().mean().item(),
                "kl": sums["kl"] / per_token if ref_model is not None else None,
                "clip_low_frac": sums["clip_low"] / per_token, "clip_high_frac": sums["clip_high"] / per_token,
-               "entropy": sums["entropy"] / per_token, "grad_norm": grad_norm, "reward_errors": failures,
+               "entropy": sums["entropy"] / per_token, "grad_norm": float(grad_norm), "reward_errors": failures,
                "ref_synced": synced, "tokens_per_sec": mask.sum().item() / (t3 - t0),
                "t_sample": t1 - t0, "t_logprobs": t2 - t1, "t_update": t3 - t2}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -716,6 +722,9 @@ def main(argv):
     except (ConfigError, data.DataError) as err:
         print(f"grpo.py: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # checkpoints are renamed into place whole, so the latest one is intact
+        print("\ngrpo.py: interrupted; continue with --resume=OUT_DIR from its latest checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

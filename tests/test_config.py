@@ -95,3 +95,24 @@ def test_help_lists_every_key(capsys):
 def test_gsm8k_paths_validate(tmp_path):
     cfg = grpo.parse_config(["--task=gsm8k", f"--data_path={SHARED}/train.jsonl", f"--eval_data_path={SHARED}/test.jsonl"])
     assert cfg.task == "gsm8k"
+
+
+def test_readme_documents_every_flag():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    missing = [f.name for f in grpo.dataclasses.fields(grpo.Config) if f"| `{f.name}` |" not in readme]
+    assert not missing
+
+
+def test_shipped_configs_parse():
+    folder = os.path.join(ROOT, "configs")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".py"))
+    assert names
+    for name in names:
+        grpo.parse_config(["--config", os.path.join(folder, name)])
+
+
+def test_wandb_asked_but_not_installed(capsys, monkeypatch):
+    monkeypatch.setattr(grpo.importlib.util, "find_spec", lambda name: None if name == "wandb" else True)
+    code, err = run_main(capsys, "--wandb=True")
+    assert code == 2 and err == "grpo.py: error: wandb: the wandb package is not installed"

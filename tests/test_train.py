@@ -98,3 +98,18 @@ def test_every_flag_combination_runs(tmp_path):
         "--top_p=0.9", "--temperature=0.8", "--eval_every=1", "--template=r1zero", f"--out_dir={tmp_path}"]))
     rows = metrics(tmp_path)
     assert len(rows) == 2 and "eval_accuracy" in rows[0] and "reward_overlong" in rows[0]
+
+
+def test_pad_token_equal_to_eos_trains(tmp_path, tiny_dir):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    model_dir = tmp_path / "pad_is_eos"
+    import shutil
+    shutil.copytree(tiny_dir, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    assert grpo.load_model(str(model_dir), "cpu")[1].pad_token_id == tokenizer.eos_token_id
+    grpo.train(grpo.parse_config(FAST + ["--max_steps=2", f"--model={model_dir}", f"--out_dir={tmp_path / 'run'}"]))
+    rows = metrics(tmp_path / "run")
+    # EOS-padding after the first EOS is not counted as completion text
+    assert all(r["completion_len_mean"] < 20 and r["truncated_frac"] < 1 for r in rows)
