@@ -126,13 +126,13 @@ def gsm8k_example(row, path, lineno):
         raise DataError(f"{path}:{lineno}: 'answer' does not end with '#### <number>'")
     final = final.strip().replace(",", "")
     reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
-    return {"question": question, "answer": final,
+    return {"question": question, "answer": final, "source": f"{path}:{lineno}",
             "solution": f"<think>{reasoning}</think><answer>{final}</answer>"}
 
 
 def jsonl_example(row, path, lineno):
     """A generic row {"prompt": ..., "answer": ...}; extra fields are kept for custom rewards."""
-    example = dict(row, question=require_text(row, "prompt", path, lineno))
+    example = dict(row, question=require_text(row, "prompt", path, lineno), source=f"{path}:{lineno}")
     if "answer" not in row:
         raise DataError(f"{path}:{lineno}: missing field 'answer'")
     example["answer"] = str(row["answer"])
@@ -150,7 +150,10 @@ def load_task(task, seed, data_path="", eval_data_path="", eval_size=200, digits
     """(train, test) example lists. File tasks take the test split from eval_data_path, or
     hold out the first eval_size rows of data_path when none is given."""
     if task == "arithmetic":
-        return arithmetic_task(seed, eval_size, digits)
+        train, test = arithmetic_task(seed, eval_size, digits)
+        if not train:
+            raise DataError(f"arithmetic: eval_size={eval_size} leaves no training question ({len(test)} in all)")
+        return train, test
     if task == "countdown":
         return countdown_task(seed, 100_000, eval_size)
     make_example = gsm8k_example if task == "gsm8k" else jsonl_example

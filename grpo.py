@@ -30,9 +30,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,6 +76,8 @@ class Config:
     max_new_tokens: int = 32       # completion length cap (DeepSeekMath: 1024)
     temperature: float = 1.0       # sampling temperature (DeepSeekMath: 1.0)
     top_p: float = 1.0             # nucleus sampling (DeepSeekMath: 1.0)
+    max_prompt_tokens: int = 0     # longer prompts keep their last tokens; 0 = context - max_new_tokens
+    prompt_overflow: str = "truncate"  # a prompt over max_prompt_tokens: truncate (counted) | reject at start
     # rewards
     rewards: str = "accuracy:1,format:0.5"  # name:weight from rewards.REWARDS (R1-Zero: accuracy + format)
     overlong_buffer: int = 0       # L_cache of the overlong reward (DAPO: 4096 of 20480 tokens)
@@ -95,6 +101,7 @@ class Config:
     weight_decay: float = 0.0      # AdamW weight decay (DeepSeekMath: not stated; TRL: 0)
     adam_betas: tuple = (0.9, 0.99)  # AdamW betas
     grad_clip: float = 1.0         # max global grad norm; 0 = off
+    max_bad_steps: int = 10        # stop after this many consecutive steps with a non-finite loss/gradient
     micro_batch_size: int = 64     # completions per forward/backward; gradients accumulate
     bf16: Optional[bool] = None    # bf16 autocast; None = on CUDA only (weights stay fp32)
     compile: Optional[bool] = None  # torch.compile the log-prob forward; None = on CUDA only
@@ -109,12 +116,12 @@ class Config:
 
 
 CHOICES = {"task": data.TASKS, "template": data.TEMPLATES, "scale_rewards": ("group", "batch", "none"),
-           "loss_type": ("grpo", "dapo", "dr_grpo")}
+           "loss_type": ("grpo", "dapo", "dr_grpo"), "prompt_overflow": ("truncate", "reject")}
 AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "num_iterations",
-                "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size")
+                "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size", "max_bad_steps", "digits")
 NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
                 "warmup_steps", "sft_steps", "sft_examples", "eval_size", "eval_every", "log_samples_every",
-                "ref_sync_every", "overlong_buffer")
+                "ref_sync_every", "overlong_buffer", "max_prompt_tokens")
 
 
 def parse_config(argv):
@@ -137,6 +144,7 @@ def validate(cfg):
         (cfg.group_size >= 2, "group_size: must be at least 2 (advantages compare completions within a group)"),
         (cfg.clip_eps_low < 1, "clip_eps_low: must be below 1 (the ratio is clipped at 1 - clip_eps_low)"),
         (cfg.temperature > 0, "temperature: must be positive"),
+        (cfg.digits <= 3, "digits: at most 3 (every pair of operands is enumerated)"),
         (0 < cfg.top_p <= 1, "top_p: must be in (0, 1]"),
         (0 < cfg.ref_sync_alpha <= 1, "ref_sync_alpha: must be in (0, 1]"),
         (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio: must be in [0, 1]"),
@@ -263,13 +271,15 @@ def sync_reference(ref_model, model, alpha):
 
 def load_model(path, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError, KeyError) as err:  # not found, offline, unknown architecture, bad files
+        raise ConfigError(f"model: {path}: {str(err).strip().splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"model: {path}: the tokenizer has no EOS token, so completions could never end")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: masks count only the first EOS
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     return model, tokenizer
 
 
@@ -345,9 +355,19 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
     return torch.stack(logps), torch.stack(entropies)
 
 
-def encode_prompts(tokenizer, prompts, device):
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+def encode_prompts(tokenizer, examples, cfg, device):
+    """Render each example's prompt, tokenize, keep at most prompt_limit(cfg) tokens (the last
+    ones: `prompt_overflow` was checked at start) and left-pad -> ids [B, P], mask [B, P], number
+    of prompts cut. Special tokens (e.g. BOS) are added except for chat, whose template has them."""
+    texts = [data.render_prompt(e, cfg.template, tokenizer) for e in examples]
+    rows = tokenizer(texts, add_special_tokens=cfg.template != "chat")["input_ids"]
+    limit = cfg.max_prompt_tokens
+    cut = sum(len(row) > limit for row in rows)
+    rows = [row[-limit:] for row in rows]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask, cut
 
 
 def encode_completions(tokenizer, completions, device):
@@ -376,7 +396,7 @@ def evaluate(model, tokenizer, examples, cfg, eos_ids, autocast):
     correct, hits, formatted, tokens = correctness(cfg.task), 0.0, 0.0, 0.0
     for start in range(0, len(examples), cfg.eval_batch_size):
         chunk = examples[start:start + cfg.eval_batch_size]
-        ids, mask = encode_prompts(tokenizer, [data.render_prompt(e, cfg.template, tokenizer) for e in chunk], model.device)
+        ids, mask, _ = encode_prompts(tokenizer, chunk, cfg, model.device)
         with autocast():
             out = sample(model, ids, mask, cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id, temperature=0)
         tokens += completion_mask(out, eos_ids).sum().item()
@@ -395,7 +415,7 @@ def cold_start(model, tokenizer, examples, cfg, eos_ids, autocast, show):
     model.train()
     for step in range(cfg.sft_steps):
         batch = rng.sample(examples, min(cfg.sft_batch_size, len(examples)))
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [data.render_prompt(e, cfg.template, tokenizer) for e in batch], model.device)
+        prompt_ids, prompt_mask, _ = encode_prompts(tokenizer, batch, cfg, model.device)
         completion_ids = encode_completions(tokenizer, [e["solution"] for e in batch], model.device)
         ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
         mask = completion_mask(completion_ids, eos_ids)
@@ -417,9 +437,9 @@ def write_atomic(path, text):
 
 def save_checkpoint(run_dir, step, model, tokenizer, state, keep):
     """Write checkpoint-STEP/ (HF model + tokenizer + trainer_state.pt) under a temporary name and
-    rename it, then point `latest` at it, then prune; a crash at any moment leaves `latest` naming a
-    complete checkpoint. The model files are also hard-linked into run_dir itself, so
-    from_pretrained(run_dir) loads the newest model."""
+    rename it; hard-link its model files into run_dir itself, so that from_pretrained(run_dir) loads
+    the newest model; only then point `latest` at it, and prune. A crash at any moment leaves
+    `latest` naming a complete checkpoint and run_dir holding a complete model."""
     name = f"checkpoint-{step:06d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
     if not os.path.isdir(final):
@@ -428,11 +448,7 @@ def save_checkpoint(run_dir, step, model, tokenizer, state, keep):
         tokenizer.save_pretrained(tmp)
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         os.replace(tmp, final)
-    write_atomic(os.path.join(run_dir, "latest"), name)
-    checkpoints = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
-    for old in checkpoints[:-keep]:
-        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
-    for file in os.listdir(final):
+    for file in sorted(os.listdir(final)):  # each file replaced whole: the run directory always holds one model
         if file != "trainer_state.pt":
             link = os.path.join(run_dir, file + ".tmp")
             with contextlib.suppress(FileNotFoundError):
@@ -442,6 +458,31 @@ def save_checkpoint(run_dir, step, model, tokenizer, state, keep):
             except OSError:  # no hard links on this file system
                 shutil.copyfile(os.path.join(final, file), link)
             os.replace(link, os.path.join(run_dir, file))
+    write_atomic(os.path.join(run_dir, "latest"), name)
+    checkpoints = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+
+
+def open_resumed_run(run_dir, device):
+    """(trainer state, model, tokenizer) of the latest checkpoint. What a crashed run left after it
+    is cleared away: half-written or newer checkpoints (`latest` never named them) and metric
+    rows past it, a torn last line included; those steps are simply done again."""
+    checkpoint = latest_checkpoint(run_dir)
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
+    for name in os.listdir(run_dir):
+        if name.startswith("checkpoint-") and (name.endswith(".tmp") or name > os.path.basename(checkpoint)):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+    path, kept = os.path.join(run_dir, "metrics.jsonl"), []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= state["step"]:
+                    kept.append(line)
+            except json.JSONDecodeError:  # the line being written when the run died
+                break
+    write_atomic(path, "".join(kept))
+    return (state, *load_model(checkpoint, device))
 
 
 def latest_checkpoint(run_dir):
@@ -531,6 +572,53 @@ def batch_logprobs(model, ids, attention, num_completion, cfg, autocast):
                           for i in range(0, len(ids), cfg.micro_batch_size)])
 
 
+def resolve_prompt_limit(cfg, model, tokenizer, examples):
+    """cfg with max_prompt_tokens fitted to the model's context (max_position_embeddings) minus
+    max_new_tokens. With prompt_overflow=reject, a longer prompt among `examples` stops the run."""
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    room = context - cfg.max_new_tokens
+    if room < 1:
+        raise ConfigError(f"max_new_tokens: {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                          f"context of {context} tokens")
+    cfg = dataclasses.replace(cfg, max_prompt_tokens=min(cfg.max_prompt_tokens or room, room))
+    for i, example in enumerate(examples if cfg.prompt_overflow == "reject" else []):
+        length = len(tokenizer(data.render_prompt(example, cfg.template, tokenizer))["input_ids"])
+        if length > cfg.max_prompt_tokens:
+            raise ConfigError(f"prompt_overflow: {example.get('source', f'example {i}')}: a prompt of {length} tokens, "
+                              f"over max_prompt_tokens={cfg.max_prompt_tokens}; prompt_overflow=truncate cuts such prompts")
+    return cfg
+
+
+class Stop(Exception):
+    """Ends a run early, after a checkpoint: a signal, or too many non-finite steps in a row."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While training, SIGINT (Ctrl-C) and SIGTERM (schedulers' preemption) only set a flag: the
+    loop saves a checkpoint after the current step and stops. A second signal acts at once."""
+    received = []
+
+    def note(signum, frame):
+        received.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+              "(send it again to stop at once)", file=sys.stderr)
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class Progress:
     """One status line: redrawn in place on a terminal, a line every 5 % otherwise."""
 
@@ -571,13 +659,12 @@ def train(cfg):
     # the policy: built or loaded, then cold-started; or resumed from the latest checkpoint
     state = None
     if cfg.resume:
-        checkpoint = latest_checkpoint(run_dir)
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
-        model, tokenizer = load_model(checkpoint, device)
+        state, model, tokenizer = open_resumed_run(run_dir, device)
         init_path = state["init_model"]
     else:
         init_path = data.build_tiny_model(os.path.join(run_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
         model, tokenizer = load_model(init_path, device)
+    cfg = resolve_prompt_limit(cfg, model, tokenizer, train_set + test_set)
     eos_ids = stop_ids(model, tokenizer)
     if not cfg.resume and cfg.sft_steps:
         solved = [e for e in train_set[:cfg.sft_examples] if "solution" in e]
@@ -596,6 +683,7 @@ def train(cfg):
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))  # skipped steps: the schedule goes on
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     train_model = torch.compile(model, dynamic=True) if use_compile else model
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -603,11 +691,9 @@ def train(cfg):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
-        start_step, before = state["step"], state["eval_before"]
-        with open(metrics_path) as f:  # rows logged after the checkpoint are redone
-            write_atomic(metrics_path, "".join(line for line in f if json.loads(line)["step"] <= start_step))
+        start_step, before, (bad_steps, skipped_steps) = state["step"], state["eval_before"], state["bad_steps"]
     else:
-        start_step = 0
+        start_step, bad_steps, skipped_steps = 0, 0, 0
         before = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if cfg.eval_size else {}
         write_atomic(metrics_path, "")
         if before:
@@ -617,85 +703,102 @@ def train(cfg):
         wandb.init(project="grpo", name=os.path.basename(os.path.abspath(run_dir)), config=dataclasses.asdict(cfg))
     show, rl_start = Progress("grpo"), time.time()
 
-    for step in range(start_step, cfg.max_steps):
-        # 1. sample G completions for each question of this step
-        t0 = time.perf_counter()
-        examples = step_examples(train_set, step, cfg.prompts_per_step, cfg.seed)
-        prompts = [data.render_prompt(e, cfg.template, tokenizer) for e in examples]
-        prompt_ids, prompt_mask = (t.repeat_interleave(G, 0) for t in encode_prompts(tokenizer, prompts, device))
-        model.eval()
-        with autocast():
-            completion_ids = sample(model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids,
-                                    tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
-        mask = completion_mask(completion_ids, eos_ids)
-        lengths, truncated = mask.sum(1), ~torch.isin(completion_ids, eos_ids).any(1)
-        texts = decode(tokenizer, completion_ids)
-        t1 = time.perf_counter()
+    with stop_signals() as signals:
+        for step in range(start_step, cfg.max_steps):
+            # 1. sample G completions for each question of this step
+            t0 = time.perf_counter()
+            examples = step_examples(train_set, step, cfg.prompts_per_step, cfg.seed)
+            prompt_ids, prompt_mask, prompts_cut = encode_prompts(tokenizer, examples, cfg, device)
+            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+            model.eval()
+            with autocast():
+                completion_ids = sample(model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids,
+                                        tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
+            mask = completion_mask(completion_ids, eos_ids)
+            lengths, truncated = mask.sum(1), ~torch.isin(completion_ids, eos_ids).any(1)
+            texts = decode(tokenizer, completion_ids)
+            t1 = time.perf_counter()
 
-        # 2. rewards, group-relative advantages, and which completions the loss sees
-        scores, failures, correct = score(texts, examples, lengths, reward_spec, cfg)
-        rewards = scores @ weights
-        advantages = group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps).to(device)
-        zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1)
-        loss_mask = dapo_filters(mask, zero_std.to(device), truncated, cfg.drop_zero_std_groups, cfg.mask_truncated)
+            # 2. rewards, group-relative advantages, and which completions the loss sees
+            scores, failures, correct = score(texts, examples, lengths, reward_spec, cfg)
+            rewards = scores @ weights
+            advantages = group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps).to(device)
+            zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1)
+            loss_mask = dapo_filters(mask, zero_std.to(device), truncated, cfg.drop_zero_std_groups, cfg.mask_truncated)
 
-        # 3. old and reference log-probs: one no-grad pass each, only when needed
-        ids = torch.cat([prompt_ids, completion_ids], 1)
-        attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
-        C = completion_ids.size(1)
-        old_logp = batch_logprobs(train_model, ids, attention, C, cfg, autocast) if cfg.num_iterations > 1 else None
-        ref_logp = batch_logprobs(ref_model, ids, attention, C, cfg, autocast) if ref_model is not None else None
-        t2 = time.perf_counter()
+            # 3. old and reference log-probs: one no-grad pass each, only when needed
+            ids = torch.cat([prompt_ids, completion_ids], 1)
+            attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
+            C = completion_ids.size(1)
+            old_logp = batch_logprobs(train_model, ids, attention, C, cfg, autocast) if cfg.num_iterations > 1 else None
+            ref_logp = batch_logprobs(ref_model, ids, attention, C, cfg, autocast) if ref_model is not None else None
+            t2 = time.perf_counter()
 
-        # 4. mu policy updates on this batch (none when the loss sees no token)
-        model.train()
-        sums, grad_norm = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "entropy"), 0.0), 0.0
-        for _ in range(cfg.num_iterations if bool(loss_mask.any()) else 0):
-            optimizer.zero_grad(set_to_none=True)
-            stats = accumulate_gradients(train_model, ids, attention, C, advantages, loss_mask, old_logp, ref_logp,
-                                         cfg, autocast)
-            sums = {k: sums[k] + v for k, v in stats.items()}
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        synced = ref_model is not None and cfg.ref_sync_every > 0 and (step + 1) % cfg.ref_sync_every == 0
-        if synced:
-            sync_reference(ref_model, model, cfg.ref_sync_alpha)
-        t3 = time.perf_counter()
+            # 4. mu policy updates on this batch (none when the loss sees no token)
+            model.train()
+            sums, grad_norm = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "entropy"), 0.0), 0.0
+            skipped = False
+            for _ in range(cfg.num_iterations if bool(loss_mask.any()) else 0):
+                optimizer.zero_grad(set_to_none=True)
+                stats = accumulate_gradients(train_model, ids, attention, C, advantages, loss_mask, old_logp, ref_logp,
+                                             cfg, autocast)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                if not (math.isfinite(grad_norm) and math.isfinite(stats["loss"])):  # leave weights and Adam alone
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped = True
+                    break
+                sums = {k: sums[k] + v for k, v in stats.items()}
+                optimizer.step()
+            bad_steps, skipped_steps = (bad_steps + 1 if skipped else 0), skipped_steps + skipped
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            synced = ref_model is not None and cfg.ref_sync_every > 0 and (step + 1) % cfg.ref_sync_every == 0
+            if synced:
+                sync_reference(ref_model, model, cfg.ref_sync_alpha)
+            t3 = time.perf_counter()
 
-        # 5. log, evaluate, checkpoint
-        sums = {k: float(v) for k, v in sums.items()}  # the one wait for the device per step
-        per_token = max(1.0, loss_mask.sum().item()) * cfg.num_iterations
-        row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / cfg.num_iterations,
-               "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-               **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
-               "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
-               "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
-               "truncated_frac": truncated.float().mean().item(),
-               "kl": sums["kl"] / per_token if ref_model is not None else None,
-               "clip_low_frac": sums["clip_low"] / per_token, "clip_high_frac": sums["clip_high"] / per_token,
-               "entropy": sums["entropy"] / per_token, "grad_norm": float(grad_norm), "reward_errors": failures,
-               "ref_synced": synced, "tokens_per_sec": mask.sum().item() / (t3 - t0),
-               "t_sample": t1 - t0, "t_logprobs": t2 - t1, "t_update": t3 - t2}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            row.update({f"eval_{k}": v for k, v in evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast).items()})
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if cfg.wandb:
-            wandb.log(row, step=step + 1)
-        show(step + 1, cfg.max_steps, f"reward {row['reward_mean']:.2f} acc {row['accuracy']:.2f} "
-                                      f"len {row['completion_len_mean']:.1f}")
-        if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
-            for g in range(min(2, cfg.prompts_per_step)):
-                print(f"  [step {step + 1}] {examples[g]['question'][:200]!r} -> {texts[g * G][:300]!r} "
-                      f"(reward {rewards[g * G]:.2f}, answer {examples[g]['answer']})", file=sys.stderr)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": rng_state(), "init_model": init_path, "eval_before": before, "config": dataclasses.asdict(cfg)}
-            if ref_model is not None and cfg.ref_sync_every > 0:
-                state["ref_model"] = ref_model.state_dict()
-            save_checkpoint(run_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints)
+            # 5. log, evaluate, checkpoint
+            sums = {k: float(v) for k, v in sums.items()}  # the one wait for the device per step
+            per_token = max(1.0, loss_mask.sum().item()) * cfg.num_iterations
+            row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / cfg.num_iterations,
+                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+                   **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
+                   "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
+                   "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+                   "truncated_frac": truncated.float().mean().item(),
+                   "kl": sums["kl"] / per_token if ref_model is not None else None,
+                   "clip_low_frac": sums["clip_low"] / per_token, "clip_high_frac": sums["clip_high"] / per_token,
+                   "entropy": sums["entropy"] / per_token, "grad_norm": float(grad_norm), "reward_errors": failures,
+                   "ref_synced": synced, "skipped": skipped, "skipped_total": skipped_steps, "prompts_cut": prompts_cut,
+                   "tokens_per_sec": mask.sum().item() / (t3 - t0),
+                   "t_sample": t1 - t0, "t_logprobs": t2 - t1, "t_update": t3 - t2}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                row.update({f"eval_{k}": v for k, v in evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast).items()})
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if cfg.wandb:
+                wandb.log(row, step=step + 1)
+            show(step + 1, cfg.max_steps, f"reward {row['reward_mean']:.2f} acc {row['accuracy']:.2f} "
+                                          f"len {row['completion_len_mean']:.1f}")
+            if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
+                for g in range(min(2, cfg.prompts_per_step)):
+                    print(f"  [step {step + 1}] {examples[g]['question'][:200]!r} -> {texts[g * G][:300]!r} "
+                          f"(reward {rewards[g * G]:.2f}, answer {examples[g]['answer']})", file=sys.stderr)
+            stopping = signals or bad_steps >= cfg.max_bad_steps
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
+                state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "rng": rng_state(), "init_model": init_path, "eval_before": before,
+                         "bad_steps": (bad_steps, skipped_steps), "config": dataclasses.asdict(cfg)}
+                if ref_model is not None and cfg.ref_sync_every > 0:
+                    state["ref_model"] = ref_model.state_dict()
+                save_checkpoint(run_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints)
+            if signals:
+                raise Stop(f"stopped by {signal.Signals(signals[0]).name} after step {step + 1}, checkpoint saved; "
+                           f"continue with --resume={run_dir}", 128 + signals[0])
+            if bad_steps >= cfg.max_bad_steps:
+                raise Stop(f"{bad_steps} steps in a row had a non-finite loss or gradient and were skipped; stopped "
+                           f"after step {step + 1} with a checkpoint of the last good weights (lower lr, check the "
+                           "rewards and data, or raise max_bad_steps)", 1)
 
     # cleanup: the final evaluation and the summary
     rl_seconds = time.time() - rl_start
@@ -722,7 +825,10 @@ def main(argv):
     except (ConfigError, data.DataError) as err:
         print(f"grpo.py: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # checkpoints are renamed into place whole, so the latest one is intact
+    except Stop as stop:
+        print(f"grpo.py: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # outside the loop; checkpoints are renamed into place whole, so the latest is intact
         print("\ngrpo.py: interrupted; continue with --resume=OUT_DIR from its latest checkpoint", file=sys.stderr)
         return 130
     return 0

@@ -10,8 +10,10 @@ import grpo
 from grpo import Config
 
 
-def prompts(tokenizer, texts):
-    return grpo.encode_prompts(tokenizer, texts, "cpu")
+def prompts(tokenizer, questions, limit=1000):
+    """Left-padded ids and mask of the plain-template prompts `question + "\n"`."""
+    cfg = Config(template="plain", max_prompt_tokens=limit)
+    return grpo.encode_prompts(tokenizer, [{"question": q} for q in questions], cfg, "cpu")[:2]
 
 
 def test_tiny_model_reloads_and_tokenizes_tags_whole(tiny_dir, tiny):
@@ -25,13 +27,13 @@ def test_tiny_model_reloads_and_tokenizes_tags_whole(tiny_dir, tiny):
 
 def test_logprobs_match_full_log_softmax_and_ignore_left_padding(tiny):
     model, tokenizer = tiny
-    ids, mask = prompts(tokenizer, ["12+34\n", "1+2\n"])          # the second is left-padded
+    ids, mask = prompts(tokenizer, ["12+34", "1+2"])          # the second is left-padded
     completion = grpo.encode_completions(tokenizer, ["<think>4+2=6</think>", "<think>x"], "cpu")
     full_ids, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
     with torch.no_grad():
         logp, entropy = grpo.completion_logprobs(model, full_ids, attention, completion.size(1), temperature=0.7)
         # reference: the second row alone, no padding, full log-softmax over every position
-        alone = torch.cat([prompts(tokenizer, ["1+2\n"])[0], completion[1:]], 1)
+        alone = torch.cat([prompts(tokenizer, ["1+2"])[0], completion[1:]], 1)
         logits = model(alone).logits[0, -completion.size(1) - 1:-1] / 0.7
         expected = torch.log_softmax(logits, -1).gather(-1, completion[1][:, None]).squeeze(-1)
         probs = torch.softmax(logits, -1)
@@ -41,7 +43,7 @@ def test_logprobs_match_full_log_softmax_and_ignore_left_padding(tiny):
 
 def test_greedy_sampling_matches_transformers_generate(tiny):
     model, tokenizer = tiny
-    ids, mask = prompts(tokenizer, ["12+34\n", "5+6\n", "99+1\n"])
+    ids, mask = prompts(tokenizer, ["12+34", "5+6", "99+1"])
     eos = grpo.stop_ids(model, tokenizer)
     ours = grpo.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0)
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
@@ -95,7 +97,7 @@ def test_top_p_keeps_the_nucleus():
 
 def batch_for_gradients(tokenizer, n=7):
     torch.manual_seed(1)
-    ids, mask = prompts(tokenizer, [f"{10 + i}+{3 * i}\n" * (1 + i % 3) for i in range(n)])
+    ids, mask = prompts(tokenizer, [f"{10 + i}+{3 * i}\n" * (i % 3) + f"{i}+1" for i in range(n)])
     completion = torch.randint(7, 40, (n, 9))
     for r in range(n):                      # EOS at different places; row 0 has none
         if r:
@@ -135,3 +137,14 @@ def test_detached_current_logprobs_give_the_same_gradient_as_old_ones(tiny):
     cfg = Config(beta=0.0, clip_eps_high=0.2)
     old = grpo.batch_logprobs(model, batch[0], batch[1], batch[2], cfg, contextlib.nullcontext)
     assert torch.allclose(gradient(model, batch, cfg), gradient(model, batch, cfg, old=old), atol=1e-7)
+
+
+def test_prompts_are_left_padded_and_cut_from_the_left(tiny):
+    tokenizer = tiny[1]
+    cfg = Config(template="plain", max_prompt_tokens=4)
+    ids, mask, cut = grpo.encode_prompts(tokenizer, [{"question": "123456"}, {"question": "1+2"}], cfg, "cpu")
+    assert cut == 1 and ids.shape == (2, 4)
+    assert tokenizer.decode(ids[0]) == "456\n"                     # the last 4 tokens kept
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]] and tokenizer.decode(ids[1]) == "1+2\n"
+    ids, mask, cut = grpo.encode_prompts(tokenizer, [{"question": "12"}, {"question": "1+2"}], cfg, "cpu")
+    assert cut == 0 and mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]] and ids[0, 0] == tokenizer.pad_token_id

@@ -1,9 +1,26 @@
+import contextlib
 import math
-import time
+import signal
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import rewards as R
+
+
+@contextlib.contextmanager
+def hang_guard(seconds=10):
+    """Fail instead of hanging if a reward does not return: a bound on work, far above normal."""
+    def fail(signum, frame):
+        raise AssertionError(f"a reward ran for more than {seconds} s")
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 GOOD = "<think>7+8=15,4+3+1=8</think><answer>85</answer>"
 
@@ -80,11 +97,12 @@ def test_countdown(answer, expected):
     assert R.countdown_reward(f"<think>t</think><answer>{answer}</answer>", COUNTDOWN) == expected
 
 
-def test_countdown_rejects_huge_values_quickly():
+def test_countdown_rejects_huge_values_before_computing_them():
     example = {"numbers": [99999999] * 6, "target": 1}
-    start = time.time()
-    assert R.countdown_reward("<answer>" + "*".join(["99999999"] * 6) + "</answer>", example) == 0.0
-    assert time.time() - start < 1
+    with hang_guard():
+        assert R.countdown_reward("<answer>" + "*".join(["99999999"] * 6) + "</answer>", example) == 0.0
+    with pytest.raises(ValueError, match="too large"):
+        R.evaluate_arithmetic("*".join(["99999999"] * 6))
 
 
 def test_evaluate_arithmetic():
@@ -129,9 +147,8 @@ def test_safe_reward_turns_errors_and_nan_into_zero():
 def test_every_reward_survives_adversarial_text(text):
     example = {"answer": "3", "numbers": [1, 2], "target": 3, "completion_tokens": 5, "max_new_tokens": 8}
     for fn in R.REWARDS.values():
-        start = time.time()
-        value = fn(text, example)
-        assert math.isfinite(value) and time.time() - start < 1
+        with hang_guard():
+            assert math.isfinite(fn(text, example))
 
 
 def test_parse_reward_spec():
@@ -140,3 +157,39 @@ def test_parse_reward_spec():
     for bad in ("accurracy", "accuracy:x", "accuracy:nan", ""):
         with pytest.raises(ValueError):
             R.parse_reward_spec(bad)
+
+
+# ----------------------------------------------------------------------------
+# property-based: arbitrary and adversarial text never crashes, hangs or runs code
+
+LEAVES = st.one_of(
+    st.integers(-10**40, 10**40).map(str),
+    st.sampled_from(["9**9**9", "1/0", "0/0", "1e309", "nan", "inf", "-0", "__import__('os').system('true')",
+                     "open('x','w')", "(lambda: 1)()", "[1]*10**9", "'a'*10**9", "x", "٣", "１２"]),
+    st.text(st.characters(whitelist_categories=("Nd",)), min_size=1, max_size=5),
+)
+EXPRESSIONS = st.recursive(
+    LEAVES, lambda inner: st.builds(lambda a, op, b: f"({a}{op}{b})", inner, st.sampled_from(list("+-*/%") + ["**", "//"]), inner),
+    max_leaves=40)
+COMPLETIONS = st.one_of(
+    st.text(max_size=400),
+    EXPRESSIONS,
+    EXPRESSIONS.map(lambda e: f"<think>try</think><answer>{e}</answer>"),
+    st.builds(lambda a, b, c: f"<think>{a}</think><answer>{b}</answer>{c}", st.text(), EXPRESSIONS, st.text()),
+    st.integers(1, 3000).map(lambda n: "(" * n + "1" + ")" * n),
+    st.integers(1, 3000).map(lambda n: "<answer>" + "(" * n + "</answer>"),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=COMPLETIONS, numbers=st.lists(st.integers(0, 10**6), max_size=6), target=st.integers(-10**9, 10**9),
+       tokens=st.integers(0, 10**6))
+def test_every_reward_returns_a_finite_float_and_never_runs_code(text, numbers, target, tokens):
+    example = {"answer": str(target), "numbers": numbers, "target": target, "completion_tokens": tokens,
+               "max_new_tokens": 512, "overlong_buffer": 64, "language": "en"}
+    refuse = mock.Mock(side_effect=AssertionError("a reward tried to run code"))
+    with mock.patch("builtins.eval", refuse), mock.patch("builtins.exec", refuse), hang_guard():
+        for name, fn in R.REWARDS.items():
+            value = fn(text, example)
+            assert type(value) is float and math.isfinite(value), name
+    refuse.assert_not_called()
