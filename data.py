@@ -28,16 +28,18 @@ class DataError(ValueError):
     """A data problem the user must fix; the message names the file and line."""
 
 
-def render_prompt(example, template, tokenizer=None):
+def render_prompt(example, template, tokenizer=None, system_prompt=None, prefill=""):
     """The prompt text for `example`: r1zero (the R1-Zero template), plain (the question and a
-    newline), or chat (the tokenizer's chat template, R1's instruction as system prompt)."""
+    newline), or chat (the tokenizer's chat template; system_prompt None = R1's instruction,
+    "" = no system message), then `prefill`, the start of the answer (R1: "<think>")."""
     question = example["question"]
     if template == "r1zero":
-        return R1_ZERO.format(question=question)
+        return R1_ZERO.format(question=question) + prefill
     if template == "plain":
-        return question + "\n"
-    messages = [{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return question + "\n" + prefill
+    system = R1_SYSTEM if system_prompt is None else system_prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
 
 
 # ----------------------------------------------------------------------------
@@ -139,8 +141,28 @@ def jsonl_example(row, path, lineno):
     return example
 
 
-def load_file(path, make_example):
-    examples = [make_example(row, path, lineno) for lineno, row in read_jsonl(path)]
+def is_hub_dataset(name):
+    """A name like "openai/gsm8k" that is no local file, with the optional `datasets` package installed."""
+    import importlib.util
+    return (not os.path.exists(name) and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and importlib.util.find_spec("datasets") is not None)
+
+
+def hub_rows(name, split):
+    """(row number, dict) from a hub dataset through `datasets` (needs the network or its cache).
+    GSM8K's hub copy needs the "main" config; `name:config` picks one."""
+    import datasets
+    name, _, config = name.partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or ("main" if name == "openai/gsm8k" else None), split=split)
+    except Exception as err:  # offline, no such dataset or split
+        raise DataError(f"{name}: cannot load split {split!r} through datasets ({str(err).splitlines()[0]})") from None
+    return enumerate(rows, 1)
+
+
+def load_file(path, make_example, split="train"):
+    rows = hub_rows(path, split) if is_hub_dataset(path) else read_jsonl(path)
+    examples = [make_example(dict(row), path, lineno) for lineno, row in rows]
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
@@ -159,7 +181,7 @@ def load_task(task, seed, data_path="", eval_data_path="", eval_size=200, digits
     make_example = gsm8k_example if task == "gsm8k" else jsonl_example
     train = load_file(data_path, make_example)
     if eval_data_path:
-        return train, load_file(eval_data_path, make_example)
+        return train, load_file(eval_data_path, make_example, split="test")
     if len(train) <= eval_size:
         raise DataError(f"{data_path}: {len(train)} examples, not enough to hold out eval_size={eval_size}")
     return train[eval_size:], train[:eval_size]
@@ -169,23 +191,38 @@ def load_task(task, seed, data_path="", eval_data_path="", eval_size=200, digits
 # the demo's model
 
 
-def build_tiny_model(path, seed):
-    """A ~1M-parameter Llama and a character-level tokenizer with the think/answer tags as single
-    tokens, built from a config (no download) and saved with save_pretrained."""
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_model(path, seed, arch="llama", chat=False):
+    """A ~1M-parameter Llama (or Qwen2) and a character-level tokenizer with the think/answer tags
+    as single tokens, built from a config (no download) and saved with save_pretrained. With
+    chat=True the tokenizer gets a Qwen-style chat template, <|im_end|> as its EOS, and the model
+    stops at <|im_end|> or <|endoftext|>, like Qwen's instruct models."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    specials = ["<pad>", "<eos>", "<unk>"]
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    specials = ["<pad>", "<eos>", "<unk>"] + (["<|im_start|>", "<|im_end|>", "<|endoftext|>"] if chat else [])
     tags = ["<think>", "</think>", "<answer>", "</answer>"]
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + tags + chars)}, unk_token="<unk>"))
+    vocab = {t: i for i, t in enumerate(specials + tags + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    eos = "<|im_end|>" if chat else "<eos>"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token=eos, unk_token="<unk>",
+                                        additional_special_tokens=specials[3:] if chat else None)
     tokenizer.add_tokens(tags)  # matched whole, before the character split
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(path)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
+                 bos_token_id=None, eos_token_id=[vocab[eos], vocab["<|endoftext|>"]] if chat else vocab[eos])
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **shape))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, **shape))
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

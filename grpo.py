@@ -59,11 +59,17 @@ class Config:
     data_path: str = ""            # training JSONL for gsm8k / jsonl
     eval_data_path: str = ""       # held-out JSONL; "" holds out the first eval_size rows of data_path
     template: str = "plain"        # r1zero | plain | chat (R1-Zero: r1zero)
+    system_prompt: Optional[str] = None  # chat: the system message; None = R1's format instruction, "" = none
+    prefill: str = ""              # text the answer starts with, after the prompt (R1: "<think>"); rewards see it
     digits: int = 2                # arithmetic: digits per operand
     out_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, summary
     resume: str = ""               # run directory to continue from its latest checkpoint
     seed: int = 0                  # seeds data split, init, sampling; CPU runs are reproducible
     device: str = "auto"           # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"         # weights as trained: float32 (+ bf16 autocast on CUDA) | bfloat16 (half the memory)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower updates
+    eval_only: bool = False        # evaluate `model` on the held-out split and stop
     # cold start (DeepSeek-R1 phase 1)
     sft_steps: int = 150           # SFT steps on worked solutions before RL; 0 = none (R1-Zero)
     sft_examples: int = 500        # distinct worked examples the cold start sees (R1: thousands)
@@ -109,6 +115,7 @@ class Config:
     eval_size: int = 200           # held-out questions for greedy accuracy before and after RL
     eval_every: int = 0            # steps between evaluations during RL; 0 = before and after only
     eval_batch_size: int = 200     # questions per greedy sampling batch
+    eval_k: int = 0                # sampled pass@k: k samples per question at `temperature`; 0 = greedy only
     log_samples_every: int = 200   # steps between printed sample completions; 0 = never
     save_every: int = 400          # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2      # checkpoints kept on disk
@@ -116,12 +123,13 @@ class Config:
 
 
 CHOICES = {"task": data.TASKS, "template": data.TEMPLATES, "scale_rewards": ("group", "batch", "none"),
-           "loss_type": ("grpo", "dapo", "dr_grpo"), "prompt_overflow": ("truncate", "reject")}
+           "loss_type": ("grpo", "dapo", "dr_grpo"), "prompt_overflow": ("truncate", "reject"),
+           "dtype": ("float32", "bfloat16"), "attn_implementation": ("sdpa", "eager", "flash_attention_2")}
 AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "num_iterations",
                 "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size", "max_bad_steps", "digits")
 NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
                 "warmup_steps", "sft_steps", "sft_examples", "eval_size", "eval_every", "log_samples_every",
-                "ref_sync_every", "overlong_buffer", "max_prompt_tokens")
+                "ref_sync_every", "overlong_buffer", "max_prompt_tokens", "eval_k")
 
 
 def parse_config(argv):
@@ -152,11 +160,15 @@ def validate(cfg):
         (cfg.language in R.SCRIPTS, f"language: {cfg.language!r} is not one of {', '.join(R.SCRIPTS)}"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device: {cfg.device!r} is not auto, cpu or cuda[:N]"),
         (cfg.task in ("arithmetic", "countdown") or cfg.data_path, f"data_path: task {cfg.task} needs a JSONL file"),
-        (not cfg.data_path or os.path.isfile(cfg.data_path), f"data_path: {cfg.data_path}: no such file"),
+        (not cfg.data_path or os.path.isfile(cfg.data_path) or data.is_hub_dataset(cfg.data_path),
+         f"data_path: {cfg.data_path}: no such file" + ("" if importlib.util.find_spec("datasets") else
+                                                          " (hub datasets need the `datasets` package)")),
         (not cfg.eval_data_path or os.path.isfile(cfg.eval_data_path), f"eval_data_path: {cfg.eval_data_path}: no such file"),
         (not cfg.model.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(cfg.model)),
          f"model: {cfg.model}: no such directory"),
         (not cfg.wandb or importlib.util.find_spec("wandb"), "wandb: the wandb package is not installed"),
+        (cfg.attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn"),
+         "attn_implementation: flash_attention_2 needs the flash-attn package"),
     ]
     problems += [message for ok, message in checks if not ok]
     try:
@@ -269,11 +281,12 @@ def sync_reference(ref_model, model, alpha):
 # model helpers
 
 
-def load_model(path, device):
+def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attn_implementation).to(device)
     except (OSError, ValueError, KeyError) as err:  # not found, offline, unknown architecture, bad files
         raise ConfigError(f"model: {path}: {str(err).strip().splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
@@ -314,7 +327,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temp
         token = torch.where(done, pad_id, token)
         tokens.append(token)
         done |= torch.isin(token, eos_ids)
-        if t == max_new_tokens - 1 or (t % 4 == 3 and bool(done.all())):  # check every few: each check syncs
+        if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):  # checked every 8: each check syncs
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         positions = positions[:, -1:] + 1
@@ -359,7 +372,7 @@ def encode_prompts(tokenizer, examples, cfg, device):
     """Render each example's prompt, tokenize, keep at most prompt_limit(cfg) tokens (the last
     ones: `prompt_overflow` was checked at start) and left-pad -> ids [B, P], mask [B, P], number
     of prompts cut. Special tokens (e.g. BOS) are added except for chat, whose template has them."""
-    texts = [data.render_prompt(e, cfg.template, tokenizer) for e in examples]
+    texts = [data.render_prompt(e, cfg.template, tokenizer, cfg.system_prompt, cfg.prefill) for e in examples]
     rows = tokenizer(texts, add_special_tokens=cfg.template != "chat")["input_ids"]
     limit = cfg.max_prompt_tokens
     cut = sum(len(row) > limit for row in rows)
@@ -377,8 +390,9 @@ def encode_completions(tokenizer, completions, device):
     return torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows], device=device)
 
 
-def decode(tokenizer, completion_ids):
-    return tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+def decode(tokenizer, completion_ids, prefill=""):
+    """Completion texts as the rewards see them: the prefill, then the sampled tokens up to EOS."""
+    return [prefill + text for text in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
 
 
 # ----------------------------------------------------------------------------
@@ -391,20 +405,31 @@ def correctness(task):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, cfg, eos_ids, autocast):
-    """Greedy pass@1 accuracy, format compliance and mean completion tokens on `examples`."""
+    """Held-out metrics: greedy pass@1 `accuracy`, `format` compliance and mean completion
+    `length` (tokens); with eval_k > 0 also `pass_at_k` (some of k samples at `temperature` is
+    correct) and `sampled_accuracy` (the mean over those samples)."""
     model.eval()
-    correct, hits, formatted, tokens = correctness(cfg.task), 0.0, 0.0, 0.0
+    correct, totals, k = correctness(cfg.task), dict(accuracy=0.0, format=0.0, length=0.0), cfg.eval_k
+    if k:
+        totals.update(pass_at_k=0.0, sampled_accuracy=0.0)
     for start in range(0, len(examples), cfg.eval_batch_size):
         chunk = examples[start:start + cfg.eval_batch_size]
         ids, mask, _ = encode_prompts(tokenizer, chunk, cfg, model.device)
         with autocast():
             out = sample(model, ids, mask, cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id, temperature=0)
-        tokens += completion_mask(out, eos_ids).sum().item()
-        for text, example in zip(decode(tokenizer, out), chunk):
-            hits += R.safe_reward(correct, text, example)[0]
-            formatted += R.format_reward(text, example)
-    n = max(1, len(examples))
-    return {"accuracy": hits / n, "format": formatted / n, "length": tokens / n}
+        totals["length"] += completion_mask(out, eos_ids).sum().item()
+        for text, example in zip(decode(tokenizer, out, cfg.prefill), chunk):
+            totals["accuracy"] += R.safe_reward(correct, text, example)[0]
+            totals["format"] += R.format_reward(text, example)
+        if k:
+            with autocast():
+                out = sample(model, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), cfg.max_new_tokens,
+                             eos_ids, tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
+            texts = decode(tokenizer, out, cfg.prefill)
+            hits = torch.tensor([R.safe_reward(correct, t, chunk[i // k])[0] for i, t in enumerate(texts)]).view(-1, k)
+            totals["pass_at_k"] += (hits.max(1).values > 0).sum().item()
+            totals["sampled_accuracy"] += hits.mean(1).sum().item()
+    return {key: value / max(1, len(examples)) for key, value in totals.items()}
 
 
 def cold_start(model, tokenizer, examples, cfg, eos_ids, autocast, show):
@@ -464,7 +489,7 @@ def save_checkpoint(run_dir, step, model, tokenizer, state, keep):
         shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
 
 
-def open_resumed_run(run_dir, device):
+def open_resumed_run(run_dir, device, dtype, attn_implementation):
     """(trainer state, model, tokenizer) of the latest checkpoint. What a crashed run left after it
     is cleared away: half-written or newer checkpoints (`latest` never named them) and metric
     rows past it, a torn last line included; those steps are simply done again."""
@@ -482,7 +507,7 @@ def open_resumed_run(run_dir, device):
             except json.JSONDecodeError:  # the line being written when the run died
                 break
     write_atomic(path, "".join(kept))
-    return (state, *load_model(checkpoint, device))
+    return (state, *load_model(checkpoint, device, dtype, attn_implementation))
 
 
 def latest_checkpoint(run_dir):
@@ -582,7 +607,8 @@ def resolve_prompt_limit(cfg, model, tokenizer, examples):
                           f"context of {context} tokens")
     cfg = dataclasses.replace(cfg, max_prompt_tokens=min(cfg.max_prompt_tokens or room, room))
     for i, example in enumerate(examples if cfg.prompt_overflow == "reject" else []):
-        length = len(tokenizer(data.render_prompt(example, cfg.template, tokenizer))["input_ids"])
+        prompt = data.render_prompt(example, cfg.template, tokenizer, cfg.system_prompt, cfg.prefill)
+        length = len(tokenizer(prompt)["input_ids"])
         if length > cfg.max_prompt_tokens:
             raise ConfigError(f"prompt_overflow: {example.get('source', f'example {i}')}: a prompt of {length} tokens, "
                               f"over max_prompt_tokens={cfg.max_prompt_tokens}; prompt_overflow=truncate cuts such prompts")
@@ -645,6 +671,7 @@ def train(cfg):
     logging.disable_progress_bar()  # one progress bar is enough: ours
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     train_set, test_set = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)
     reward_spec = R.parse_reward_spec(cfg.rewards)
@@ -659,13 +686,20 @@ def train(cfg):
     # the policy: built or loaded, then cold-started; or resumed from the latest checkpoint
     state = None
     if cfg.resume:
-        state, model, tokenizer = open_resumed_run(run_dir, device)
+        state, model, tokenizer = open_resumed_run(run_dir, device, cfg.dtype, cfg.attn_implementation)
         init_path = state["init_model"]
     else:
         init_path = data.build_tiny_model(os.path.join(run_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
-        model, tokenizer = load_model(init_path, device)
+        model, tokenizer = load_model(init_path, device, cfg.dtype, cfg.attn_implementation)
     cfg = resolve_prompt_limit(cfg, model, tokenizer, train_set + test_set)
     eos_ids = stop_ids(model, tokenizer)
+    if cfg.eval_only:
+        result = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast)
+        write_atomic(os.path.join(run_dir, "eval.json"), json.dumps(dict(result, model=init_path), indent=1))
+        print(f"{init_path} on {len(test_set)} held-out questions: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return result
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.resume and cfg.sft_steps:
         solved = [e for e in train_set[:cfg.sft_examples] if "solution" in e]
         if not solved:
@@ -676,7 +710,7 @@ def train(cfg):
         tokenizer.save_pretrained(init_path)
     ref_model = None
     if cfg.beta > 0:  # with beta = 0 no reference model is loaded at all
-        ref_model = load_model(init_path, device)[0].eval().requires_grad_(False)
+        ref_model = load_model(init_path, device, cfg.dtype, cfg.attn_implementation)[0].eval().requires_grad_(False)
         if state and "ref_model" in state:
             ref_model.load_state_dict(state["ref_model"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
@@ -716,7 +750,7 @@ def train(cfg):
                                         tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
             mask = completion_mask(completion_ids, eos_ids)
             lengths, truncated = mask.sum(1), ~torch.isin(completion_ids, eos_ids).any(1)
-            texts = decode(tokenizer, completion_ids)
+            texts = decode(tokenizer, completion_ids, cfg.prefill)
             t1 = time.perf_counter()
 
             # 2. rewards, group-relative advantages, and which completions the loss sees

@@ -73,8 +73,9 @@ def test_sampling_pads_after_eos_and_stops_early(pad_id):
     model = Scripted([[5, 2, 7, 7], [5, 6, 2, 7], [2, 7, 7, 7], [5, 6, 7, 2]])
     out = grpo.sample(model, torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long), 20, eos, pad_id)
     p = pad_id
-    assert out.tolist() == [[5, 2, p, p], [5, 6, 2, p], [2, p, p, p], [5, 6, 7, 2]]
-    assert model.calls == 4     # stopped once every row had its EOS
+    assert out[:, :4].tolist() == [[5, 2, p, p], [5, 6, 2, p], [2, p, p, p], [5, 6, 7, 2]]
+    assert (out[:, 4:] == p).all()
+    assert model.calls == out.size(1) == 8     # stopped at the first check (every 8 tokens) after every row's EOS
     assert grpo.completion_mask(out, eos).sum(1).tolist() == [2, 3, 1, 4]
 
 

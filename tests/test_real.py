@@ -1,0 +1,115 @@
+"""Real model shapes and real data: a Qwen2-architecture chat model on GSM8K, evaluation, reloading."""
+import contextlib
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import grpo
+import rewards as R
+from conftest import SHARED
+
+
+def gsm8k_test_rows():
+    with open(os.path.join(SHARED, "test.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_evaluator_scores_gsm8k_reference_solutions_at_100_percent():
+    """The answer parser agrees with GSM8K's own ground truth on every test question: the raw
+    reference solutions ('... #### 72') and the same reasoning in the think/answer format."""
+    examples = data.load_file(os.path.join(SHARED, "test.jsonl"), data.gsm8k_example)
+    raw = [row["answer"] for row in gsm8k_test_rows()]
+    assert len(examples) == len(raw) == 1319
+    assert sum(R.accuracy_reward(text, e) for text, e in zip(raw, examples)) == 1319
+    assert sum(R.accuracy_reward(e["solution"], e) for e in examples) == 1319
+    assert sum(R.format_reward(e["solution"], e) for e in examples) == 1319
+    # and it is not vacuous: another question's solution scores (almost) nothing
+    assert sum(R.accuracy_reward(a["solution"], b) for a, b in zip(examples, examples[1:])) < 40
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_chat(tmp_path_factory):
+    return data.build_tiny_model(str(tmp_path_factory.mktemp("qwen")), seed=0, arch="qwen2", chat=True)
+
+
+def test_tiny_qwen_chat_model_and_template(tiny_qwen_chat):
+    model, tokenizer = grpo.load_model(tiny_qwen_chat, "cpu")
+    assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.eos_token == "<|im_end|>"
+    assert grpo.stop_ids(model, tokenizer).tolist() == sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    prompt = data.render_prompt({"question": "2+2?"}, "chat", tokenizer, prefill="<think>")
+    assert prompt.startswith("<|im_start|>system\nA conversation between User and Assistant.")
+    assert prompt.endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>")
+    bare = data.render_prompt({"question": "2+2?"}, "chat", tokenizer, system_prompt="")
+    assert bare == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_prefill_is_part_of_what_the_rewards_see():
+    texts = grpo.decode(type("T", (), {"batch_decode": lambda self, ids, skip_special_tokens: ["2+2=4</think><answer>4</answer>"]})(),
+                        None, prefill="<think>")
+    assert texts == ["<think>2+2=4</think><answer>4</answer>"] and R.format_reward(texts[0], {}) == 1.0
+
+
+def test_train_tiny_qwen_on_gsm8k_with_chat_template_then_reload_and_evaluate(tmp_path, tiny_qwen_chat):
+    config = tmp_path / "gsm8k_tiny.py"
+    config.write_text(f'''"""A tiny Qwen2 chat model on the GSM8K JSONL: the gsm8k_qwen recipe in miniature."""
+model = {tiny_qwen_chat!r}
+task = "gsm8k"
+data_path = {os.path.join(SHARED, "train.jsonl")!r}
+template = "chat"
+prefill = "<think>"
+sft_steps = 4
+sft_batch_size = 4
+max_steps = 3
+prompts_per_step = 2
+group_size = 2
+max_new_tokens = 16
+eval_size = 8
+save_every = 2
+log_samples_every = 1
+''')
+    run = tmp_path / "run"
+    summary = grpo.train(grpo.parse_config(["--config", str(config), f"--out_dir={run}"]))
+    assert summary["steps"] == 3
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["prompts_cut"] >= 0 for r in rows)
+    # plain transformers loads the trained model and its tokenizer, chat template included
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(run), AutoTokenizer.from_pretrained(run)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.chat_template == data.CHAT_TEMPLATE
+    trained = grpo.load_model(str(run / "checkpoint-000003"), "cpu")[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+    # evaluation only, on the trained checkpoint: greedy pass@1 and sampled pass@k
+    result = grpo.train(grpo.parse_config(["--config", str(config), f"--model={run}", "--eval_only=True", "--eval_k=3",
+                                           f"--out_dir={tmp_path / 'eval'}"]))
+    assert set(result) == {"accuracy", "format", "length", "pass_at_k", "sampled_accuracy"}
+    assert 0 <= result["sampled_accuracy"] <= result["pass_at_k"] <= 1 and result["length"] > 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["model"] == str(run)
+
+
+def test_eval_pass_at_k_counts_any_correct_sample(monkeypatch, tiny):
+    """pass@k is 1 for a question when one of its k samples is right; sampled accuracy is the mean."""
+    model, tokenizer = tiny
+    cfg = grpo.Config(eval_k=3, eval_batch_size=2, max_new_tokens=2, max_prompt_tokens=50)
+    examples = [{"question": "2+3", "answer": "5"}, {"question": "1+0", "answer": "1"}]
+    outputs = [["<answer>4</answer>", "<answer>1</answer>"],                     # greedy: only q2 right
+               ["<answer>4</answer>", "<answer>5</answer>", "<answer>4</answer>",   # q1: one of three right
+                "<answer>0</answer>", "<answer>0</answer>", "<answer>0</answer>"]]  # q2: none right
+    calls = iter(outputs)
+    monkeypatch.setattr(grpo, "decode", lambda tok, ids, prefill="": next(calls))
+    result = grpo.evaluate(model, tokenizer, examples, cfg, grpo.stop_ids(model, tokenizer), contextlib.nullcontext)
+    assert result["accuracy"] == 0.5 and result["pass_at_k"] == 0.5 and result["sampled_accuracy"] == pytest.approx(1 / 6)
+
+
+def test_hub_dataset_names_need_the_datasets_package(capsys, monkeypatch):
+    monkeypatch.setattr(grpo.importlib.util, "find_spec", lambda name: None)
+    assert grpo.main(["--task=gsm8k", "--data_path=openai/gsm8k"]) == 2
+    assert capsys.readouterr().err.strip() == ("grpo.py: error: data_path: openai/gsm8k: no such file "
+                                               "(hub datasets need the `datasets` package)")
