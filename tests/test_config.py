@@ -108,8 +108,10 @@ def test_shipped_configs_parse():
     folder = os.path.join(ROOT, "configs")
     names = sorted(n for n in os.listdir(folder) if n.endswith(".py"))
     assert names
+    local_data = [f"--data_path={SHARED}/train.jsonl", f"--eval_data_path={SHARED}/test.jsonl"]  # not the hub copy
     for name in names:
-        grpo.parse_config(["--config", os.path.join(folder, name)])
+        cfg = grpo.parse_config(["--config", os.path.join(folder, name)] + (local_data if "gsm8k" in name else []))
+        assert cfg.out_dir.startswith("runs/")
 
 
 def test_wandb_asked_but_not_installed(capsys, monkeypatch):

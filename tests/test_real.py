@@ -113,3 +113,13 @@ def test_hub_dataset_names_need_the_datasets_package(capsys, monkeypatch):
     assert grpo.main(["--task=gsm8k", "--data_path=openai/gsm8k"]) == 2
     assert capsys.readouterr().err.strip() == ("grpo.py: error: data_path: openai/gsm8k: no such file "
                                                "(hub datasets need the `datasets` package)")
+
+
+def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(ROOT, "bench", "gpu_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--shape=tiny", "--device=cpu", "--batch=4", "--prompt_tokens=8", "--new_tokens=8", "--repeats=1"])
+    assert result["eager"]["sample_tokens_per_s"] > 0 and result["compiled"]["update_tokens_per_s"] > 0

@@ -1,0 +1,42 @@
+"""Countdown (TinyZero's R1-Zero reproduction) on Qwen2.5-3B base: pure RL, no cold start.
+
+    python grpo.py --config configs/countdown_qwen.py
+
+The task: reach a target with 3 or 4 given numbers, each used once, with + - * / (data.py
+generates it; TinyZero used the Countdown-Tasks-3to4 set, numbers and targets of the same kind).
+The R1-Zero template with the answer opened as "Let me solve this step by step.\n<think>" as in
+TinyZero; reward 1 for a correct equation and 0.1 for the format (TinyZero's values); lr 1e-6,
+KL 0.001, up to 1024 new tokens (TinyZero's settings). Group size and batch are chosen here.
+
+Memory, one 80 GB GPU: the 3B weights are trained in bf16 (dtype=bfloat16: weights and AdamW
+state ~18 GB, the reference ~6 GB) with gradient checkpointing.
+
+What to expect, from TinyZero's report (NOT measured with this recipe; no GPU was available when it
+was written): the 3B base model starts by guessing and stopping, then learns to search, check
+and revise its equations, reaching high accuracy in a few hundred steps; models of 1.5B and up
+learn this, 0.5B does not. TinyZero trained on 2 GPUs for about a day of GPU time.
+"""
+model = "Qwen/Qwen2.5-3B"
+task = "countdown"
+template = "r1zero"
+prefill = " Let me solve this step by step.\n<think>"
+rewards = "countdown:1,format:0.1"
+sft_steps = 0
+max_steps = 400
+prompts_per_step = 32
+group_size = 8
+max_new_tokens = 1024
+temperature = 1.0
+lr = 1e-6
+warmup_steps = 10
+min_lr_ratio = 1.0
+beta = 0.001
+dtype = "bfloat16"
+gradient_checkpointing = True
+micro_batch_size = 16
+eval_size = 200
+eval_every = 50
+eval_batch_size = 64
+save_every = 50
+log_samples_every = 20
+out_dir = "runs/countdown_qwen"
