@@ -21,6 +21,8 @@ Commands:
   python grpo.py --config configs/gsm8k_qwen.py    # one GPU (bf16 autocast + torch.compile on CUDA)
   python grpo.py --config configs/NAME.py --max_steps=100 --lr=1e-6   # overrides follow the file
   python grpo.py --resume=runs/default             # continue from the latest checkpoint
+  python grpo.py --config configs/gsm8k_qwen.py --model=runs/gsm8k_qwen --eval_only=True --eval_k=8
+  python grpo.py --help                            # every flag with its default and paper value
 """
 import contextlib
 import dataclasses

