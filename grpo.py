@@ -681,7 +681,8 @@ def train(cfg):
     run_dir, G = cfg.out_dir, cfg.group_size
     os.makedirs(run_dir, exist_ok=True)
     print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    write_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    if not cfg.eval_only:  # an evaluation must not replace the config a run resumes from
+        write_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -697,7 +698,8 @@ def train(cfg):
     eos_ids = stop_ids(model, tokenizer)
     if cfg.eval_only:
         result = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast)
-        write_atomic(os.path.join(run_dir, "eval.json"), json.dumps(dict(result, model=init_path), indent=1))
+        write_atomic(os.path.join(run_dir, "eval.json"),
+                     json.dumps(dict(result, model=init_path, config=dataclasses.asdict(cfg)), indent=1))
         print(f"{init_path} on {len(test_set)} held-out questions: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         return result
     if cfg.gradient_checkpointing:
@@ -773,7 +775,7 @@ def train(cfg):
             # 4. mu policy updates on this batch (none when the loss sees no token)
             model.train()
             sums, grad_norm = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "entropy"), 0.0), 0.0
-            skipped = False
+            skipped, updates = False, 0
             for _ in range(cfg.num_iterations if bool(loss_mask.any()) else 0):
                 optimizer.zero_grad(set_to_none=True)
                 stats = accumulate_gradients(train_model, ids, attention, C, advantages, loss_mask, old_logp, ref_logp,
@@ -785,6 +787,7 @@ def train(cfg):
                     break
                 sums = {k: sums[k] + v for k, v in stats.items()}
                 optimizer.step()
+                updates += 1
             bad_steps, skipped_steps = (bad_steps + 1 if skipped else 0), skipped_steps + skipped
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -794,9 +797,9 @@ def train(cfg):
             t3 = time.perf_counter()
 
             # 5. log, evaluate, checkpoint
-            sums = {k: float(v) for k, v in sums.items()}  # the one wait for the device per step
-            per_token = max(1.0, loss_mask.sum().item()) * cfg.num_iterations
-            row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / cfg.num_iterations,
+            sums = {k: float(v) for k, v in sums.items()}  # statistics reach the host here, for logging
+            per_token = max(1.0, loss_mask.sum().item()) * max(1, updates)
+            row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / max(1, updates),
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                    **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
                    "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),

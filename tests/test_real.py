@@ -86,12 +86,16 @@ log_samples_every = 1
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
-    # evaluation only, on the trained checkpoint: greedy pass@1 and sampled pass@k
+    # evaluation only, on the trained checkpoint, into the run's own directory: greedy pass@1 and
+    # sampled pass@k, without touching the config the run would resume from
+    saved_config = (run / "train_config.json").read_text()
     result = grpo.train(grpo.parse_config(["--config", str(config), f"--model={run}", "--eval_only=True", "--eval_k=3",
-                                           f"--out_dir={tmp_path / 'eval'}"]))
+                                           f"--out_dir={run}"]))
     assert set(result) == {"accuracy", "format", "length", "pass_at_k", "sampled_accuracy"}
     assert 0 <= result["sampled_accuracy"] <= result["pass_at_k"] <= 1 and result["length"] > 0
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["model"] == str(run)
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["model"] == str(run) and evaluation["config"]["eval_k"] == 3
+    assert (run / "train_config.json").read_text() == saved_config
 
 
 def test_eval_pass_at_k_counts_any_correct_sample(monkeypatch, tiny):
@@ -167,8 +171,8 @@ def test_hub_dataset_through_the_datasets_package(monkeypatch):
             raise ValueError("Unknown split \"validation\".\nMore lines")
         return [{"question": f"{split} q{i}", "answer": f"work #### {i}"} for i in range(3)]
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    monkeypatch.setattr(data.importlib.util if hasattr(data, "importlib") else __import__("importlib").util,
-                        "find_spec", lambda name: object())
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
     train, test = data.load_task("gsm8k", 0, "openai/gsm8k", "openai/gsm8k")
     assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
     assert train[2]["answer"] == "2" and test[0]["question"] == "test q0" and train[0]["source"] == "openai/gsm8k:1"

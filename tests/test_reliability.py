@@ -97,7 +97,7 @@ def test_repeated_sigkill_at_random_moments(tmp_path):
     last = 0
     for _ in range(8):
         deadline = time.time() + 120
-        while (not (run / "latest").exists() or assert_checkpoint_step(run) <= last) and process.poll() is None:
+        while (not (run / "latest").exists() or latest_step(run) <= last) and process.poll() is None:
             assert time.time() < deadline
             time.sleep(0.02)
         if process.poll() is not None:
@@ -113,7 +113,7 @@ def test_repeated_sigkill_at_random_moments(tmp_path):
     print(f"{mid_save} of the kills left a half-written file behind")
 
 
-def assert_checkpoint_step(run):
+def latest_step(run):
     return int((run / "latest").read_text().split("-")[1])
 
 
