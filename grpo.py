@@ -679,6 +679,9 @@ def train(cfg):
     reward_spec = R.parse_reward_spec(cfg.rewards)
     weights = torch.tensor([w for _, w in reward_spec])
     run_dir, G = cfg.out_dir, cfg.group_size
+    if not cfg.resume and not cfg.eval_only and os.path.exists(os.path.join(run_dir, "latest")):
+        raise ConfigError(f"out_dir: {run_dir} already holds a run; continue it with --resume={run_dir}, "
+                          "or start anew in another --out_dir")
     os.makedirs(run_dir, exist_ok=True)
     print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     if not cfg.eval_only:  # an evaluation must not replace the config a run resumes from

@@ -125,3 +125,12 @@ def test_compiled_training_matches_eager(tmp_path):
         assert a["reward_mean"] == b["reward_mean"]        # the same samples (sampling runs eager)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
+    grpo.train(grpo.parse_config(FAST + ["--max_steps=1", "--sft_steps=0", "--eval_size=0", f"--out_dir={tmp_path}"]))
+    assert grpo.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"grpo.py: error: out_dir: {tmp_path} already holds a run; continue it with --resume={tmp_path}, "
+        "or start anew in another --out_dir")
+    assert [r["step"] for r in metrics(tmp_path)] == [1]      # the old run is untouched
