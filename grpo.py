@@ -370,12 +370,17 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
     return torch.stack(logps), torch.stack(entropies)
 
 
-def encode_prompts(tokenizer, examples, cfg, device):
-    """Render each example's prompt, tokenize, keep at most prompt_limit(cfg) tokens (the last
-    ones: `prompt_overflow` was checked at start) and left-pad -> ids [B, P], mask [B, P], number
-    of prompts cut. Special tokens (e.g. BOS) are added except for chat, whose template has them."""
+def prompt_token_ids(tokenizer, examples, cfg):
+    """Token ids of each example's rendered prompt. Special tokens (e.g. BOS) are added except for
+    chat, whose template already has them."""
     texts = [data.render_prompt(e, cfg.template, tokenizer, cfg.system_prompt, cfg.prefill) for e in examples]
-    rows = tokenizer(texts, add_special_tokens=cfg.template != "chat")["input_ids"]
+    return tokenizer(texts, add_special_tokens=cfg.template != "chat")["input_ids"]
+
+
+def encode_prompts(tokenizer, examples, cfg, device):
+    """Prompt ids cut to their last cfg.max_prompt_tokens (`prompt_overflow` was checked at start)
+    and left-padded -> ids [B, P], mask [B, P], number of prompts cut."""
+    rows = prompt_token_ids(tokenizer, examples, cfg)
     limit = cfg.max_prompt_tokens
     cut = sum(len(row) > limit for row in rows)
     rows = [row[-limit:] for row in rows]
@@ -451,7 +456,7 @@ def cold_start(model, tokenizer, examples, cfg, eos_ids, autocast, show):
         loss = -(logp * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         optimizer.step()
         show(step + 1, cfg.sft_steps, f"sft loss {loss.item():.3f}")
 
@@ -608,12 +613,11 @@ def resolve_prompt_limit(cfg, model, tokenizer, examples):
         raise ConfigError(f"max_new_tokens: {cfg.max_new_tokens} leaves no room for a prompt in the model's "
                           f"context of {context} tokens")
     cfg = dataclasses.replace(cfg, max_prompt_tokens=min(cfg.max_prompt_tokens or room, room))
-    for i, example in enumerate(examples if cfg.prompt_overflow == "reject" else []):
-        prompt = data.render_prompt(example, cfg.template, tokenizer, cfg.system_prompt, cfg.prefill)
-        length = len(tokenizer(prompt)["input_ids"])
-        if length > cfg.max_prompt_tokens:
-            raise ConfigError(f"prompt_overflow: {example.get('source', f'example {i}')}: a prompt of {length} tokens, "
-                              f"over max_prompt_tokens={cfg.max_prompt_tokens}; prompt_overflow=truncate cuts such prompts")
+    if cfg.prompt_overflow == "reject":  # measured exactly as encode_prompts will cut them
+        for i, ids in enumerate(prompt_token_ids(tokenizer, examples, cfg)):
+            if len(ids) > cfg.max_prompt_tokens:
+                raise ConfigError(f"prompt_overflow: {examples[i].get('source', f'example {i}')}: a prompt of {len(ids)} "
+                                  f"tokens, over max_prompt_tokens={cfg.max_prompt_tokens}; prompt_overflow=truncate cuts such prompts")
     return cfg
 
 

@@ -178,3 +178,14 @@ def test_hub_dataset_through_the_datasets_package(monkeypatch):
     assert train[2]["answer"] == "2" and test[0]["question"] == "test q0" and train[0]["source"] == "openai/gsm8k:1"
     with pytest.raises(data.DataError, match=r"^openai/gsm8k: cannot load split 'validation' through datasets \(Unknown split"):
         data.load_file("openai/gsm8k", data.gsm8k_example, split="validation")
+
+
+def test_reject_measures_prompts_exactly_as_they_are_cut(tiny_qwen_chat):
+    model, tokenizer = grpo.load_model(tiny_qwen_chat, "cpu")
+    example = [{"question": "12+34?"}]
+    length = grpo.encode_prompts(tokenizer, example, grpo.Config(template="chat", system_prompt="", max_prompt_tokens=10**6), "cpu")[0].size(1)
+    fits = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject", max_prompt_tokens=length, max_new_tokens=8)
+    assert grpo.resolve_prompt_limit(fits, model, tokenizer, example).max_prompt_tokens == length
+    over = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject", max_prompt_tokens=length - 1, max_new_tokens=8)
+    with pytest.raises(grpo.ConfigError, match=f"a prompt of {length} tokens, over max_prompt_tokens={length - 1}"):
+        grpo.resolve_prompt_limit(over, model, tokenizer, example)
