@@ -215,14 +215,15 @@ def build_tiny_model(path, seed, arch="llama", chat=False):
     tokenizer.add_tokens(tags)  # matched whole, before the character split
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
     shape = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                  num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
                  bos_token_id=None, eos_token_id=[vocab[eos], vocab["<|endoftext|>"]] if chat else vocab[eos])
-    if arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **shape))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, **shape))
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        if arch == "qwen2":
+            model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **shape))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, **shape))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -44,6 +44,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import data
 import rewards as R
@@ -67,7 +68,8 @@ class Config:
     out_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, summary
     resume: str = ""               # run directory to continue from its latest checkpoint
     seed: int = 0                  # seeds data split, init, sampling; CPU runs are reproducible
-    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    device: str = "auto"           # auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU)
+    sharding: str = "ddp"          # under torchrun: ddp (a full copy per rank) | fsdp (weights, grads, Adam state sharded)
     dtype: str = "float32"         # weights as trained: float32 (+ bf16 autocast on CUDA) | bfloat16 (half the memory)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower updates
@@ -126,7 +128,7 @@ class Config:
 
 CHOICES = {"task": data.TASKS, "template": data.TEMPLATES, "scale_rewards": ("group", "batch", "none"),
            "loss_type": ("grpo", "dapo", "dr_grpo"), "prompt_overflow": ("truncate", "reject"),
-           "dtype": ("float32", "bfloat16"), "attn_implementation": ("sdpa", "eager", "flash_attention_2")}
+           "dtype": ("float32", "bfloat16"), "sharding": ("ddp", "fsdp"), "attn_implementation": ("sdpa", "eager", "flash_attention_2")}
 AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "num_iterations",
                 "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size", "max_bad_steps", "digits")
 NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
@@ -147,6 +149,7 @@ def parse_config(argv):
 
 def validate(cfg):
     """Reject impossible values before anything is loaded, naming the key."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     problems = [f"{k}: {getattr(cfg, k)!r} is not one of {', '.join(v)}" for k, v in CHOICES.items() if getattr(cfg, k) not in v]
     problems += [f"{k}: must be at least 1" for k in AT_LEAST_ONE if getattr(cfg, k) < 1]
     problems += [f"{k}: must not be negative" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
@@ -171,6 +174,10 @@ def validate(cfg):
         (not cfg.wandb or importlib.util.find_spec("wandb"), "wandb: the wandb package is not installed"),
         (cfg.attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn"),
          "attn_implementation: flash_attention_2 needs the flash-attn package"),
+        (cfg.prompts_per_step % ranks == 0, f"prompts_per_step: {cfg.prompts_per_step} does not divide among "
+                                            f"{ranks} ranks (each rank samples whole groups)"),
+        (cfg.sft_steps == 0 or cfg.sft_batch_size % ranks == 0,
+         f"sft_batch_size: {cfg.sft_batch_size} does not divide among {ranks} ranks"),
     ]
     problems += [message for ok, message in checks if not ok]
     try:
@@ -275,6 +282,9 @@ def lr_factor(step, warmup_steps, total_steps, min_ratio):
 @torch.no_grad()
 def sync_reference(ref_model, model, alpha):
     """ref <- alpha * theta + (1 - alpha) * ref, parameter by parameter (alpha = 1: hard copy)."""
+    for module in (*ref_model.modules(), *model.modules()):
+        if hasattr(module, "reshard"):  # FSDP: a root module keeps its gathered weights after forward
+            module.reshard()
     for ref_param, param in zip(ref_model.parameters(), model.parameters()):
         ref_param.lerp_(param.detach().to(ref_param.dtype), alpha)
 
@@ -313,10 +323,13 @@ def cache_arg(model):
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0):
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0, uniforms=None):
     """Sample completions for left-padded prompts [B, P] with a KV cache; temperature 0 is greedy.
-    Returns [B, T] with T <= max_new_tokens (it stops once every row has an EOS); tokens after a
+    uniforms [B, max_new_tokens] in [0, 1) pick the tokens (drawn here when None). Returns [B, T]
+    with T <= max_new_tokens (it stops once every row, on every rank, has an EOS); tokens after a
     row's EOS are pad_id."""
+    if uniforms is None:  # greedy decoding draws none, so that it leaves the random stream as it was
+        uniforms = (torch.rand if temperature > 0 else torch.zeros)(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
     from transformers import DynamicCache
     cache, mask = {cache_arg(model): DynamicCache()}, prompt_mask
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
@@ -325,11 +338,12 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temp
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     for t in range(max_new_tokens):
-        token = pick_token(logits.float(), temperature, top_p)
+        token = pick_token(logits.float(), temperature, top_p, uniforms[:, t])
         token = torch.where(done, pad_id, token)
         tokens.append(token)
         done |= torch.isin(token, eos_ids)
-        if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):  # checked every 8: each check syncs
+        # checked every 8 tokens, as each check waits for the device; ranks stop together (FSDP's gathers pair up)
+        if t == max_new_tokens - 1 or (t % 8 == 7 and all_sum((~done).sum()).item() == 0):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         positions = positions[:, -1:] + 1
@@ -338,9 +352,11 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temp
     return torch.stack(tokens, 1)
 
 
-def pick_token(logits, temperature, top_p):
-    """One token per row from logits [B, V]: argmax when temperature is 0, else sampled from
-    softmax(logits / temperature) restricted to the top_p nucleus."""
+def pick_token(logits, temperature, top_p, uniform):
+    """One token per row from logits [B, V]: argmax when temperature is 0, else a sample of
+    softmax(logits / temperature) restricted to the top_p nucleus, by inverse CDF: the first token
+    whose cumulative probability exceeds uniform [B] * total. As the uniforms are drawn per
+    completion, a completion does not depend on which rank or batch it is sampled in."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, -1)
@@ -348,7 +364,9 @@ def pick_token(logits, temperature, top_p):
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps the top token always
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
-    return torch.multinomial(probs, 1).squeeze(1)
+    cdf = probs.cumsum(-1)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return (cdf <= target).sum(-1).clamp(max=len(cdf[0]) - 1)  # never a token of probability 0
 
 
 def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0):
@@ -403,6 +421,96 @@ def decode(tokenizer, completion_ids, prefill=""):
 
 
 # ----------------------------------------------------------------------------
+# torchrun: one process per device. Ranks split each step's groups between them and agree on
+# everything else; outside torchrun every helper here is a no-op.
+
+
+def init_distributed(cfg):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) -> this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(tensor):
+    """The sum of `tensor` over ranks."""
+    if not dist.is_initialized():
+        return tensor
+    total = tensor.to(comm_device(), copy=True)
+    dist.all_reduce(total)
+    return total.to(tensor.device)
+
+
+def gather(tensor):
+    """Every rank's [n, ...] rows concatenated in rank order (all ranks hold the same n)."""
+    if not dist.is_initialized():
+        return tensor
+    local = tensor.to(comm_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(tensor.device)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def distribute(model, cfg, device, trainable=True):
+    """The module that trains: DDP around the model, or with sharding=fsdp the model itself sharded
+    in place with fully_shard, a unit per decoder layer (the reference model too, trainable=False)."""
+    if not dist.is_initialized():
+        return model
+    if cfg.sharding == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        for module in model.modules():
+            if type(module).__name__ in (model._no_split_modules or ()):
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    if not trainable:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def full_state(model, optimizer=None):
+    """The optimizer's state by parameter name, or the model's weights when FSDP shards them
+    (None otherwise: save_pretrained reads the model), whole and on the CPU. Under FSDP every rank
+    must call this; rank 0 gets the result."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is not None:  # None before the first update: the call would make a zero state that counts a step
+        return get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else None
+    if not hasattr(model, "reshard"):  # not an FSDP module
+        return None
+    weights = get_model_state_dict(model, options=options)
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: w for name, w in weights.items() if name in names}  # tied weights once, as save_pretrained does
+
+
+def load_optimizer_state(model, optimizer, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if state is not None:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=dist.is_initialized()))
+
+
+# ----------------------------------------------------------------------------
 # evaluation, cold start, checkpoints
 
 
@@ -416,49 +524,55 @@ def evaluate(model, tokenizer, examples, cfg, eos_ids, autocast):
     `length` (tokens); with eval_k > 0 also `pass_at_k` (some of k samples at `temperature` is
     correct) and `sampled_accuracy` (the mean over those samples)."""
     model.eval()
-    correct, totals, k = correctness(cfg.task), dict(accuracy=0.0, format=0.0, length=0.0), cfg.eval_k
-    if k:
-        totals.update(pass_at_k=0.0, sampled_accuracy=0.0)
-    for start in range(0, len(examples), cfg.eval_batch_size):
-        chunk = examples[start:start + cfg.eval_batch_size]
+    correct, k = correctness(cfg.task), cfg.eval_k
+    names = ["accuracy", "format", "length"] + (["pass_at_k", "sampled_accuracy"] if k else [])
+    rank, world = rank_and_world()
+    shard = examples[rank::world]  # padded with repeats to the same length on every rank; they do not count
+    counted, shard = len(shard), shard + examples[:1] * (-(-len(examples) // world) - len(shard))
+    totals = torch.zeros(len(names))
+    for start in range(0, len(shard), cfg.eval_batch_size):
+        chunk = shard[start:start + cfg.eval_batch_size]
+        counts = torch.arange(start, start + len(chunk)) < counted
         ids, mask, _ = encode_prompts(tokenizer, chunk, cfg, model.device)
         with autocast():
             out = sample(model, ids, mask, cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id, temperature=0)
-        totals["length"] += completion_mask(out, eos_ids).sum().item()
-        for text, example in zip(decode(tokenizer, out, cfg.prefill), chunk):
-            totals["accuracy"] += R.safe_reward(correct, text, example)[0]
-            totals["format"] += R.format_reward(text, example)
+        texts = decode(tokenizer, out, cfg.prefill)
+        row = [[R.safe_reward(correct, t, e)[0], R.format_reward(t, e)] for t, e in zip(texts, chunk)]
+        row = torch.cat([torch.tensor(row), completion_mask(out, eos_ids).sum(1, keepdim=True).cpu()], 1)
         if k:
+            uniforms = torch.rand(world, len(chunk) * k, cfg.max_new_tokens)[rank].to(model.device)
             with autocast():
                 out = sample(model, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), cfg.max_new_tokens,
-                             eos_ids, tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
+                             eos_ids, tokenizer.pad_token_id, cfg.temperature, cfg.top_p, uniforms)
             texts = decode(tokenizer, out, cfg.prefill)
             hits = torch.tensor([R.safe_reward(correct, t, chunk[i // k])[0] for i, t in enumerate(texts)]).view(-1, k)
-            totals["pass_at_k"] += (hits.max(1).values > 0).sum().item()
-            totals["sampled_accuracy"] += hits.mean(1).sum().item()
-    return {key: value / max(1, len(examples)) for key, value in totals.items()}
+            row = torch.cat([row, (hits.max(1).values > 0).float()[:, None], hits.mean(1, keepdim=True)], 1)
+        totals += row[counts].sum(0)
+    totals = all_sum(totals) / max(1, len(examples))
+    return dict(zip(names, totals.tolist()))
 
 
 def cold_start(model, tokenizer, examples, cfg, eos_ids, autocast, show):
     """DeepSeek-R1's phase 1: supervised fine-tuning on worked solutions, loss on completion
-    tokens only (mean token negative log-likelihood)."""
+    tokens only (mean token negative log-likelihood). Under torchrun each rank takes its share of
+    every batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-    rng = random.Random(cfg.seed)
+    rng, (rank, world) = random.Random(cfg.seed), rank_and_world()
     model.train()
     for step in range(cfg.sft_steps):
-        batch = rng.sample(examples, min(cfg.sft_batch_size, len(examples)))
+        batch = rng.sample(examples, min(cfg.sft_batch_size, len(examples)))[rank::world]
         prompt_ids, prompt_mask, _ = encode_prompts(tokenizer, batch, cfg, model.device)
         completion_ids = encode_completions(tokenizer, [e["solution"] for e in batch], model.device)
         ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
         mask = completion_mask(completion_ids, eos_ids)
         with autocast():
             logp, _ = completion_logprobs(model, ids, attention, completion_ids.size(1))
-        loss = -(logp * mask).sum() / mask.sum()
+        loss = -(logp * mask).sum() / all_sum(mask.sum())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world).backward()  # DDP and FSDP average gradients over ranks; the loss is already a global mean
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         optimizer.step()
-        show(step + 1, cfg.sft_steps, f"sft loss {loss.item():.3f}")
+        show(step + 1, cfg.sft_steps, f"sft loss {all_sum(loss.detach()).item():.3f}")
 
 
 def write_atomic(path, text):
@@ -467,16 +581,17 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(run_dir, step, model, tokenizer, state, keep):
+def save_checkpoint(run_dir, step, model, tokenizer, state, keep, model_state=None):
     """Write checkpoint-STEP/ (HF model + tokenizer + trainer_state.pt) under a temporary name and
     rename it; hard-link its model files into run_dir itself, so that from_pretrained(run_dir) loads
     the newest model; only then point `latest` at it, and prune. A crash at any moment leaves
-    `latest` naming a complete checkpoint and run_dir holding a complete model."""
+    `latest` naming a complete checkpoint and run_dir holding a complete model. model_state: the
+    weights gathered by full_state under FSDP."""
     name = f"checkpoint-{step:06d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
     if not os.path.isdir(final):
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         os.replace(tmp, final)
@@ -496,24 +611,25 @@ def save_checkpoint(run_dir, step, model, tokenizer, state, keep):
         shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
 
 
-def open_resumed_run(run_dir, device, dtype, attn_implementation):
-    """(trainer state, model, tokenizer) of the latest checkpoint. What a crashed run left after it
-    is cleared away: half-written or newer checkpoints (`latest` never named them) and metric
-    rows past it, a torn last line included; those steps are simply done again."""
+def open_resumed_run(run_dir, device, dtype, attn_implementation, clean=True):
+    """(trainer state, model, tokenizer) of the latest checkpoint. With clean, what a crashed run
+    left after it is cleared away: half-written or newer checkpoints (`latest` never named them)
+    and metric rows past it, a torn last line included; those steps are simply done again."""
     checkpoint = latest_checkpoint(run_dir)
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
-    for name in os.listdir(run_dir):
-        if name.startswith("checkpoint-") and (name.endswith(".tmp") or name > os.path.basename(checkpoint)):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-    path, kept = os.path.join(run_dir, "metrics.jsonl"), []
-    with contextlib.suppress(FileNotFoundError), open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= state["step"]:
-                    kept.append(line)
-            except json.JSONDecodeError:  # the line being written when the run died
-                break
-    write_atomic(path, "".join(kept))
+    if clean:
+        for name in os.listdir(run_dir):
+            if name.startswith("checkpoint-") and (name.endswith(".tmp") or name > os.path.basename(checkpoint)):
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+        path, kept = os.path.join(run_dir, "metrics.jsonl"), []
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= state["step"]:
+                        kept.append(line)
+                except json.JSONDecodeError:  # the line being written when the run died
+                    break
+        write_atomic(path, "".join(kept))
     return (state, *load_model(checkpoint, device, dtype, attn_implementation))
 
 
@@ -543,7 +659,7 @@ def epoch_order(seed, epoch, size):
 def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only
     return state
 
 
@@ -551,7 +667,7 @@ def restore_rng(state):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ----------------------------------------------------------------------------
@@ -575,20 +691,23 @@ def score(texts, examples, lengths, reward_spec, cfg):
 def accumulate_gradients(model, ids, attention, num_completion, advantages, loss_mask, old_logp, ref_logp,
                          cfg, autocast):
     """Backpropagate the whole batch's GRPO loss one micro-batch at a time; the gradient equals
-    the full-batch one because every micro-batch is normalised by whole-batch counts. old_logp
-    None means mu = 1: the detached current log-probs stand in (ratio 1, same gradient).
-    Returns the summed loss and masked-token statistics (as tensors)."""
-    num_tokens = loss_mask.sum().clamp(min=1)
-    num_completions = (loss_mask.sum(1) > 0).sum().clamp(min=1)
+    the full-batch one because every micro-batch is normalised by whole-batch counts, summed over
+    ranks under torchrun. old_logp None means mu = 1: the detached current log-probs stand in
+    (ratio 1, same gradient). Returns this rank's summed loss and masked-token statistics (tensors)."""
+    num_tokens = all_sum(loss_mask.sum()).clamp(min=1)
+    num_completions = all_sum((loss_mask.sum(1) > 0).sum()).clamp(min=1)
+    world = rank_and_world()[1]
     sums = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "entropy"), 0.0)
     for i in range(0, len(ids), cfg.micro_batch_size):
         rows = slice(i, i + cfg.micro_batch_size)
-        with autocast():
-            logp, entropy = completion_logprobs(model, ids[rows], attention[rows], num_completion, cfg.temperature)
-        loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
-                                None if ref_logp is None else ref_logp[rows], advantages[rows], loss_mask[rows],
-                                cfg, num_completions, num_tokens)
-        loss.backward()
+        last = i + cfg.micro_batch_size >= len(ids)  # DDP all-reduces the gradients once, after the last
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast():
+                logp, entropy = completion_logprobs(model, ids[rows], attention[rows], num_completion, cfg.temperature)
+            loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
+                                    None if ref_logp is None else ref_logp[rows], advantages[rows], loss_mask[rows],
+                                    cfg, num_completions, num_tokens)
+            (loss * world).backward()  # ranks' gradients are averaged; the loss already has global normalisers
         stats.update(loss=loss.detach(), entropy=(entropy * loss_mask[rows]).sum())
         for key, value in stats.items():
             sums[key] += value
@@ -675,7 +794,10 @@ def train(cfg):
     wall_start = time.time()
     from transformers.utils import logging
     logging.disable_progress_bar()  # one progress bar is enough: ours
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = init_distributed(cfg)
+    rank, world = rank_and_world()
+    main_rank = rank == 0  # prints, logs and saves
+    say = print if main_rank else (lambda *args, **kwargs: None)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
@@ -687,8 +809,8 @@ def train(cfg):
         raise ConfigError(f"out_dir: {run_dir} already holds a run; continue it with --resume={run_dir}, "
                           "or start anew in another --out_dir")
     os.makedirs(run_dir, exist_ok=True)
-    print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    if not cfg.eval_only:  # an evaluation must not replace the config a run resumes from
+    say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    if main_rank and not cfg.eval_only:  # an evaluation must not replace the config a run resumes from
         write_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -696,69 +818,81 @@ def train(cfg):
     # the policy: built or loaded, then cold-started; or resumed from the latest checkpoint
     state = None
     if cfg.resume:
-        state, model, tokenizer = open_resumed_run(run_dir, device, cfg.dtype, cfg.attn_implementation)
+        state, model, tokenizer = open_resumed_run(run_dir, device, cfg.dtype, cfg.attn_implementation, clean=main_rank)
         init_path = state["init_model"]
     else:
-        init_path = data.build_tiny_model(os.path.join(run_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
+        init_path = os.path.join(run_dir, "tiny") if cfg.model == "tiny" else cfg.model
+        if cfg.model == "tiny" and main_rank:
+            data.build_tiny_model(init_path, cfg.seed)
+        barrier()
         model, tokenizer = load_model(init_path, device, cfg.dtype, cfg.attn_implementation)
     cfg = resolve_prompt_limit(cfg, model, tokenizer, train_set + test_set)
     eos_ids = stop_ids(model, tokenizer)
-    if cfg.eval_only:
-        result = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast)
-        write_atomic(os.path.join(run_dir, "eval.json"),
-                     json.dumps(dict(result, model=init_path, config=dataclasses.asdict(cfg)), indent=1))
-        print(f"{init_path} on {len(test_set)} held-out questions: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-        return result
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_model = distribute(model, cfg, device)  # DDP's wrapper, or `model` itself sharded by FSDP
+    if cfg.eval_only:
+        result = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast)
+        if main_rank:
+            write_atomic(os.path.join(run_dir, "eval.json"),
+                         json.dumps(dict(result, model=init_path, config=dataclasses.asdict(cfg)), indent=1))
+        say(f"{init_path} on {len(test_set)} held-out questions: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return result
     if not cfg.resume and cfg.sft_steps:
         solved = [e for e in train_set[:cfg.sft_examples] if "solution" in e]
         if not solved:
             raise ConfigError(f"sft_steps: task {cfg.task} has no worked solutions for a cold start")
-        cold_start(model, tokenizer, solved, cfg, eos_ids, autocast, Progress("cold start"))
-        init_path = os.path.join(run_dir, "cold_start")
-        model.save_pretrained(init_path)
-        tokenizer.save_pretrained(init_path)
+        cold_start(train_model, tokenizer, solved, cfg, eos_ids, autocast, Progress("cold start") if main_rank else (lambda *args: None))
+        init_path, weights_now = os.path.join(run_dir, "cold_start"), full_state(model)
+        if main_rank:
+            model.save_pretrained(init_path, state_dict=weights_now)
+            tokenizer.save_pretrained(init_path)
+        barrier()
     ref_model = None
     if cfg.beta > 0:  # with beta = 0 no reference model is loaded at all
         ref_model = load_model(init_path, device, cfg.dtype, cfg.attn_implementation)[0].eval().requires_grad_(False)
         if state and "ref_model" in state:
             ref_model.load_state_dict(state["ref_model"])
+        ref_model = distribute(ref_model, cfg, device, trainable=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))  # skipped steps: the schedule goes on
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    train_model = torch.compile(model, dynamic=True) if use_compile else model
+    train_model = torch.compile(train_model, dynamic=True) if use_compile else train_model
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
         start_step, before, (bad_steps, skipped_steps) = state["step"], state["eval_before"], state["bad_steps"]
     else:
         start_step, bad_steps, skipped_steps = 0, 0, 0
         before = evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if cfg.eval_size else {}
-        write_atomic(metrics_path, "")
+        if main_rank:
+            write_atomic(metrics_path, "")
         if before:
-            print(f"before RL: greedy accuracy {before['accuracy']:.1%} on {len(test_set)} held-out questions")
-    if cfg.wandb:
+            say(f"before RL: greedy accuracy {before['accuracy']:.1%} on {len(test_set)} held-out questions")
+    if cfg.wandb and main_rank:
         import wandb
         wandb.init(project="grpo", name=os.path.basename(os.path.abspath(run_dir)), config=dataclasses.asdict(cfg))
-    show, rl_start = Progress("grpo"), time.time()
+    show, rl_start = Progress("grpo") if main_rank else (lambda *args: None), time.time()
+    P = cfg.prompts_per_step // world  # this rank's questions; its completions are rows `mine` of the step's
+    mine, my_groups = slice(rank * P * G, (rank + 1) * P * G), slice(rank * P, (rank + 1) * P)
 
     with stop_signals() as signals:
         for step in range(start_step, cfg.max_steps):
             # 1. sample G completions for each question of this step
             t0 = time.perf_counter()
-            examples = step_examples(train_set, step, cfg.prompts_per_step, cfg.seed)
+            examples = step_examples(train_set, step, cfg.prompts_per_step, cfg.seed)[my_groups]
+            uniforms = torch.rand(cfg.prompts_per_step * G, cfg.max_new_tokens)[mine].to(device)  # one stream, all ranks
             prompt_ids, prompt_mask, prompts_cut = encode_prompts(tokenizer, examples, cfg, device)
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
             model.eval()
             with autocast():
                 completion_ids = sample(model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids,
-                                        tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
+                                        tokenizer.pad_token_id, cfg.temperature, cfg.top_p, uniforms)
             mask = completion_mask(completion_ids, eos_ids)
             lengths, truncated = mask.sum(1), ~torch.isin(completion_ids, eos_ids).any(1)
             texts = decode(tokenizer, completion_ids, cfg.prefill)
@@ -766,10 +900,12 @@ def train(cfg):
 
             # 2. rewards, group-relative advantages, and which completions the loss sees
             scores, failures, correct = score(texts, examples, lengths, reward_spec, cfg)
+            scores, correct = gather(scores), gather(correct)  # every rank sees the whole step from here on
             rewards = scores @ weights
-            advantages = group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps).to(device)
+            advantages = group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps)[mine].to(device)
             zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1)
-            loss_mask = dapo_filters(mask, zero_std.to(device), truncated, cfg.drop_zero_std_groups, cfg.mask_truncated)
+            loss_mask = dapo_filters(mask, zero_std[my_groups].to(device), truncated, cfg.drop_zero_std_groups,
+                                     cfg.mask_truncated)
 
             # 3. old and reference log-probs: one no-grad pass each, only when needed
             ids = torch.cat([prompt_ids, completion_ids], 1)
@@ -783,12 +919,13 @@ def train(cfg):
             model.train()
             sums, grad_norm = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "entropy"), 0.0), 0.0
             skipped, updates = False, 0
-            for _ in range(cfg.num_iterations if bool(loss_mask.any()) else 0):
+            for _ in range(cfg.num_iterations if all_sum(loss_mask.sum()).item() > 0 else 0):
                 optimizer.zero_grad(set_to_none=True)
                 stats = accumulate_gradients(train_model, ids, attention, C, advantages, loss_mask, old_logp, ref_logp,
                                              cfg, autocast)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                if not (math.isfinite(grad_norm) and math.isfinite(stats["loss"])):  # leave weights and Adam alone
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+                if not (math.isfinite(grad_norm) and math.isfinite(all_sum(stats["loss"]))):  # leave weights, Adam alone
                     optimizer.zero_grad(set_to_none=True)
                     skipped = True
                     break
@@ -803,44 +940,52 @@ def train(cfg):
                 sync_reference(ref_model, model, cfg.ref_sync_alpha)
             t3 = time.perf_counter()
 
-            # 5. log, evaluate, checkpoint
-            sums = {k: float(v) for k, v in sums.items()}  # statistics reach the host here, for logging
-            per_token = max(1.0, loss_mask.sum().item()) * max(1, updates)
+            # 5. log, evaluate, checkpoint: one all-reduce brings every rank's sums to all (and to the host)
+            counts = [loss_mask.sum(), mask.sum(), torch.tensor(failures), torch.tensor(prompts_cut)]
+            totals = all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device)
+                                          for v in [*sums.values(), *counts]])).tolist()
+            sums, (loss_tokens, tokens, failures, prompts_cut) = dict(zip(sums, totals)), totals[len(sums):]
+            lengths, truncated = gather(lengths.float()), gather(truncated.float())
+            per_token = max(1.0, loss_tokens) * max(1, updates)
             row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / max(1, updates),
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                    **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
                    "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
                    "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
-                   "truncated_frac": truncated.float().mean().item(),
+                   "truncated_frac": truncated.mean().item(),
                    "kl": sums["kl"] / per_token if ref_model is not None else None,
                    "clip_low_frac": sums["clip_low"] / per_token, "clip_high_frac": sums["clip_high"] / per_token,
-                   "entropy": sums["entropy"] / per_token, "grad_norm": float(grad_norm), "reward_errors": failures,
-                   "ref_synced": synced, "skipped": skipped, "skipped_total": skipped_steps, "prompts_cut": prompts_cut,
-                   "tokens_per_sec": mask.sum().item() / (t3 - t0),
-                   "t_sample": t1 - t0, "t_logprobs": t2 - t1, "t_update": t3 - t2}
+                   "entropy": sums["entropy"] / per_token, "grad_norm": float(grad_norm), "reward_errors": int(failures),
+                   "ref_synced": synced, "skipped": skipped, "skipped_total": skipped_steps, "prompts_cut": int(prompts_cut),
+                   "tokens_per_sec": tokens / (t3 - t0), "t_sample": t1 - t0, "t_logprobs": t2 - t1, "t_update": t3 - t2}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row.update({f"eval_{k}": v for k, v in evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast).items()})
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if cfg.wandb:
-                wandb.log(row, step=step + 1)
+            if main_rank:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if cfg.wandb:
+                    wandb.log(row, step=step + 1)
             show(step + 1, cfg.max_steps, f"reward {row['reward_mean']:.2f} acc {row['accuracy']:.2f} "
                                           f"len {row['completion_len_mean']:.1f}")
-            if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
-                for g in range(min(2, cfg.prompts_per_step)):
+            if main_rank and cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
+                for g in range(min(2, P)):
                     print(f"  [step {step + 1}] {examples[g]['question'][:200]!r} -> {texts[g * G][:300]!r} "
                           f"(reward {rewards[g * G]:.2f}, answer {examples[g]['answer']})", file=sys.stderr)
-            stopping = signals or bad_steps >= cfg.max_bad_steps
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
-                state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            signalled = all_sum(torch.tensor(len(signals))).item() > 0  # a signal to any rank stops them all
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signalled or bad_steps >= cfg.max_bad_steps:
+                state = {"step": step + 1, "optimizer": full_state(model, optimizer), "scheduler": scheduler.state_dict(),
                          "rng": rng_state(), "init_model": init_path, "eval_before": before,
                          "bad_steps": (bad_steps, skipped_steps), "config": dataclasses.asdict(cfg)}
                 if ref_model is not None and cfg.ref_sync_every > 0:
-                    state["ref_model"] = ref_model.state_dict()
-                save_checkpoint(run_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints)
-            if signals:
-                raise Stop(f"stopped by {signal.Signals(signals[0]).name} after step {step + 1}, checkpoint saved; "
-                           f"continue with --resume={run_dir}", 128 + signals[0])
+                    state["ref_model"] = full_state(ref_model) or ref_model.state_dict()
+                weights_now = full_state(model)  # under FSDP every rank sends its shards; rank 0 writes
+                if main_rank:
+                    save_checkpoint(run_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints, weights_now)
+                barrier()
+            if signalled:
+                number = signals[0] if signals else signal.SIGTERM
+                raise Stop(f"stopped by {signal.Signals(number).name} after step {step + 1}, checkpoint saved; "
+                           f"continue with --resume={run_dir}", 128 + number)
             if bad_steps >= cfg.max_bad_steps:
                 raise Stop(f"{bad_steps} steps in a row had a non-finite loss or gradient and were skipped; stopped "
                            f"after step {step + 1} with a checkpoint of the last good weights (lower lr, check the "
@@ -852,31 +997,36 @@ def train(cfg):
     summary = {"accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
                "format_before": before.get("format"), "format_after": after.get("format"),
                "length_before": before.get("length"), "length_after": after.get("length"),
-               "eval_questions": len(test_set) if cfg.eval_size else 0, "steps": cfg.max_steps,
+               "eval_questions": len(test_set) if cfg.eval_size else 0, "steps": cfg.max_steps, "ranks": world,
                "rl_seconds": rl_seconds, "wall_seconds": time.time() - wall_start, "run_dir": os.path.abspath(run_dir)}
-    write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
-    print("\n---- summary")
+    if main_rank:
+        write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
+    say("\n---- summary")
     if after:
-        print(f"held-out greedy accuracy: {before['accuracy']:.1%} before RL -> {after['accuracy']:.1%} after "
-              f"{cfg.max_steps} GRPO steps ({100 * (after['accuracy'] - before['accuracy']):+.1f} points)")
-        print(f"format compliance: {before['format']:.1%} -> {after['format']:.1%}")
-    print(f"wall time {summary['wall_seconds']:.0f}s (GRPO {rl_seconds:.0f}s); run directory {summary['run_dir']}")
-    print("  metrics.jsonl (a row per step), summary.json, the final model: from_pretrained(run directory)")
+        say(f"held-out greedy accuracy: {before['accuracy']:.1%} before RL -> {after['accuracy']:.1%} after "
+            f"{cfg.max_steps} GRPO steps ({100 * (after['accuracy'] - before['accuracy']):+.1f} points)")
+        say(f"format compliance: {before['format']:.1%} -> {after['format']:.1%}")
+    say(f"wall time {summary['wall_seconds']:.0f}s (GRPO {rl_seconds:.0f}s); run directory {summary['run_dir']}")
+    say("  metrics.jsonl (a row per step), summary.json, the final model: from_pretrained(run directory)")
     return summary
 
 
 def main(argv):
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *args, **kwargs: None)  # torchrun: rank 0 speaks
     try:
         train(parse_config(argv))
     except (ConfigError, data.DataError) as err:
-        print(f"grpo.py: error: {err}", file=sys.stderr)
+        say(f"grpo.py: error: {err}", file=sys.stderr)
         return 2
     except Stop as stop:
-        print(f"grpo.py: {stop}", file=sys.stderr)
+        say(f"grpo.py: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:  # outside the loop; checkpoints are renamed into place whole, so the latest is intact
-        print("\ngrpo.py: interrupted; continue with --resume=OUT_DIR from its latest checkpoint", file=sys.stderr)
+        say("\ngrpo.py: interrupted; continue with --resume=OUT_DIR from its latest checkpoint", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -1,3 +1,4 @@
+import math
 """Sampling, log-probs and the gradient, on the tiny Llama built locally."""
 import contextlib
 import copy
@@ -88,12 +89,37 @@ def test_sampling_without_eos_runs_to_max_new_tokens():
 def test_top_p_keeps_the_nucleus():
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
-    picks = grpo.pick_token(logits, 1.0, 0.7)      # nucleus {0, 1}: cumulative 0.5 < 0.7 <= 0.8
+    u = torch.rand(2000)
+    picks = grpo.pick_token(logits, 1.0, 0.7, u)      # nucleus {0, 1}: cumulative 0.5 < 0.7 <= 0.8
     assert set(picks.tolist()) == {0, 1} and abs((picks == 0).float().mean() - 0.625) < 0.05
-    assert set(grpo.pick_token(logits, 1.0, 0.1).tolist()) == {0}
-    assert set(grpo.pick_token(logits, 0, 1.0).tolist()) == {0}
-    all_four = grpo.pick_token(logits, 1.0, 1.0)
+    assert set(grpo.pick_token(logits, 1.0, 0.1, u).tolist()) == {0}
+    assert set(grpo.pick_token(logits, 0, 1.0, u).tolist()) == {0}
+    all_four = grpo.pick_token(logits, 1.0, 1.0, u)
     assert set(all_four.tolist()) == {0, 1, 2, 3}
+    assert abs((all_four == 3).float().mean() - 0.05) < 0.02
+
+
+def test_inverse_cdf_picks_the_interval_holding_the_uniform():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(7, 1)
+    u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.81, 0.96, 0.999999])  # cumulative 0.5, 0.8, 0.95, 1.0
+    assert grpo.pick_token(logits, 1.0, 1.0, u).tolist() == [0, 0, 1, 1, 2, 3, 3]
+    zero_first = torch.tensor([[-math.inf, 0.0, 0.0, -math.inf]]).repeat(3, 1)  # probability 0 is never picked
+    assert grpo.pick_token(zero_first, 1.0, 1.0, torch.tensor([0.0, 0.5, 0.9999999])).tolist() == [1, 2, 2]
+
+
+def test_a_completion_does_not_depend_on_its_batch(tiny):
+    """The property that lets ranks split a step: each row's tokens come from its own uniforms."""
+    model, tokenizer = tiny
+    eos = grpo.stop_ids(model, tokenizer)
+    ids = torch.tensor([tokenizer("12+34=")["input_ids"]] * 6)
+    mask, u = torch.ones_like(ids), torch.rand(6, 16, generator=torch.Generator().manual_seed(3))
+    together = grpo.sample(model, ids, mask, 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
+    halves = [grpo.sample(model, ids[r], mask[r], 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u[r])
+              for r in (slice(0, 3), slice(3, 6))]
+    width = max(together.size(1), *(h.size(1) for h in halves))
+    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.size(1)), value=tokenizer.pad_token_id)  # noqa: E731
+    assert torch.equal(pad(together), torch.cat([pad(h) for h in halves]))
+    assert len({tuple(row) for row in together.tolist()}) > 1  # the rows really were sampled
 
 
 def batch_for_gradients(tokenizer, n=7):

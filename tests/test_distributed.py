@@ -1,0 +1,96 @@
+"""torchrun on CPU (gloo): 2 ranks must make the same updates as one process on the same global
+batch, with DDP and with FSDP, and leave one set of logs and checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+import grpo
+
+# every path the update takes: cold start, KL, reference sync, mu = 2, uneven micro-batches, and a
+# reward that varies with length so that every group has non-zero advantages
+ARGS = ["--max_steps=3", "--prompts_per_step=4", "--group_size=4", "--sft_steps=5", "--sft_batch_size=8",
+        "--eval_size=8", "--micro_batch_size=5", "--ref_sync_every=2", "--ref_sync_alpha=0.5", "--num_iterations=2",
+        "--save_every=2", "--lr=1e-3", "--rewards=overlong:1", "--overlong_buffer=16", "--log_samples_every=0"]
+
+
+def launch(args, ranks=1):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={ranks}"]
+    result = subprocess.run(launcher + [os.path.join(ROOT, "grpo.py"), *args], env=env, capture_output=True, text=True,
+                            timeout=600)  # a hang guard only
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result
+
+
+def run_outputs(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return load_file(os.path.join(run_dir, "model.safetensors")), rows
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("single") / "run")
+    launch(ARGS + [f"--out_dir={run_dir}"])
+    return run_dir
+
+
+def assert_same_run(reference_dir, run_dir):
+    reference_weights, reference_rows = run_outputs(reference_dir)
+    weights, rows = run_outputs(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for ours, theirs in zip(rows, reference_rows):
+        for key in ("reward_mean", "completion_len_mean", "zero_std_frac"):  # the same completions were sampled
+            assert ours[key] == theirs[key], key
+        for key in ("loss", "kl", "grad_norm", "entropy", "clip_low_frac"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), key
+    assert any(r["ref_synced"] for r in rows) and all(r["grad_norm"] > 0 and r["kl"] > 0 for r in rows)
+    assert weights.keys() == reference_weights.keys()
+    assert max((weights[k] - reference_weights[k]).abs().max().item() for k in weights) < 1e-4
+    start = load_file(os.path.join(run_dir, "cold_start", "model.safetensors"))
+    assert max((weights[k] - start[k]).abs().max().item() for k in weights) > 1e-3  # the updates were not empty
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_ranks_make_the_same_updates_as_one_process(tmp_path, one_process, sharding):
+    run_dir = str(tmp_path / "run")
+    result = launch(ARGS + [f"--out_dir={run_dir}", f"--sharding={sharding}"], ranks=2)
+    assert_same_run(one_process, run_dir)
+    # one set of logs and checkpoints, written by rank 0
+    assert result.stdout.count("---- summary") == 1 and result.stdout.count("config:") == 1
+    assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint")) == ["checkpoint-000002", "checkpoint-000003"]
+    assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        assert json.load(f)["ranks"] == 2
+    state = torch.load(os.path.join(run_dir, "checkpoint-000003", "trainer_state.pt"), weights_only=True)
+    assert "ref_model" in state and state["optimizer"]["state"]  # whole, not rank 0's shard
+
+
+def test_a_run_resumes_on_another_number_of_ranks_and_sharding(tmp_path, one_process):
+    run_dir = str(tmp_path / "run")
+    launch(ARGS + [f"--out_dir={run_dir}", "--max_steps=2"])
+    launch([f"--resume={run_dir}", "--max_steps=3", "--sharding=fsdp"], ranks=2)
+    assert_same_run(one_process, run_dir)
+
+
+def test_batch_sizes_must_divide_among_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(grpo.ConfigError, match="prompts_per_step: 8 does not divide among 3 ranks"):
+        grpo.parse_config([])
+    with pytest.raises(grpo.ConfigError, match="sft_batch_size: 32 does not divide among 3 ranks"):
+        grpo.parse_config(["--prompts_per_step=6"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert grpo.parse_config([]).prompts_per_step == 8
+
+
+def test_outside_torchrun_the_collectives_are_identities():
+    x = torch.arange(6.0).view(3, 2)
+    assert grpo.all_sum(x) is x and grpo.gather(x) is x and grpo.rank_and_world() == (0, 1)
