@@ -11,6 +11,7 @@ import difflib
 import inspect
 import json
 import os
+import sys
 import typing
 
 
@@ -101,8 +102,9 @@ def parse_args(cls, argv, saved_config_name):
 
 def help_text(cls):
     """Every field with its default and its comment, read from the dataclass's source."""
-    lines = ["usage: python grpo.py [--config FILE] [--key=value ...]", ""]
-    for line in inspect.getsource(cls).splitlines()[1:]:
+    lines = [f"usage: python {os.path.basename(sys.argv[0])} [--config FILE] [--key=value ...]", ""]
+    sources = [inspect.getsource(c).splitlines()[1:] for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c)]
+    for line in sum(sources, []):
         line = line.strip()
         if line.startswith("#"):
             lines.append(line)

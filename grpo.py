@@ -136,9 +136,9 @@ NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_l
                 "ref_sync_every", "overlong_buffer", "max_prompt_tokens", "eval_k")
 
 
-def parse_config(argv):
+def parse_config(argv, cls=Config):
     """defaults -> --config FILE -> --key=value (or --resume=DIR: that run's config), validated."""
-    cfg = parse_args(Config, argv, "train_config.json")
+    cfg = parse_args(cls, argv, "train_config.json")
     if cfg.resume:
         cfg.out_dir = cfg.resume
     if cfg.clip_eps_high is None:
@@ -437,6 +437,13 @@ def init_distributed(cfg):
     return device
 
 
+def autocast_factory(device, cfg):
+    """bf16 autocast (weights stay as loaded) where cfg.bf16 says, by default on CUDA only."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
+    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -552,6 +559,20 @@ def evaluate(model, tokenizer, examples, cfg, eos_ids, autocast):
     return dict(zip(names, totals.tolist()))
 
 
+def sft_loss(model, tokenizer, batch, cfg, eos_ids, autocast):
+    """-log pi(solution | prompt) per token: the mean over the completion tokens (EOS included) of
+    every rank's batch; prompt tokens carry no loss. batch: examples with "question" and
+    "solution". Returns (loss, number of completion tokens on all ranks)."""
+    prompt_ids, prompt_mask, _ = encode_prompts(tokenizer, batch, cfg, model.device)
+    completion_ids = encode_completions(tokenizer, [e["solution"] for e in batch], model.device)
+    ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
+    mask = completion_mask(completion_ids, eos_ids)
+    with autocast():
+        logp, _ = completion_logprobs(model, ids, attention, completion_ids.size(1))
+    tokens = all_sum(mask.sum())
+    return -(logp * mask).sum() / tokens, tokens
+
+
 def cold_start(model, tokenizer, examples, cfg, eos_ids, autocast, show):
     """DeepSeek-R1's phase 1: supervised fine-tuning on worked solutions, loss on completion
     tokens only (mean token negative log-likelihood). Under torchrun each rank takes its share of
@@ -561,13 +582,7 @@ def cold_start(model, tokenizer, examples, cfg, eos_ids, autocast, show):
     model.train()
     for step in range(cfg.sft_steps):
         batch = rng.sample(examples, min(cfg.sft_batch_size, len(examples)))[rank::world]
-        prompt_ids, prompt_mask, _ = encode_prompts(tokenizer, batch, cfg, model.device)
-        completion_ids = encode_completions(tokenizer, [e["solution"] for e in batch], model.device)
-        ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
-        mask = completion_mask(completion_ids, eos_ids)
-        with autocast():
-            logp, _ = completion_logprobs(model, ids, attention, completion_ids.size(1))
-        loss = -(logp * mask).sum() / all_sum(mask.sum())
+        loss, _ = sft_loss(model, tokenizer, batch, cfg, eos_ids, autocast)
         optimizer.zero_grad(set_to_none=True)
         (loss * world).backward()  # DDP and FSDP average gradients over ranks; the loss is already a global mean
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -798,9 +813,7 @@ def train(cfg):
     rank, world = rank_and_world()
     main_rank = rank == 0  # prints, logs and saves
     say = print if main_rank else (lambda *args, **kwargs: None)
-    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    autocast = autocast_factory(device, cfg)
     train_set, test_set = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)
     reward_spec = R.parse_reward_spec(cfg.rewards)
     weights = torch.tensor([w for _, w in reward_spec])
@@ -941,10 +954,11 @@ def train(cfg):
             t3 = time.perf_counter()
 
             # 5. log, evaluate, checkpoint: one all-reduce brings every rank's sums to all (and to the host)
-            counts = [loss_mask.sum(), mask.sum(), torch.tensor(failures), torch.tensor(prompts_cut)]
+            counts = [loss_mask.sum(), mask.sum(), torch.tensor(failures), torch.tensor(prompts_cut),
+                      torch.tensor(sum(map(R.reflects, texts)))]
             totals = all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device)
                                           for v in [*sums.values(), *counts]])).tolist()
-            sums, (loss_tokens, tokens, failures, prompts_cut) = dict(zip(sums, totals)), totals[len(sums):]
+            sums, (loss_tokens, tokens, failures, prompts_cut, reflecting) = dict(zip(sums, totals)), totals[len(sums):]
             lengths, truncated = gather(lengths.float()), gather(truncated.float())
             per_token = max(1.0, loss_tokens) * max(1, updates)
             row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / max(1, updates),
@@ -952,7 +966,7 @@ def train(cfg):
                    **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
                    "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
                    "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
-                   "truncated_frac": truncated.mean().item(),
+                   "truncated_frac": truncated.mean().item(), "reflection_frac": reflecting / len(rewards),
                    "kl": sums["kl"] / per_token if ref_model is not None else None,
                    "clip_low_frac": sums["clip_low"] / per_token, "clip_high_frac": sums["clip_high"] / per_token,
                    "entropy": sums["entropy"] / per_token, "grad_norm": float(grad_norm), "reward_errors": int(failures),

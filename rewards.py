@@ -167,6 +167,22 @@ def overlong_reward(completion, example):
     return ((limit - buffer) - length) / buffer
 
 
+# ----------------------------------------------------------------------------
+# not a reward: a measure of R1's reported "aha" behaviour, logged per step
+
+# phrases with which a model re-examines its own reasoning (R1 paper: "wait, wait. that's an aha moment")
+REFLECTION = re.compile(r"\b(wait|hmm|let me (re-?check|check|verify|double-check|re-?evaluate|reconsider)|"
+                        r"double-check|re-?check|on second thought|alternatively|i made a mistake|that's not right)\b",
+                        re.IGNORECASE)
+
+
+def reflects(completion):
+    """True when the reasoning (<think>, else the whole completion) contains a reflection marker."""
+    text = completion[:MAX_TEXT]
+    think = re.search(r"<think>(.*?)(?:</think>|$)", text, re.DOTALL)
+    return bool(REFLECTION.search(think.group(1) if think else text))
+
+
 REWARDS = {
     "format": format_reward,
     "accuracy": accuracy_reward,

@@ -17,7 +17,7 @@ FAST = ["--sft_steps=60", "--eval_size=16", "--prompts_per_step=4", "--group_siz
 TIMINGS = {"t_sample", "t_logprobs", "t_update", "tokens_per_sec"}
 ROW_KEYS = {"step", "lr", "loss", "reward_mean", "reward_std", "reward_accuracy", "reward_format", "accuracy",
             "zero_std_frac", "completion_len_mean", "completion_len_max", "truncated_frac", "kl", "clip_low_frac",
-            "clip_high_frac", "entropy", "grad_norm", "reward_errors", "ref_synced"} | TIMINGS
+            "clip_high_frac", "entropy", "grad_norm", "reward_errors", "ref_synced", "reflection_frac"} | TIMINGS
 
 
 def metrics(run_dir):

@@ -1,0 +1,293 @@
+"""
+r1.py: the rest of DeepSeek-R1's pipeline around grpo.py: supervised fine-tuning, rejection
+sampling, distillation, and a recipe that walks the tiny model through R1-Zero and R1.
+
+DeepSeek-R1 (arXiv 2501.12948) is trained in four phases: (1) a cold-start SFT on a few thousand
+long chains of thought, (2) reasoning RL with GRPO (accuracy, format and language-consistency
+rewards), (3) rejection sampling from that checkpoint, keeping correct and readable answers, and
+SFT of the base model on them, (4) RL again. R1-Zero is phase 2 alone, from the base model. Small
+models are distilled: SFT on the big model's samples. Every phase here reuses grpo.py's sampling,
+log-prob and reward functions; GRPO itself (phases 2 and 4) is grpo.py.
+
+Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra ones):
+  python r1.py sft --model=M --data_path=pairs.jsonl --out_dir=runs/sft   # SFT on {"prompt", "completion"} rows
+  python r1.py sample --model=runs/rl --task=gsm8k --data_path=train.jsonl --output=kept.jsonl --samples=8
+  python r1.py sft --model=STUDENT --data_path=kept.jsonl --out_dir=runs/student    # distillation, step 2
+  python r1.py recipe                  # CPU, about 6 minutes: R1-Zero and R1 on the tiny model, accuracy per phase
+"""
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data
+import grpo
+import rewards as R
+from configurator import ConfigError
+
+
+@dataclass
+class R1Config(grpo.Config):
+    # rejection sampling (R1 phase 3) and distillation
+    output: str = ""               # sample: JSONL of kept completions, rows {"prompt", "completion", "answer", "source"}
+    samples: int = 8               # sample: completions per prompt
+    sample_prompts: int = 0        # sample: prompts from the task's training split; 0 = all
+    keep_rewards: str = "accuracy,format,language"  # sample: rewards a completion must score in full (R1: rule-based)
+    max_repeats: int = 3           # sample: most times any 8-token span may recur (repetition loops); 0 = no check
+
+
+# ----------------------------------------------------------------------------
+# SFT on (prompt, completion) pairs: R1's cold start and phase-3 fine-tune, and distillation
+
+
+def load_pairs(path, prefill=""):
+    """Rows {"prompt", "completion"} of a JSONL file as examples for grpo.sft_loss: the prompt is
+    the question (rendered with the student's own template, so one file serves any tokenizer) and a
+    completion that starts with the student's prefill loses it (the prompt ends with it)."""
+    examples = []
+    for lineno, row in data.read_jsonl(path):
+        question, completion = (data.require_text(row, key, path, lineno) for key in ("prompt", "completion"))
+        if prefill and completion.startswith(prefill):
+            completion = completion[len(prefill):]
+        examples.append(dict(row, question=question, solution=completion, source=f"{path}:{lineno}"))
+    if not examples:
+        raise data.DataError(f"{path}: no rows")
+    return examples
+
+
+def held_out(cfg):
+    """The task's held-out questions that an SFT run is evaluated on (a file task: eval_data_path's)."""
+    if not cfg.eval_size or (cfg.task in ("gsm8k", "jsonl") and not cfg.eval_data_path):
+        return []
+    return data.load_task(cfg.task, cfg.seed, cfg.eval_data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)[1][:cfg.eval_size]
+
+
+def sft(cfg):
+    """Fine-tune cfg.model on cfg.data_path's pairs for sft_steps batches of sft_batch_size (lr
+    sft_lr, warmup then cosine), loss on completion tokens only; held-out accuracy of cfg.task
+    before and after; checkpoints and metrics.jsonl as grpo.py writes them."""
+    device = grpo.init_distributed(cfg)
+    pairs, test_set = load_pairs(cfg.data_path, cfg.prefill), held_out(cfg)
+    if os.path.exists(os.path.join(cfg.out_dir, "latest")):
+        raise ConfigError(f"out_dir: {cfg.out_dir} already holds a run; start anew in another --out_dir")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    grpo.write_atomic(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    path = data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
+    model, tokenizer = grpo.load_model(path, device, cfg.dtype, cfg.attn_implementation)
+    cfg = grpo.resolve_prompt_limit(cfg, model, tokenizer, pairs[:1])
+    eos_ids, autocast = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg)
+    before = grpo.evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if test_set else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: grpo.lr_factor(s, cfg.warmup_steps, cfg.sft_steps, cfg.min_lr_ratio))
+    metrics_path, show = os.path.join(cfg.out_dir, "metrics.jsonl"), grpo.Progress("sft")
+    grpo.write_atomic(metrics_path, "")
+    model.train()
+    for step in range(cfg.sft_steps):
+        batch = grpo.step_examples(pairs, step, cfg.sft_batch_size, cfg.seed)
+        loss, tokens = grpo.sft_loss(model, tokenizer, batch, cfg, eos_ids, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens)}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        show(step + 1, cfg.sft_steps, f"loss {row['loss']:.3f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.sft_steps:
+            state = {"step": step + 1, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}
+            grpo.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints)
+    after = grpo.evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if test_set else {}
+    summary = {"pairs": len(pairs), "steps": cfg.sft_steps, "accuracy_before": before.get("accuracy"),
+               "accuracy_after": after.get("accuracy"), "format_before": before.get("format"),
+               "format_after": after.get("format"), "run_dir": os.path.abspath(cfg.out_dir)}
+    grpo.write_atomic(os.path.join(cfg.out_dir, "summary.json"), json.dumps(summary, indent=1))
+    if after:
+        print(f"sft on {len(pairs)} pairs: held-out accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%}, "
+              f"format {before['format']:.1%} -> {after['format']:.1%}")
+    return summary
+
+
+# ----------------------------------------------------------------------------
+# rejection sampling: sample k per prompt, keep what passes the rules, drop repeats
+
+
+def longest_repeat(text, span=8):
+    """How often the most frequent run of `span` tokens (words, numbers, single symbols) occurs:
+    a repetition loop makes this large, normal reasoning keeps it near 1."""
+    tokens = re.findall(r"\w+|[^\w\s]", text.lower())
+    runs = collections.Counter(tuple(tokens[i:i + span]) for i in range(len(tokens) - span + 1))
+    return max(runs.values(), default=0)
+
+
+def verdict(text, example, truncated, cfg, seen):
+    """Why a completion is rejected ("truncated", "repetition", "duplicate", or the first reward in
+    keep_rewards it does not score in full), or "kept". `seen` holds the prompt's kept texts."""
+    if truncated:  # bounded length: it must end within max_new_tokens
+        return "truncated"
+    if cfg.max_repeats and longest_repeat(text) > cfg.max_repeats:
+        return "repetition"
+    context = dict(example, language=cfg.language)
+    for name in filter(None, cfg.keep_rewards.split(",")):
+        if R.safe_reward(R.REWARDS[name], text, context)[0] < 1:
+            return name
+    normalised = " ".join(text.split())
+    if normalised in seen:
+        return "duplicate"
+    seen.add(normalised)
+    return "kept"
+
+
+def rejection_sample(cfg):
+    """Sample cfg.samples completions for each training prompt from cfg.model, keep those that
+    pass `verdict`, write them to cfg.output (a JSONL the sft mode reads) and a per-prompt report
+    beside it (OUTPUT.report.jsonl: kept / total and why the rest were rejected)."""
+    device = grpo.init_distributed(cfg)
+    prompts = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)[0]
+    prompts = prompts[:cfg.sample_prompts or None]
+    model, tokenizer = grpo.load_model(cfg.model, device, cfg.dtype, cfg.attn_implementation)
+    cfg = grpo.resolve_prompt_limit(cfg, model.eval(), tokenizer, prompts)
+    eos_ids, autocast, k = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg), cfg.samples
+    kept, report, reasons, show = [], [], collections.Counter(), grpo.Progress("sample")
+    per_batch = max(1, cfg.eval_batch_size // k)
+    for start in range(0, len(prompts), per_batch):
+        chunk = prompts[start:start + per_batch]
+        ids, mask, _ = grpo.encode_prompts(tokenizer, chunk, cfg, device)
+        with autocast():
+            out = grpo.sample(model, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), cfg.max_new_tokens,
+                              eos_ids, tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
+        truncated = ~torch.isin(out, eos_ids).any(1)
+        texts = grpo.decode(tokenizer, out, cfg.prefill)
+        for j, example in enumerate(chunk):
+            seen, why = set(), collections.Counter()
+            for i in range(j * k, (j + 1) * k):
+                outcome = verdict(texts[i], example, bool(truncated[i]), cfg, seen)
+                why[outcome] += 1
+                if outcome == "kept":
+                    kept.append({"prompt": example["question"], "completion": texts[i], "answer": example["answer"],
+                                 "source": example.get("source", f"{cfg.task}:{start + j}")})
+            reasons.update(why)
+            report.append({"prompt": example["question"], "kept": why["kept"], "total": k, "rejected": {k: v for k, v in why.items() if k != "kept"}})
+        show(min(start + per_batch, len(prompts)), len(prompts), f"kept {len(kept)}/{(start + len(chunk)) * k}")
+    grpo.write_atomic(cfg.output, "".join(json.dumps(row) + "\n" for row in kept))
+    grpo.write_atomic(cfg.output + ".report.jsonl", "".join(json.dumps(row) + "\n" for row in report))
+    total = len(prompts) * k
+    covered = sum(r["kept"] > 0 for r in report)
+    print(f"kept {len(kept)}/{total} completions ({len(kept) / max(1, total):.1%}); prompts with at least one kept: "
+          f"{covered}/{len(prompts)}; rejected: " + (", ".join(f"{n} {why}" for why, n in reasons.most_common() if why != "kept") or "none"))
+    print(f"wrote {cfg.output} (for `r1.py sft --data_path={cfg.output}`) and {cfg.output}.report.jsonl (kept/total per prompt)")
+    return {"kept": len(kept), "total": total, "prompts_covered": covered, "reasons": dict(reasons)}
+
+
+# ----------------------------------------------------------------------------
+# the recipe: R1-Zero and R1 in miniature, on the arithmetic task
+
+
+def recipe(cfg, scale=1.0):
+    """Walk the tiny model through R1-Zero (RL straight from a base model) and R1 (cold start ->
+    RL -> rejection sampling + SFT -> RL), then distill the result into a student with another
+    architecture and tokenizer, printing held-out greedy accuracy and format after each phase.
+    `scale` shortens every phase (the tests run it at a few percent)."""
+    root = cfg.out_dir
+    if os.path.isdir(root) and os.listdir(root):
+        raise ConfigError(f"out_dir: {root} is not empty; give the recipe a new --out_dir")
+    steps = lambda n: max(2, round(n * scale))  # noqa: E731
+    base = dataclasses.replace(cfg, task="arithmetic", template="plain", prefill="", log_samples_every=0,
+                               save_every=10**6, keep_checkpoints=1, eval_size=max(8, round(200 * min(1.0, 4 * scale))))
+    train_set = data.load_task("arithmetic", cfg.seed, eval_size=base.eval_size, digits=base.digits)[0]
+    results, started = [], time.time()
+
+    def phase(name, summary, before=False):
+        key = "before" if before else "after"
+        results.append({"phase": name, "accuracy": summary[f"accuracy_{key}"], "format": summary[f"format_{key}"]})
+        print(f"\n==== {name}: held-out accuracy {results[-1]['accuracy']:.1%}, format {results[-1]['format']:.1%}\n")
+
+    def pairs_file(name, rows):
+        path = os.path.join(root, name)
+        grpo.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+        return path
+
+    def run_sft(name, model, pairs, n_steps, **changes):
+        return sft(dataclasses.replace(base, model=model, data_path=pairs, out_dir=os.path.join(root, name),
+                                       sft_steps=steps(n_steps), warmup_steps=0, **changes))
+
+    def run_rl(name, model, n_steps):  # lr 1e-4: at the demo's 3e-4 these models' KL reached ~1 in 15 steps and collapsed
+        return grpo.train(dataclasses.replace(base, model=model, out_dir=os.path.join(root, name), sft_steps=0,
+                                              max_steps=steps(n_steps), lr=1e-4))
+
+    os.makedirs(root, exist_ok=True)
+    # 0. a "base model": pretrained on worked sums in plain text, it has never seen the think/answer tags
+    plain = [{"prompt": e["question"], "completion": re.sub(r"<think>(.*)</think><answer>(.*)</answer>", r"\1 so \2",
+                                                            e["solution"])} for e in train_set[:2000]]
+    phase("base model (pretrained on 2000 sums worked in plain text)",
+          run_sft("base", "tiny", pairs_file("plain_sums.jsonl", plain), 200, sft_lr=1e-3))
+    base_model = os.path.join(root, "base")
+    # R1-Zero: GRPO from the base model, accuracy + format rewards, no SFT
+    phase("R1-Zero: GRPO from the base model", run_rl("r1_zero", base_model, 300))
+    # R1 phase 1: cold start on a few worked solutions in the think/answer format
+    worked = pairs_file("cold_start.jsonl", [{"prompt": e["question"], "completion": e["solution"]} for e in train_set[:100]])
+    phase("R1 1. cold start (SFT on 100 worked solutions)", run_sft("r1_cold_start", base_model, worked, 100))
+    # phase 2: reasoning RL
+    phase("R1 2. reasoning RL (GRPO)", run_rl("r1_rl", os.path.join(root, "r1_cold_start"), 300))
+    # phase 3: rejection sampling from the RL model, then SFT of the base model on what was kept
+    kept = os.path.join(root, "rejection_sampled.jsonl")
+    counts = rejection_sample(dataclasses.replace(base, model=os.path.join(root, "r1_rl"), output=kept, samples=4,
+                                                  sample_prompts=steps(800), temperature=1.0, eval_batch_size=256))
+    phase(f"R1 3. rejection sampling ({counts['kept']}/{counts['total']} kept) + SFT of the base model",
+          run_sft("r1_sft", base_model, kept, 300))
+    # phase 4: RL again
+    phase("R1 4. final RL (GRPO)", run_rl("r1_final", os.path.join(root, "r1_sft"), 200))
+    # distillation: the R1 model's kept samples, as text, fine-tune a Qwen2-shaped student with a chat template
+    teacher_kept = os.path.join(root, "distill.jsonl")
+    rejection_sample(dataclasses.replace(base, model=os.path.join(root, "r1_final"), output=teacher_kept, samples=2,
+                                         sample_prompts=steps(1500), eval_batch_size=256))
+    student = data.build_tiny_model(os.path.join(root, "student_init"), cfg.seed + 1, arch="qwen2", chat=True)
+    phase("distilled student (Qwen2 shape, chat template, own tokenizer)",
+          run_sft("student", student, teacher_kept, 400, template="chat", system_prompt="", sft_lr=1e-3))
+    grpo.write_atomic(os.path.join(root, "recipe.json"), json.dumps(results, indent=1))
+    print("\n---- recipe: held-out greedy accuracy after each phase")
+    for r in results:
+        print(f"  {r['phase']:<70} accuracy {r['accuracy']:6.1%}  format {r['format']:6.1%}")
+    print(f"wall time {time.time() - started:.0f}s; every phase's run directory, metrics and summary under {root}")
+    return results
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv):
+    modes = {"sft": sft, "sample": rejection_sample, "recipe": recipe}
+    if not argv or argv[0] not in modes:
+        print(f"usage: python r1.py {{{','.join(modes)}}} [--config FILE] [--key=value ...]   (see the docstring)",
+              file=sys.stderr)
+        return 2
+    mode, argv = argv[0], argv[1:]
+    try:
+        cfg = grpo.parse_config(argv, R1Config)
+        if mode == "recipe" and not any(a.startswith("--out_dir") for a in argv):
+            cfg.out_dir = "runs/r1_recipe"
+        if mode == "sft" and not cfg.data_path.endswith(".jsonl"):
+            raise ConfigError("data_path: the sft mode needs a JSONL file of {\"prompt\", \"completion\"} rows")
+        if mode == "sample" and not cfg.output:
+            raise ConfigError("output: the sample mode needs a file to write the kept completions to")
+        for name in filter(None, cfg.keep_rewards.split(",")):
+            if name not in R.REWARDS:
+                raise ConfigError(f"keep_rewards: unknown reward {name!r} (known: {', '.join(R.REWARDS)})")
+        modes[mode](cfg)
+    except (ConfigError, data.DataError) as err:
+        print(f"r1.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
