@@ -14,11 +14,15 @@ Where it departs from or extends the paper (each one a flag, paper default first
   - clip_eps_high                     DAPO's clip-higher (arXiv 2503.14476) when > clip_eps_low
   - mask_truncated, drop_zero_std_groups, the overlong reward: DAPO's other three changes
   - log-probs are taken at the sampling temperature, so the ratio compares the sampled policy
-  - sft_steps: a short cold-start SFT on worked solutions before RL (DeepSeek-R1's phase 1)
+  - sft_steps: a short cold-start SFT on worked solutions before RL (DeepSeek-R1's phase 1);
+    R1's other phases (SFT on pairs, rejection sampling, distillation) are in r1.py
+  - sampling draws one uniform per token and completion and inverts the CDF, so that a
+    completion is the same on 1 or N ranks (torchrun: groups are split across ranks)
 
 Commands:
   python grpo.py                                   # offline CPU demo: tiny model, SFT, GRPO, before/after
   python grpo.py --config configs/gsm8k_qwen.py    # one GPU (bf16 autocast + torch.compile on CUDA)
+  torchrun --nproc_per_node=8 grpo.py --config configs/gsm8k_qwen.py   # 8 GPUs, DDP (--sharding=fsdp shards)
   python grpo.py --config configs/NAME.py --max_steps=100 --lr=1e-6   # overrides follow the file
   python grpo.py --resume=runs/default             # continue from the latest checkpoint
   python grpo.py --config configs/gsm8k_qwen.py --model=runs/gsm8k_qwen --eval_only=True --eval_k=8
@@ -372,20 +376,22 @@ def pick_token(logits, temperature, top_p, uniform):
 def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0):
     """log pi(o_t | q, o_<t) / temperature-scaled, for the last num_completion tokens of
     input_ids [B, L] (left-padded prompt + completion) -> logp [B, C] and entropy [B, C]
-    (detached). Logits exist only at completion positions, and log-softmax is taken one row at a
-    time, so the full-vocabulary log-probs of the whole batch are never held at once."""
+    (detached). Logits exist only at completion positions, and log-softmax is taken a block of
+    rows at a time (at most 2^24 logits: one row of a large vocabulary, a whole batch of a small
+    one), so the full-vocabulary log-probs of a large batch are never held at once."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                    use_cache=False, logits_to_keep=num_completion + 1).logits[:, :-1]
     targets = input_ids[:, -num_completion:]
     logps, entropies = [], []
-    for row_logits, row_targets in zip(logits, targets):
-        row_logits = row_logits.float() / temperature
-        lse = torch.logsumexp(row_logits, -1)
-        logps.append(row_logits.gather(-1, row_targets[:, None]).squeeze(-1) - lse)
+    rows = max(1, (1 << 24) // (num_completion * logits.size(-1)))
+    for block, block_targets in zip(logits.split(rows), targets.split(rows)):
+        block = block.float() / temperature
+        lse = torch.logsumexp(block, -1)
+        logps.append(block.gather(-1, block_targets[..., None]).squeeze(-1) - lse)
         with torch.no_grad():
-            entropies.append(lse - (torch.softmax(row_logits, -1) * row_logits).sum(-1))
-    return torch.stack(logps), torch.stack(entropies)
+            entropies.append(lse - (torch.softmax(block, -1) * block).sum(-1))
+    return torch.cat(logps), torch.cat(entropies)
 
 
 def prompt_token_ids(tokenizer, examples, cfg):

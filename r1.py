@@ -140,7 +140,7 @@ def verdict(text, example, truncated, cfg, seen):
     for name in filter(None, cfg.keep_rewards.split(",")):
         if R.safe_reward(R.REWARDS[name], text, context)[0] < 1:
             return name
-    normalised = " ".join(text.split())
+    normalised = "".join(text.split())
     if normalised in seen:
         return "duplicate"
     seen.add(normalised)
@@ -242,6 +242,8 @@ def recipe(cfg, scale=1.0):
     kept = os.path.join(root, "rejection_sampled.jsonl")
     counts = rejection_sample(dataclasses.replace(base, model=os.path.join(root, "r1_rl"), output=kept, samples=4,
                                                   sample_prompts=steps(800), temperature=1.0, eval_batch_size=256))
+    if not counts["kept"]:
+        raise ConfigError("recipe: rejection sampling kept no completion: the RL model learned too little to continue")
     phase(f"R1 3. rejection sampling ({counts['kept']}/{counts['total']} kept) + SFT of the base model",
           run_sft("r1_sft", base_model, kept, 300))
     # phase 4: RL again

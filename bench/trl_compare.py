@@ -14,9 +14,10 @@ ratios grpo.py / TRL.
   python bench/trl_compare.py --sizes=small --rounds=3 --steps=30
   python bench/trl_compare.py --scaling        # grpo.py alone: step time against G, length and model size
 
-Sizes: small = the ~1M-parameter demo model, cold-started (150 SFT steps) so the reward moves,
-32-token completions; medium = a ~27M-parameter Llama of the same tokenizer, random weights,
-128-token completions (speed only: it reaches the length cap, as every completion must then).
+Sizes: small = the ~1M-parameter demo model after 200 SFT steps on bare sums ("47+38" -> "85"),
+so that completions are ~4 tokens and the accuracy reward moves (cap 8 tokens); medium = a
+~27M-parameter Llama with the same tokenizer and random weights, 128-token completions (speed
+only: it runs to the length cap, as every completion then does).
 """
 import argparse
 import json
@@ -45,12 +46,13 @@ SHARED = dict(
     precision="float32",       # TRL default bf16=True on GPU; CPU: fp32 in both
     gradient_checkpointing=False,  # TRL default True
 )
-SIZES = {"small": dict(max_new_tokens=32, hidden=None), "medium": dict(max_new_tokens=128, hidden=512)}
+SIZES = {"small": dict(max_new_tokens=8, overrides={}),
+         "medium": dict(max_new_tokens=128, overrides={"prompts_per_step": 4})}  # 32 completions: minutes, not hours
 
 
 def prepare_models(workdir):
-    """The small model: the demo's tiny Llama after the demo's cold start; the medium one: 8
-    layers of width 512 with the same tokenizer, random weights."""
+    """The small model: the demo's tiny Llama taught bare sums; the medium one: 8 layers of width
+    512 with the same tokenizer, random weights."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -59,10 +61,10 @@ def prepare_models(workdir):
     small, medium = os.path.join(workdir, "small"), os.path.join(workdir, "medium")
     if not os.path.isdir(small):
         train = data.load_task("arithmetic", 0)[0]
-        pairs = os.path.join(workdir, "worked.jsonl")
+        pairs = os.path.join(workdir, "bare_sums.jsonl")
         with open(pairs, "w") as f:
-            f.writelines(json.dumps({"prompt": e["question"], "completion": e["solution"]}) + "\n" for e in train[:500])
-        r1.sft(r1.R1Config(model="tiny", data_path=pairs, out_dir=small, sft_steps=150, sft_lr=1e-3, warmup_steps=0,
+            f.writelines(json.dumps({"prompt": e["question"], "completion": e["answer"]}) + "\n" for e in train[:2000])
+        r1.sft(r1.R1Config(model="tiny", data_path=pairs, out_dir=small, sft_steps=200, sft_lr=1e-3, warmup_steps=0,
                            eval_size=0, save_every=10**6))
     if not os.path.isdir(medium):
         tokenizer = AutoTokenizer.from_pretrained(small)
@@ -203,16 +205,17 @@ def compare(args, models):
           "use_vllm=False, lr_scheduler_type=constant, warmup 0; grpo.py: warmup_steps=0, min_lr_ratio=1.0, compile=False")
     table = []
     for size in args.sizes.split(","):
-        length, runs = SIZES[size]["max_new_tokens"], {"grpo": [], "trl": []}
+        length, overrides, runs = SIZES[size]["max_new_tokens"], SIZES[size]["overrides"], {"grpo": [], "trl": []}
         steps = args.steps or (30 if size == "small" else 4)
         for round_ in range(args.rounds):
             for kind in (("grpo", "trl") if round_ % 2 == 0 else ("trl", "grpo")):  # alternate who goes first
-                runs[kind].append(launch(kind, models[size], steps, length))
+                runs[kind].append(launch(kind, models[size], steps, length, overrides))
                 print(f"  {size} round {round_ + 1} {kind}: median step "
                       f"{statistics.median(r['step_time'] for r in runs[kind][-1]['rows'][1:]):.3f}s, "
                       f"peak {runs[kind][-1]['peak_mib']:.0f} MiB", flush=True)
         ours, theirs = summarise(runs["grpo"]), summarise(runs["trl"])
-        table.append((size, steps, length, ours, theirs))
+        table.append((f"{size}, {dict(SHARED, **overrides)['prompts_per_step']}x{SHARED['group_size']}", steps, length,
+                      ours, theirs))
     print("\n| size | metric | grpo.py | TRL | grpo.py / TRL |\n|---|---|---|---|---|")
     for size, steps, length, ours, theirs in table:
         for key, label in [("step_time", "s per step (median)"), ("sample", "  sampling s"),

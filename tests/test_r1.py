@@ -54,7 +54,7 @@ def test_load_pairs_strips_the_prefill_and_names_bad_lines(tmp_path):
     assert r1.load_pairs(path)[0]["solution"].startswith("<think>")
     assert r1.load_pairs(path, prefill="<think>")[0]["solution"] == "1+1=2</think><answer>2</answer>"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1", "completion": "2"}, {"prompt": "2+2"}])
-    with pytest.raises(data.DataError, match="bad.jsonl:2: missing field 'completion'"):
+    with pytest.raises(data.DataError, match="bad.jsonl:2: missing or empty string field 'completion'"):
         r1.load_pairs(bad)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(data.DataError, match="no rows"):
@@ -84,7 +84,7 @@ def test_sft_mode_learns_and_writes_a_run(tmp_path):
 def test_longest_repeat():
     assert r1.longest_repeat("one two three") == 0                   # shorter than a span
     assert r1.longest_repeat("a b c d e f g h") == 1
-    assert r1.longest_repeat("wait, let me check. " * 6) == 4        # 6 tokens a round: 8-spans recur every round
+    assert r1.longest_repeat("wait, let me check. " * 6) == 5  # 36 tokens, period 6: spans at 0, 6, 12, 18, 24
 
 
 @pytest.mark.parametrize("text, truncated, expected", [
@@ -159,7 +159,10 @@ def test_r1_command_line_errors(tmp_path, capsys):
     assert "--samples=8" in shown and "--group_size=8" in shown  # its own flags and grpo.py's
 
 
-def test_the_recipe_walks_every_phase(tmp_path, capsys):
+def test_the_recipe_walks_every_phase(tmp_path, capsys, monkeypatch):
+    """The wiring of the phases at 1 % of their length; the models learn too little in that to
+    pass the filters, so every sample is kept here (the filters have their own tests)."""
+    monkeypatch.setattr(r1, "verdict", lambda *args: "kept")
     cfg = grpo.parse_config([f"--out_dir={tmp_path / 'recipe'}"], r1.R1Config)
     results = r1.recipe(cfg, scale=0.01)
     prefixes = ["base model", "R1-Zero", "R1 1. cold start", "R1 2. reasoning RL", "R1 3. rejection sampling",
