@@ -81,7 +81,7 @@ def sft(cfg):
     grpo.write_atomic(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     path = data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
     model, tokenizer = grpo.load_model(path, device, cfg.dtype, cfg.attn_implementation)
-    cfg = grpo.resolve_prompt_limit(cfg, model, tokenizer, pairs[:1])
+    cfg = grpo.resolve_prompt_limit(cfg, model, tokenizer, pairs)
     eos_ids, autocast = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg)
     before = grpo.evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if test_set else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
@@ -97,7 +97,8 @@ def sft(cfg):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if math.isfinite(grad_norm):  # a non-finite step leaves weights and Adam as they were
+            optimizer.step()
         scheduler.step()
         row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens)}
         with open(metrics_path, "a") as f:
@@ -274,6 +275,8 @@ def main(argv):
         return 2
     mode, argv = argv[0], argv[1:]
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("r1.py runs in one process; torchrun is for grpo.py")
         cfg = grpo.parse_config(argv, R1Config)
         if mode == "recipe" and not any(a.startswith("--out_dir") for a in argv):
             cfg.out_dir = "runs/r1_recipe"
