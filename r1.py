@@ -30,6 +30,7 @@ import torch
 import data
 import grpo
 import rewards as R
+import runs
 from configurator import ConfigError
 
 
@@ -73,12 +74,12 @@ def sft(cfg):
     """Fine-tune cfg.model on cfg.data_path's pairs for sft_steps batches of sft_batch_size (lr
     sft_lr, warmup then cosine), loss on completion tokens only; held-out accuracy of cfg.task
     before and after; checkpoints and metrics.jsonl as grpo.py writes them."""
-    device = grpo.init_distributed(cfg)
+    device = runs.init_distributed(cfg)
     pairs, test_set = load_pairs(cfg.data_path, cfg.prefill), held_out(cfg)
     if os.path.exists(os.path.join(cfg.out_dir, "latest")):
         raise ConfigError(f"out_dir: {cfg.out_dir} already holds a run; start anew in another --out_dir")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    grpo.write_atomic(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    runs.write_atomic(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     path = data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
     model, tokenizer = grpo.load_model(path, device, cfg.dtype, cfg.attn_implementation)
     cfg = grpo.resolve_prompt_limit(cfg, model, tokenizer, pairs)
@@ -87,8 +88,8 @@ def sft(cfg):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: grpo.lr_factor(s, cfg.warmup_steps, cfg.sft_steps, cfg.min_lr_ratio))
-    metrics_path, show = os.path.join(cfg.out_dir, "metrics.jsonl"), grpo.Progress("sft")
-    grpo.write_atomic(metrics_path, "")
+    metrics_path, show = os.path.join(cfg.out_dir, "metrics.jsonl"), runs.Progress("sft")
+    runs.write_atomic(metrics_path, "")
     model.train()
     for step in range(cfg.sft_steps):
         batch = grpo.step_examples(pairs, step, cfg.sft_batch_size, cfg.seed)
@@ -106,12 +107,12 @@ def sft(cfg):
         show(step + 1, cfg.sft_steps, f"loss {row['loss']:.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.sft_steps:
             state = {"step": step + 1, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}
-            grpo.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints)
+            runs.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints)
     after = grpo.evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if test_set else {}
     summary = {"pairs": len(pairs), "steps": cfg.sft_steps, "accuracy_before": before.get("accuracy"),
                "accuracy_after": after.get("accuracy"), "format_before": before.get("format"),
                "format_after": after.get("format"), "run_dir": os.path.abspath(cfg.out_dir)}
-    grpo.write_atomic(os.path.join(cfg.out_dir, "summary.json"), json.dumps(summary, indent=1))
+    runs.write_atomic(os.path.join(cfg.out_dir, "summary.json"), json.dumps(summary, indent=1))
     if after:
         print(f"sft on {len(pairs)} pairs: held-out accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%}, "
               f"format {before['format']:.1%} -> {after['format']:.1%}")
@@ -152,13 +153,13 @@ def rejection_sample(cfg):
     """Sample cfg.samples completions for each training prompt from cfg.model, keep those that
     pass `verdict`, write them to cfg.output (a JSONL the sft mode reads) and a per-prompt report
     beside it (OUTPUT.report.jsonl: kept / total and why the rest were rejected)."""
-    device = grpo.init_distributed(cfg)
+    device = runs.init_distributed(cfg)
     prompts = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)[0]
     prompts = prompts[:cfg.sample_prompts or None]
     model, tokenizer = grpo.load_model(cfg.model, device, cfg.dtype, cfg.attn_implementation)
     cfg = grpo.resolve_prompt_limit(cfg, model.eval(), tokenizer, prompts)
     eos_ids, autocast, k = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg), cfg.samples
-    kept, report, reasons, show = [], [], collections.Counter(), grpo.Progress("sample")
+    kept, report, reasons, show = [], [], collections.Counter(), runs.Progress("sample")
     per_batch = max(1, cfg.eval_batch_size // k)
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start:start + per_batch]
@@ -179,8 +180,8 @@ def rejection_sample(cfg):
             reasons.update(why)
             report.append({"prompt": example["question"], "kept": why["kept"], "total": k, "rejected": {k: v for k, v in why.items() if k != "kept"}})
         show(min(start + per_batch, len(prompts)), len(prompts), f"kept {len(kept)}/{(start + len(chunk)) * k}")
-    grpo.write_atomic(cfg.output, "".join(json.dumps(row) + "\n" for row in kept))
-    grpo.write_atomic(cfg.output + ".report.jsonl", "".join(json.dumps(row) + "\n" for row in report))
+    runs.write_atomic(cfg.output, "".join(json.dumps(row) + "\n" for row in kept))
+    runs.write_atomic(cfg.output + ".report.jsonl", "".join(json.dumps(row) + "\n" for row in report))
     total = len(prompts) * k
     covered = sum(r["kept"] > 0 for r in report)
     print(f"kept {len(kept)}/{total} completions ({len(kept) / max(1, total):.1%}); prompts with at least one kept: "
@@ -214,7 +215,7 @@ def recipe(cfg, scale=1.0):
 
     def pairs_file(name, rows):
         path = os.path.join(root, name)
-        grpo.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+        runs.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
         return path
 
     def run_sft(name, model, pairs, n_steps, **changes):
@@ -256,7 +257,7 @@ def recipe(cfg, scale=1.0):
     student = data.build_tiny_model(os.path.join(root, "student_init"), cfg.seed + 1, arch="qwen2", chat=True)
     phase("distilled student (Qwen2 shape, chat template, own tokenizer)",
           run_sft("student", student, teacher_kept, 400, template="chat", system_prompt="", sft_lr=1e-3))
-    grpo.write_atomic(os.path.join(root, "recipe.json"), json.dumps(results, indent=1))
+    runs.write_atomic(os.path.join(root, "recipe.json"), json.dumps(results, indent=1))
     print("\n---- recipe: held-out greedy accuracy after each phase")
     for r in results:
         print(f"  {r['phase']:<70} accuracy {r['accuracy']:6.1%}  format {r['format']:6.1%}")

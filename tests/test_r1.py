@@ -1,7 +1,6 @@
 """r1.py (SFT, rejection sampling, distillation, the recipe), the reflection metric, plot.py."""
 import contextlib
 import json
-import os
 
 import pytest
 import torch

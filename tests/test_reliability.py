@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import grpo
+import runs
 from conftest import ROOT
 
 # a tiny run where every step has a learning signal (a length reward) and saves cheaply
@@ -57,7 +58,7 @@ def reference(tmp_path_factory):
 
 def assert_checkpoint_loads(run):
     from transformers import AutoModelForCausalLM
-    checkpoint = grpo.latest_checkpoint(str(run))
+    checkpoint = runs.latest_checkpoint(str(run))
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
     AutoModelForCausalLM.from_pretrained(checkpoint)
     AutoModelForCausalLM.from_pretrained(run)

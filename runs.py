@@ -1,0 +1,243 @@
+"""
+runs.py: what a training run needs besides the algorithm: torchrun's process group and
+collectives, DDP/FSDP wrapping and whole-model state for saving, a run directory written so that
+a crash never leaves it unusable (checkpoints, resume), random-number state, signals, progress.
+grpo.py and r1.py import these; none of them changes what is computed.
+"""
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from configurator import ConfigError
+
+# ----------------------------------------------------------------------------
+# torchrun: one process per device. Ranks split each step's groups between them and agree on
+# everything else; outside torchrun every helper here is a no-op.
+
+
+def init_distributed(cfg):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) -> this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(tensor):
+    """The sum of `tensor` over ranks."""
+    if not dist.is_initialized():
+        return tensor
+    total = tensor.to(comm_device(), copy=True)
+    dist.all_reduce(total)
+    return total.to(tensor.device)
+
+
+def gather(tensor):
+    """Every rank's [n, ...] rows concatenated in rank order (all ranks hold the same n)."""
+    if not dist.is_initialized():
+        return tensor
+    local = tensor.to(comm_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(tensor.device)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def distribute(model, cfg, device, trainable=True):
+    """The module that trains: DDP around the model, or with sharding=fsdp the model itself sharded
+    in place with fully_shard, a unit per decoder layer (the reference model too, trainable=False)."""
+    if not dist.is_initialized():
+        return model
+    if cfg.sharding == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        for module in model.modules():
+            if type(module).__name__ in (model._no_split_modules or ()):
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    if not trainable:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def full_state(model, optimizer=None):
+    """The optimizer's state by parameter name, or the model's weights when FSDP shards them
+    (None otherwise: save_pretrained reads the model), whole and on the CPU. Under FSDP every rank
+    must call this; rank 0 gets the result."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is not None:  # None before the first update: the call would make a zero state that counts a step
+        return get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else None
+    if not hasattr(model, "reshard"):  # not an FSDP module
+        return None
+    weights = get_model_state_dict(model, options=options)
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: w for name, w in weights.items() if name in names}  # tied weights once, as save_pretrained does
+
+
+def load_optimizer_state(model, optimizer, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if state is not None:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=dist.is_initialized()))
+
+
+# ----------------------------------------------------------------------------
+# the run directory: atomic writes, checkpoints, resume, random state
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(run_dir, step, model, tokenizer, state, keep, model_state=None):
+    """Write checkpoint-STEP/ (HF model + tokenizer + trainer_state.pt) under a temporary name and
+    rename it; hard-link its model files into run_dir itself, so that from_pretrained(run_dir) loads
+    the newest model; only then point `latest` at it, and prune. A crash at any moment leaves
+    `latest` naming a complete checkpoint and run_dir holding a complete model. model_state: the
+    weights gathered by full_state under FSDP."""
+    name = f"checkpoint-{step:06d}"
+    final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
+    if not os.path.isdir(final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=model_state)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        os.replace(tmp, final)
+    for file in sorted(os.listdir(final)):  # each file replaced whole: the run directory always holds one model
+        if file != "trainer_state.pt":
+            link = os.path.join(run_dir, file + ".tmp")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(link)
+            try:
+                os.link(os.path.join(final, file), link)
+            except OSError:  # no hard links on this file system
+                shutil.copyfile(os.path.join(final, file), link)
+            os.replace(link, os.path.join(run_dir, file))
+    write_atomic(os.path.join(run_dir, "latest"), name)
+    checkpoints = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+
+
+def open_resumed_run(run_dir, clean=True):
+    """(trainer state, checkpoint directory) of the latest checkpoint. With clean, what a crashed
+    run left after it is cleared away: half-written or newer checkpoints (`latest` never named
+    them) and metric rows past it, a torn last line included; those steps are simply done again."""
+    checkpoint = latest_checkpoint(run_dir)
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
+    if clean:
+        for name in os.listdir(run_dir):
+            if name.startswith("checkpoint-") and (name.endswith(".tmp") or name > os.path.basename(checkpoint)):
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+        path, kept = os.path.join(run_dir, "metrics.jsonl"), []
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= state["step"]:
+                        kept.append(line)
+                except json.JSONDecodeError:  # the line being written when the run died
+                    break
+        write_atomic(path, "".join(kept))
+    return state, checkpoint
+
+
+def latest_checkpoint(run_dir):
+    path = os.path.join(run_dir, "latest")
+    if not os.path.isfile(path):
+        raise ConfigError(f"resume: {run_dir} holds no checkpoint")
+    with open(path) as f:
+        return os.path.join(run_dir, f.read().strip())
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only
+    return state
+
+
+def restore_rng(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------
+# stopping and progress
+
+
+class Stop(Exception):
+    """Ends a run early, after a checkpoint: a signal, or too many non-finite steps in a row."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While training, SIGINT (Ctrl-C) and SIGTERM (schedulers' preemption) only set a flag: the
+    loop saves a checkpoint after the current step and stops. A second signal acts at once."""
+    received = []
+
+    def note(signum, frame):
+        received.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+              "(send it again to stop at once)", file=sys.stderr)
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Progress:
+    """One status line: redrawn in place on a terminal, a line every 5 % otherwise."""
+
+    def __init__(self, label):
+        self.label, self.started, self.tty = label, time.time(), sys.stderr.isatty()
+
+    def __call__(self, done, total, text):
+        if not self.tty and done not in (1, total) and done % max(1, total // 20):
+            return
+        elapsed = time.time() - self.started
+        line = (f"{self.label} [{'#' * int(24 * done / total):<24}] {done}/{total} {text} | "
+                f"{elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s")
+        print(("\r" + line + "\033[K") if self.tty else line, end="\n" if done == total or not self.tty else "",
+              file=sys.stderr, flush=True)
