@@ -643,6 +643,7 @@ def train(cfg):
             write_atomic(os.path.join(run_dir, "eval.json"),
                          json.dumps(dict(result, model=init_path, config=dataclasses.asdict(cfg)), indent=1))
         say(f"{init_path} on {len(test_set)} held-out questions: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        barrier()
         return result
     if not cfg.resume and cfg.sft_steps:
         solved = [e for e in train_set[:cfg.sft_examples] if "solution" in e]
@@ -815,6 +816,7 @@ def train(cfg):
         say(f"format compliance: {before['format']:.1%} -> {after['format']:.1%}")
     say(f"wall time {summary['wall_seconds']:.0f}s (GRPO {rl_seconds:.0f}s); run directory {summary['run_dir']}")
     say("  metrics.jsonl (a row per step), summary.json, the final model: from_pretrained(run directory)")
+    barrier()  # ranks leave together: a process group torn down while another rank still uses it aborts
     return summary
 
 
@@ -825,7 +827,8 @@ def main(argv):
     except (ConfigError, data.DataError) as err:
         say(f"grpo.py: error: {err}", file=sys.stderr)
         return 2
-    except Stop as stop:
+    except Stop as stop:  # every rank stops at the same step
+        barrier()
         say(f"grpo.py: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:  # outside the loop; checkpoints are renamed into place whole, so the latest is intact

@@ -2,8 +2,10 @@
 batch, with DDP and with FSDP, and leave one set of logs and checkpoints."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -94,3 +96,27 @@ def test_batch_sizes_must_divide_among_ranks(monkeypatch):
 def test_outside_torchrun_the_collectives_are_identities():
     x = torch.arange(6.0).view(3, 2)
     assert grpo.all_sum(x) is x and grpo.gather(x) is x and grpo.rank_and_world() == (0, 1)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 os.path.join(ROOT, "grpo.py"), *ARGS, "--max_steps=500", "--save_every=1000",
+                                 f"--out_dir={run_dir}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, metrics = time.time() + 300, run_dir / "metrics.jsonl"  # a hang guard only
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:  # two steps done
+            assert launcher.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        rank_one = [pid for pid in workers if b"RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read()]
+        os.kill(int(rank_one[0]), signal.SIGTERM)
+        launcher.communicate(timeout=300)
+    finally:
+        launcher.kill()
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= steps[-1] < 500 and steps == list(range(1, steps[-1] + 1))
+    assert (run_dir / "latest").read_text() == f"checkpoint-{steps[-1]:06d}"  # rank 0 saved, though rank 1 got the signal
+    launch([f"--resume={run_dir}", f"--max_steps={steps[-1] + 1}"], ranks=2)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == steps[-1] + 1
