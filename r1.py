@@ -157,7 +157,8 @@ def rejection_sample(cfg):
     prompts = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)[0]
     prompts = prompts[:cfg.sample_prompts or None]
     model, tokenizer = grpo.load_model(cfg.model, device, cfg.dtype, cfg.attn_implementation)
-    cfg = grpo.resolve_prompt_limit(cfg, model.eval(), tokenizer, prompts)
+    model.eval()
+    cfg = grpo.resolve_prompt_limit(cfg, model, tokenizer, prompts)
     eos_ids, autocast, k = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg), cfg.samples
     kept, report, reasons, show = [], [], collections.Counter(), runs.Progress("sample")
     per_batch = max(1, cfg.eval_batch_size // k)
@@ -178,14 +179,16 @@ def rejection_sample(cfg):
                     kept.append({"prompt": example["question"], "completion": texts[i], "answer": example["answer"],
                                  "source": example.get("source", f"{cfg.task}:{start + j}")})
             reasons.update(why)
-            report.append({"prompt": example["question"], "kept": why["kept"], "total": k, "rejected": {k: v for k, v in why.items() if k != "kept"}})
+            rejected = {reason: n for reason, n in why.items() if reason != "kept"}
+            report.append({"prompt": example["question"], "kept": why["kept"], "total": k, "rejected": rejected})
         show(min(start + per_batch, len(prompts)), len(prompts), f"kept {len(kept)}/{(start + len(chunk)) * k}")
     runs.write_atomic(cfg.output, "".join(json.dumps(row) + "\n" for row in kept))
     runs.write_atomic(cfg.output + ".report.jsonl", "".join(json.dumps(row) + "\n" for row in report))
     total = len(prompts) * k
     covered = sum(r["kept"] > 0 for r in report)
     print(f"kept {len(kept)}/{total} completions ({len(kept) / max(1, total):.1%}); prompts with at least one kept: "
-          f"{covered}/{len(prompts)}; rejected: " + (", ".join(f"{n} {why}" for why, n in reasons.most_common() if why != "kept") or "none"))
+          f"{covered}/{len(prompts)}; rejected: " + (", ".join(f"{n} {reason}" for reason, n in reasons.most_common()
+                                                               if reason != "kept") or "none"))
     print(f"wrote {cfg.output} (for `r1.py sft --data_path={cfg.output}`) and {cfg.output}.report.jsonl (kept/total per prompt)")
     return {"kept": len(kept), "total": total, "prompts_covered": covered, "reasons": dict(reasons)}
 
