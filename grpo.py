@@ -604,7 +604,8 @@ def train(cfg):
     device = init_distributed(cfg)
     rank, world = rank_and_world()
     main_rank = rank == 0  # prints, logs and saves
-    say = print if main_rank else (lambda *args, **kwargs: None)
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    say = print if main_rank else quiet
     autocast = autocast_factory(device, cfg)
     train_set, test_set = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)
     reward_spec = R.parse_reward_spec(cfg.rewards)
@@ -649,7 +650,7 @@ def train(cfg):
         solved = [e for e in train_set[:cfg.sft_examples] if "solution" in e]
         if not solved:
             raise ConfigError(f"sft_steps: task {cfg.task} has no worked solutions for a cold start")
-        cold_start(train_model, tokenizer, solved, cfg, eos_ids, autocast, Progress("cold start") if main_rank else (lambda *args: None))
+        cold_start(train_model, tokenizer, solved, cfg, eos_ids, autocast, Progress("cold start") if main_rank else quiet)
         init_path, weights_now = os.path.join(run_dir, "cold_start"), full_state(model)
         if main_rank:
             model.save_pretrained(init_path, state_dict=weights_now)
@@ -684,7 +685,7 @@ def train(cfg):
     if cfg.wandb and main_rank:
         import wandb
         wandb.init(project="grpo", name=os.path.basename(os.path.abspath(run_dir)), config=dataclasses.asdict(cfg))
-    show, rl_start = Progress("grpo") if main_rank else (lambda *args: None), time.time()
+    show, rl_start = Progress("grpo") if main_rank else quiet, time.time()
     P = cfg.prompts_per_step // world  # this rank's questions; its completions are rows `mine` of the step's
     mine, my_groups = slice(rank * P * G, (rank + 1) * P * G), slice(rank * P, (rank + 1) * P)
 
