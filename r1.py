@@ -63,6 +63,12 @@ def load_pairs(path, prefill=""):
     return examples
 
 
+def write_jsonl(path, rows):
+    """Rows as JSON lines, written whole (a crash leaves the old file or the new one)."""
+    runs.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def held_out(cfg):
     """The task's held-out questions that an SFT run is evaluated on (a file task: eval_data_path's)."""
     if not cfg.eval_size or (cfg.task in ("gsm8k", "jsonl") and not cfg.eval_data_path):
@@ -182,8 +188,8 @@ def rejection_sample(cfg):
             rejected = {reason: n for reason, n in why.items() if reason != "kept"}
             report.append({"prompt": example["question"], "kept": why["kept"], "total": k, "rejected": rejected})
         show(min(start + per_batch, len(prompts)), len(prompts), f"kept {len(kept)}/{(start + len(chunk)) * k}")
-    runs.write_atomic(cfg.output, "".join(json.dumps(row) + "\n" for row in kept))
-    runs.write_atomic(cfg.output + ".report.jsonl", "".join(json.dumps(row) + "\n" for row in report))
+    write_jsonl(cfg.output, kept)
+    write_jsonl(cfg.output + ".report.jsonl", report)
     total = len(prompts) * k
     covered = sum(r["kept"] > 0 for r in report)
     print(f"kept {len(kept)}/{total} completions ({len(kept) / max(1, total):.1%}); prompts with at least one kept: "
@@ -211,15 +217,12 @@ def recipe(cfg, scale=1.0):
     train_set = data.load_task("arithmetic", cfg.seed, eval_size=base.eval_size, digits=base.digits)[0]
     results, started = [], time.time()
 
-    def phase(name, summary, before=False):
-        key = "before" if before else "after"
-        results.append({"phase": name, "accuracy": summary[f"accuracy_{key}"], "format": summary[f"format_{key}"]})
+    def phase(name, summary):
+        results.append({"phase": name, "accuracy": summary["accuracy_after"], "format": summary["format_after"]})
         print(f"\n==== {name}: held-out accuracy {results[-1]['accuracy']:.1%}, format {results[-1]['format']:.1%}\n")
 
     def pairs_file(name, rows):
-        path = os.path.join(root, name)
-        runs.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-        return path
+        return write_jsonl(os.path.join(root, name), rows)
 
     def run_sft(name, model, pairs, n_steps, **changes):
         return sft(dataclasses.replace(base, model=model, data_path=pairs, out_dir=os.path.join(root, name),

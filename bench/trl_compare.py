@@ -61,9 +61,8 @@ def prepare_models(workdir):
     small, medium = os.path.join(workdir, "small"), os.path.join(workdir, "medium")
     if not os.path.isdir(small):
         train = data.load_task("arithmetic", 0)[0]
-        pairs = os.path.join(workdir, "bare_sums.jsonl")
-        with open(pairs, "w") as f:
-            f.writelines(json.dumps({"prompt": e["question"], "completion": e["answer"]}) + "\n" for e in train[:2000])
+        pairs = r1.write_jsonl(os.path.join(workdir, "bare_sums.jsonl"),
+                               [{"prompt": e["question"], "completion": e["answer"]} for e in train[:2000]])
         r1.sft(r1.R1Config(model="tiny", data_path=pairs, out_dir=small, sft_steps=200, sft_lr=1e-3, warmup_steps=0,
                            eval_size=0, save_every=10**6))
     if not os.path.isdir(medium):
