@@ -721,6 +721,8 @@ def train(cfg):
             C = completion_ids.size(1)
             old_logp = batch_logprobs(train_model, ids, attention, C, cfg, autocast) if cfg.num_iterations > 1 else None
             ref_logp = batch_logprobs(ref_model, ids, attention, C, cfg, autocast) if ref_model is not None else None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # else the GPU's queued log-prob work would be timed as update
             t2 = time.perf_counter()
 
             # 4. mu policy updates on this batch (none when the loss sees no token)
