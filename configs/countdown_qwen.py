@@ -11,8 +11,7 @@ KL 0.001, up to 1024 new tokens (TinyZero's settings). Group size and batch are 
 Memory, one 80 GB GPU: the 3B weights are trained in bf16 (dtype=bfloat16: weights and AdamW
 state ~18 GB, the reference ~6 GB) with gradient checkpointing.
 
-What to expect, from TinyZero's report (NOT measured with this recipe; no GPU was available when it
-was written): the 3B base model starts by guessing and stopping, then learns to search, check
+What to expect, from TinyZero's report (NOT measured with this recipe): the 3B base model starts by guessing and stopping, then learns to search, check
 and revise its equations, reaching high accuracy in a few hundred steps; models of 1.5B and up
 learn this, 0.5B does not. TinyZero trained on 2 GPUs for about a day of GPU time.
 """

@@ -13,12 +13,12 @@ Memory, one 80 GB GPU: 0.5B parameters in fp32 with AdamW state ~8 GB, the refer
 activations for micro-batches of 32 sequences of up to ~800 tokens. One 24 GB GPU: add
 --dtype=bfloat16 --micro_batch_size=8 --gradient_checkpointing=True.
 
-What to expect. Figures from the sources, NOT measured with this recipe (no GPU was available
-when it was written): Qwen2.5-0.5B-Instruct scores about 50 % on GSM8K (Qwen2.5 technical report,
+What to expect. Figures from the sources, NOT measured with this recipe: Qwen2.5-0.5B-Instruct scores about 50 % on GSM8K (Qwen2.5 technical report,
 arXiv 2412.15115); in GRPO runs of this kind the format reward rises to near 1 within the first
 ~100 steps while accuracy climbs more slowly, by a few points. Time per step is dominated by
-sampling 256 completions; with this trainer's plain PyTorch sampler, expect tens of seconds per
-step on an H100-class GPU (an estimate, not a measurement); eval_every=50 tracks held-out accuracy.
+sampling 256 completions: on an H200, ~20 s per step, estimated from bench/gpu_bench.py's rates
+for this model's shape (a decode step ~25 ms, 512 of them; the update ~60k tokens/s), not from a
+run of this recipe; eval_every=50 tracks held-out accuracy.
 """
 model = "Qwen/Qwen2.5-0.5B-Instruct"
 task = "gsm8k"

@@ -116,7 +116,7 @@ def test_pad_token_equal_to_eos_trains(tmp_path, tiny_dir):
 
 
 def test_compiled_training_matches_eager(tmp_path):
-    """compile=True (torch.compile of the log-prob forward, the CUDA default) also runs on CPU."""
+    """compile=True (torch.compile of the log-prob forward) trains as eager does."""
     for flag in ("False", "True"):
         grpo.train(grpo.parse_config(FAST + ["--max_steps=2", "--eval_size=0", f"--compile={flag}",
                                              f"--out_dir={tmp_path / flag}"]))
