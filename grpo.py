@@ -119,6 +119,7 @@ class Config:
     grad_clip: float = 1.0         # max global grad norm; 0 = off
     max_bad_steps: int = 10        # stop after this many consecutive steps with a non-finite loss/gradient
     micro_batch_size: int = 64     # completions per forward/backward; gradients accumulate
+    share_prompt: bool = True      # a group's G sequences share one forward pass over their prompt (same result)
     bf16: Optional[bool] = None    # bf16 autocast; None = on CUDA only (weights stay fp32)
     compile: bool = False          # torch.compile the log-prob forward; off: no gain measured, ~100 s to compile
     # evaluation, logging, checkpoints
@@ -322,10 +323,29 @@ def stop_ids(model, tokenizer):
     return torch.tensor(sorted(ids), device=model.device)
 
 
-def cache_arg(model):
-    """The KV-cache argument's name: `cache` in newer transformers, `past_key_values` before."""
+def unwrap(model):
+    """The transformers model inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def prefill_prompts(model, prompt_ids, prompt_mask):
+    """Run each distinct prompt of left-padded prompt_ids [B, P] once (a group's G rows share one
+    pass), then copy its KV cache and last logits to every row that has it (gradients flow back
+    through the copies). -> (logits [B, 1, V], the cache as a keyword argument)."""
     import inspect
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from transformers import DynamicCache
+    distinct, rows = torch.unique_consecutive(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    ids, mask = distinct.split(prompt_ids.size(1), 1)
+    cache = DynamicCache()  # the argument is `cache` in newer transformers, `past_key_values` before
+    kwarg = {"cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values": cache}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                   use_cache=True, logits_to_keep=1, **kwarg).logits
+    if len(distinct) < len(prompt_ids):
+        cache.batch_select_indices(rows)
+        logits = logits[rows]
+    return logits, kwarg
 
 
 @torch.no_grad()
@@ -336,11 +356,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temp
     row's EOS are pad_id."""
     if uniforms is None:  # greedy decoding draws none, so that it leaves the random stream as it was
         uniforms = (torch.rand if temperature > 0 else torch.zeros)(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
-    from transformers import DynamicCache
-    cache, mask = {cache_arg(model): DynamicCache()}, prompt_mask
-    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions,
-                   use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
+    logits, cache = prefill_prompts(model, prompt_ids, prompt_mask)
+    logits, mask, positions = logits[:, -1], prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     for t in range(max_new_tokens):
@@ -375,15 +392,25 @@ def pick_token(logits, temperature, top_p, uniform):
     return (cdf <= target).sum(-1).clamp(max=len(cdf[0]) - 1)  # never a token of probability 0
 
 
-def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0):
+def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, share_prompt=True):
     """log pi(o_t | q, o_<t) / temperature-scaled, for the last num_completion tokens of
     input_ids [B, L] (left-padded prompt + completion) -> logp [B, C] and entropy [B, C]
     (detached). Logits exist only at completion positions, and log-softmax is taken a block of
     rows at a time (at most 2^24 logits: one row of a large vocabulary, a whole batch of a small
-    one), so the full-vocabulary log-probs of a large batch are never held at once."""
+    one), so the full-vocabulary log-probs of a large batch are never held at once.
+    share_prompt: rows with the same prompt (a group) share one forward pass over it
+    (prefill_prompts); the same result, fewer FLOPs. Not under gradient checkpointing, which
+    keeps no KV cache."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   use_cache=False, logits_to_keep=num_completion + 1).logits[:, :-1]
+    prompt_len = input_ids.size(1) - num_completion
+    if share_prompt and not any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules()):
+        first, cache = prefill_prompts(model, input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
+        rest = model(input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask, use_cache=True,
+                     position_ids=positions[:, prompt_len:], logits_to_keep=num_completion, **cache).logits
+        logits = torch.cat([first, rest[:, :-1]], 1)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       use_cache=False, logits_to_keep=num_completion + 1).logits[:, :-1]
     targets = input_ids[:, -num_completion:]
     logps, entropies = [], []
     rows = max(1, (1 << 24) // (num_completion * logits.size(-1)))
@@ -556,7 +583,8 @@ def accumulate_gradients(model, ids, attention, num_completion, advantages, loss
         last = i + cfg.micro_batch_size >= len(ids)  # DDP all-reduces the gradients once, after the last
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast():
-                logp, entropy = completion_logprobs(model, ids[rows], attention[rows], num_completion, cfg.temperature)
+                logp, entropy = completion_logprobs(model, ids[rows], attention[rows], num_completion, cfg.temperature,
+                                                    cfg.share_prompt)
             loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
                                     None if ref_logp is None else ref_logp[rows], advantages[rows], loss_mask[rows],
                                     cfg, num_completions, num_tokens)
@@ -572,7 +600,7 @@ def batch_logprobs(model, ids, attention, num_completion, cfg, autocast):
     """Log-probs of a whole batch without gradients (old policy, reference), micro-batch by micro-batch."""
     with autocast():
         return torch.cat([completion_logprobs(model, ids[i:i + cfg.micro_batch_size], attention[i:i + cfg.micro_batch_size],
-                                              num_completion, cfg.temperature)[0]
+                                              num_completion, cfg.temperature, cfg.share_prompt)[0]
                           for i in range(0, len(ids), cfg.micro_batch_size)])
 
 

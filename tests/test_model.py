@@ -72,7 +72,8 @@ class Scripted(torch.nn.Module):
 def test_sampling_pads_after_eos_and_stops_early(pad_id):
     eos = torch.tensor([2])
     model = Scripted([[5, 2, 7, 7], [5, 6, 2, 7], [2, 7, 7, 7], [5, 6, 7, 2]])
-    out = grpo.sample(model, torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long), 20, eos, pad_id)
+    distinct_prompts = torch.arange(12).view(4, 3)  # identical ones would share one prefill row
+    out = grpo.sample(model, distinct_prompts, torch.ones(4, 3, dtype=torch.long), 20, eos, pad_id)
     p = pad_id
     assert out[:, :4].tolist() == [[5, 2, p, p], [5, 6, 2, p], [2, p, p, p], [5, 6, 7, 2]]
     assert (out[:, 4:] == p).all()
@@ -120,6 +121,77 @@ def test_a_completion_does_not_depend_on_its_batch(tiny):
     pad = lambda x: torch.nn.functional.pad(x, (0, width - x.size(1)), value=tokenizer.pad_token_id)  # noqa: E731
     assert torch.equal(pad(together), torch.cat([pad(h) for h in halves]))
     assert len({tuple(row) for row in together.tolist()}) > 1  # the rows really were sampled
+
+
+def grouped_batch(tokenizer, group_sizes=(3, 1, 4), completion_len=6, seed=0):
+    """Rows of prompt + random completion in which consecutive rows share a prompt, as a step's
+    groups do; the prompts have different lengths (left padding)."""
+    questions = [q for g, q in zip(group_sizes, ["12+34", "1+2", "5+60", "7+7"]) for _ in range(g)]
+    ids, mask = prompts(tokenizer, questions)
+    completion = torch.randint(7, 40, (len(questions), completion_len), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1), completion_len
+
+
+@pytest.mark.parametrize("completion_len", [1, 6])
+def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny, completion_len):
+    """A group's rows share one forward pass over their prompt: same log-probs, entropies and
+    gradients as the full-sequence pass, also when a micro-batch cuts a group (rows 2..5)."""
+    model, tokenizer = tiny
+    ids, attention, C = grouped_batch(tokenizer, completion_len=completion_len)
+    results = {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp, entropy = grpo.completion_logprobs(model, ids, attention, C, 0.7, share_prompt=share)
+        cut, _ = grpo.completion_logprobs(model, ids[2:6], attention[2:6], C, 0.7, share_prompt=share)
+        (logp * torch.arange(1.0, C + 1)).sum().backward()
+        results[share] = logp.detach(), entropy, cut.detach(), [p.grad.clone() for p in model.parameters()]
+    (logp0, ent0, cut0, grads0), (logp1, ent1, cut1, grads1) = results[False], results[True]
+    assert torch.allclose(logp0, logp1, atol=1e-5) and torch.allclose(ent0, ent1, atol=1e-5)
+    assert torch.allclose(cut0, logp0[2:6], atol=1e-5) and torch.allclose(cut1, logp1[2:6], atol=1e-5)
+    for g0, g1 in zip(grads0, grads1):  # fp32 rounding differs between the two passes: compare norms
+        assert (g0 - g1).norm() <= 1e-5 * g0.norm()
+    assert sum(g.abs().sum() for g in grads1) > 0
+
+
+def test_shared_prompt_pass_runs_each_distinct_prompt_once(tiny):
+    model, tokenizer = tiny
+    ids, attention, C = grouped_batch(tokenizer)      # 8 rows, 3 distinct prompts
+    seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            grpo.completion_logprobs(model, ids, attention, C)
+            grpo.completion_logprobs(model, ids, attention, C, share_prompt=False)
+    finally:
+        handle.remove()
+    prompt_len = ids.size(1) - C
+    assert seen == [(3, prompt_len), (8, C), (8, ids.size(1))]
+
+
+def test_gradient_checkpointing_falls_back_to_the_full_pass(tiny):
+    """Under gradient checkpointing transformers keeps no KV cache; the shared pass must not be used."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    ids, attention, C = grouped_batch(tokenizer)
+    expected, _ = grpo.completion_logprobs(model, ids, attention, C, share_prompt=False)
+    model.gradient_checkpointing_enable()
+    model.train()
+    got, _ = grpo.completion_logprobs(model, ids, attention, C)
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_sampling_repeated_prompts_equals_sampling_them_one_by_one(tiny):
+    """Sampling prefills each distinct prompt once; the completions are those of separate passes."""
+    model, tokenizer = tiny
+    ids, attention, _ = grouped_batch(tokenizer)
+    prompt_ids, prompt_mask = ids[:, :-6], attention[:, :-6]
+    eos, u = grpo.stop_ids(model, tokenizer), torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(5))
+    together = grpo.sample(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
+    for r in range(len(ids)):
+        alone = grpo.sample(model, prompt_ids[r:r + 1], prompt_mask[r:r + 1], 12, eos, tokenizer.pad_token_id, 1.0, 1.0,
+                            u[r:r + 1])
+        assert together[r, :alone.size(1)].tolist() == alone[0].tolist()
+        assert (together[r, alone.size(1):] == tokenizer.pad_token_id).all()
 
 
 def batch_for_gradients(tokenizer, n=7):
