@@ -392,15 +392,16 @@ def pick_token(logits, temperature, top_p, uniform):
     return (cdf <= target).sum(-1).clamp(max=len(cdf[0]) - 1)  # never a token of probability 0
 
 
-def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, share_prompt=True):
+def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, share_prompt=False):
     """log pi(o_t | q, o_<t) / temperature-scaled, for the last num_completion tokens of
     input_ids [B, L] (left-padded prompt + completion) -> logp [B, C] and entropy [B, C]
     (detached). Logits exist only at completion positions, and log-softmax is taken a block of
     rows at a time (at most 2^24 logits: one row of a large vocabulary, a whole batch of a small
     one), so the full-vocabulary log-probs of a large batch are never held at once.
-    share_prompt: rows with the same prompt (a group) share one forward pass over it
+    share_prompt: consecutive rows with the same prompt (a group) share one forward pass over it
     (prefill_prompts); the same result, fewer FLOPs. Not under gradient checkpointing, which
-    keeps no KV cache."""
+    keeps no KV cache. Whether to share is the caller's choice, not the data's, so that every rank
+    makes the same number of forward calls (FSDP gathers weights in each)."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     prompt_len = input_ids.size(1) - num_completion
     if share_prompt and not any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules()):
@@ -584,7 +585,7 @@ def accumulate_gradients(model, ids, attention, num_completion, advantages, loss
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast():
                 logp, entropy = completion_logprobs(model, ids[rows], attention[rows], num_completion, cfg.temperature,
-                                                    cfg.share_prompt)
+                                                    cfg.share_prompt and cfg.group_size > 1)
             loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
                                     None if ref_logp is None else ref_logp[rows], advantages[rows], loss_mask[rows],
                                     cfg, num_completions, num_tokens)
@@ -600,7 +601,7 @@ def batch_logprobs(model, ids, attention, num_completion, cfg, autocast):
     """Log-probs of a whole batch without gradients (old policy, reference), micro-batch by micro-batch."""
     with autocast():
         return torch.cat([completion_logprobs(model, ids[i:i + cfg.micro_batch_size], attention[i:i + cfg.micro_batch_size],
-                                              num_completion, cfg.temperature, cfg.share_prompt)[0]
+                                              num_completion, cfg.temperature, cfg.share_prompt and cfg.group_size > 1)[0]
                           for i in range(0, len(ids), cfg.micro_batch_size)])
 
 

@@ -160,8 +160,8 @@ def test_shared_prompt_pass_runs_each_distinct_prompt_once(tiny):
     handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
     try:
         with torch.no_grad():
+            grpo.completion_logprobs(model, ids, attention, C, share_prompt=True)
             grpo.completion_logprobs(model, ids, attention, C)
-            grpo.completion_logprobs(model, ids, attention, C, share_prompt=False)
     finally:
         handle.remove()
     prompt_len = ids.size(1) - C
@@ -176,7 +176,7 @@ def test_gradient_checkpointing_falls_back_to_the_full_pass(tiny):
     expected, _ = grpo.completion_logprobs(model, ids, attention, C, share_prompt=False)
     model.gradient_checkpointing_enable()
     model.train()
-    got, _ = grpo.completion_logprobs(model, ids, attention, C)
+    got, _ = grpo.completion_logprobs(model, ids, attention, C, share_prompt=True)
     assert torch.allclose(expected, got, atol=1e-5)
 
 
