@@ -5,12 +5,15 @@ A task is a list of examples, dicts with `question` (the text the template wraps
 think/answer format where the task has one (used only by the cold-start SFT), and countdown
 examples carry `numbers` and `target`. `load_task` returns disjoint (train, test) lists.
 """
+import dataclasses
 import json
 import os
 import random
 import re
 
 import torch
+
+from configurator import ConfigError
 
 # DeepSeek-R1-Zero's template (R1 paper, Table 1); the model continues after "Assistant:".
 R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -227,3 +230,56 @@ def build_tiny_model(path, seed, arch="llama", chat=False):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ----------------------------------------------------------------------------
+# prompts and completions as token ids
+
+
+def prompt_token_ids(tokenizer, examples, cfg):
+    """Token ids of each example's rendered prompt. Special tokens (e.g. BOS) are added except for
+    chat, whose template already has them."""
+    texts = [render_prompt(e, cfg.template, tokenizer, cfg.system_prompt, cfg.prefill) for e in examples]
+    return tokenizer(texts, add_special_tokens=cfg.template != "chat")["input_ids"]
+
+
+def encode_prompts(tokenizer, examples, cfg, device):
+    """Prompt ids cut to their last cfg.max_prompt_tokens (`prompt_overflow` was checked at start)
+    and left-padded -> ids [B, P], mask [B, P], number of prompts cut."""
+    rows = prompt_token_ids(tokenizer, examples, cfg)
+    limit = cfg.max_prompt_tokens
+    cut = sum(len(row) > limit for row in rows)
+    rows = [row[-limit:] for row in rows]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask, cut
+
+
+def encode_completions(tokenizer, completions, device):
+    """Texts -> [B, T] ids, each ending in EOS, right-padded with pad_id."""
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in completions]
+    width = max(map(len, rows))
+    return torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows], device=device)
+
+
+def decode(tokenizer, completion_ids, prefill=""):
+    """Completion texts as the rewards see them: the prefill, then the sampled tokens up to EOS."""
+    return [prefill + text for text in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+
+
+def resolve_prompt_limit(cfg, model, tokenizer, examples):
+    """cfg with max_prompt_tokens fitted to the model's context (max_position_embeddings) minus
+    max_new_tokens. With prompt_overflow=reject, a longer prompt among `examples` stops the run."""
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    room = context - cfg.max_new_tokens
+    if room < 1:
+        raise ConfigError(f"max_new_tokens: {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                          f"context of {context} tokens")
+    cfg = dataclasses.replace(cfg, max_prompt_tokens=min(cfg.max_prompt_tokens or room, room))
+    if cfg.prompt_overflow == "reject":  # measured exactly as encode_prompts will cut them
+        for i, ids in enumerate(prompt_token_ids(tokenizer, examples, cfg)):
+            if len(ids) > cfg.max_prompt_tokens:
+                raise ConfigError(f"prompt_overflow: {examples[i].get('source', f'example {i}')}: a prompt of {len(ids)} "
+                                  f"tokens, over max_prompt_tokens={cfg.max_prompt_tokens}; prompt_overflow=truncate cuts such prompts")
+    return cfg

@@ -7,7 +7,8 @@ completion's reward relative to its group, A_i = (r_i - mean(r)) / (std(r) + eps
 advantage of every one of its tokens in a PPO-style clipped objective, with a k3 KL penalty
 towards a frozen reference model. Read top to bottom: config, the math as pure functions, model
 helpers, then the training loop. Run plumbing that computes nothing (torchrun collectives and
-DDP/FSDP wrapping, crash-safe checkpoints, signals, progress) is in runs.py.
+DDP/FSDP wrapping, crash-safe checkpoints, signals, progress) is in runs.py; config parsing and
+validation in configurator.py; prompt templates, tasks and tokenising in data.py.
 
 Where it departs from or extends the paper (each one a flag, paper default first):
   - scale_rewards=group|batch|none   none is Dr. GRPO (arXiv 2503.20783); unbiased std
@@ -19,6 +20,8 @@ Where it departs from or extends the paper (each one a flag, paper default first
     R1's other phases (SFT on pairs, rejection sampling, distillation) are in r1.py
   - sampling draws one uniform per token and completion and inverts the CDF, so that a
     completion is the same on 1 or N ranks (torchrun: groups are split across ranks)
+  - share_prompt: a group's G sequences share one forward pass over their prompt, whose KV
+    cache is copied to each (sampling's prefill, the reference and update passes): same result
 
 Commands:
   python grpo.py                                   # offline CPU demo: tiny model, SFT, GRPO, before/after
@@ -32,7 +35,6 @@ Commands:
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -51,7 +53,7 @@ import torch.distributed as dist
 
 import data
 import rewards as R
-from configurator import ConfigError, parse_args
+from configurator import ConfigError, parse_args, validate
 from runs import (Progress, Stop, all_sum, barrier, distribute, full_state, gather, init_distributed,
                   load_optimizer_state, open_resumed_run, rank_and_world, restore_rng, rng_state, save_checkpoint,
                   stop_signals, write_atomic)
@@ -133,16 +135,6 @@ class Config:
     wandb: bool = False            # log to Weights & Biases (needs the package)
 
 
-CHOICES = {"task": data.TASKS, "template": data.TEMPLATES, "scale_rewards": ("group", "batch", "none"),
-           "loss_type": ("grpo", "dapo", "dr_grpo"), "prompt_overflow": ("truncate", "reject"),
-           "dtype": ("float32", "bfloat16"), "sharding": ("ddp", "fsdp"), "attn_implementation": ("sdpa", "eager", "flash_attention_2")}
-AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "num_iterations",
-                "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size", "max_bad_steps", "digits")
-NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
-                "warmup_steps", "sft_steps", "sft_examples", "eval_size", "eval_every", "log_samples_every",
-                "ref_sync_every", "overlong_buffer", "max_prompt_tokens", "eval_k")
-
-
 def parse_config(argv, cls=Config):
     """defaults -> --config FILE -> --key=value (or --resume=DIR: that run's config), validated."""
     cfg = parse_args(cls, argv, "train_config.json")
@@ -152,47 +144,6 @@ def parse_config(argv, cls=Config):
         cfg.clip_eps_high = cfg.clip_eps_low
     validate(cfg)
     return cfg
-
-
-def validate(cfg):
-    """Reject impossible values before anything is loaded, naming the key."""
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    problems = [f"{k}: {getattr(cfg, k)!r} is not one of {', '.join(v)}" for k, v in CHOICES.items() if getattr(cfg, k) not in v]
-    problems += [f"{k}: must be at least 1" for k in AT_LEAST_ONE if getattr(cfg, k) < 1]
-    problems += [f"{k}: must not be negative" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
-    checks = [
-        (cfg.group_size >= 2, "group_size: must be at least 2 (advantages compare completions within a group)"),
-        (cfg.clip_eps_low < 1, "clip_eps_low: must be below 1 (the ratio is clipped at 1 - clip_eps_low)"),
-        (cfg.temperature > 0, "temperature: must be positive"),
-        (cfg.digits <= 3, "digits: at most 3 (every pair of operands is enumerated)"),
-        (0 < cfg.top_p <= 1, "top_p: must be in (0, 1]"),
-        (0 < cfg.ref_sync_alpha <= 1, "ref_sync_alpha: must be in (0, 1]"),
-        (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio: must be in [0, 1]"),
-        (len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), "adam_betas: two numbers in [0, 1)"),
-        (cfg.language in R.SCRIPTS, f"language: {cfg.language!r} is not one of {', '.join(R.SCRIPTS)}"),
-        (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device: {cfg.device!r} is not auto, cpu or cuda[:N]"),
-        (cfg.task in ("arithmetic", "countdown") or cfg.data_path, f"data_path: task {cfg.task} needs a JSONL file"),
-        (not cfg.data_path or os.path.isfile(cfg.data_path) or data.is_hub_dataset(cfg.data_path),
-         f"data_path: {cfg.data_path}: no such file" + ("" if importlib.util.find_spec("datasets") else
-                                                          " (hub datasets need the `datasets` package)")),
-        (not cfg.eval_data_path or os.path.isfile(cfg.eval_data_path), f"eval_data_path: {cfg.eval_data_path}: no such file"),
-        (not cfg.model.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(cfg.model)),
-         f"model: {cfg.model}: no such directory"),
-        (not cfg.wandb or importlib.util.find_spec("wandb"), "wandb: the wandb package is not installed"),
-        (cfg.attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn"),
-         "attn_implementation: flash_attention_2 needs the flash-attn package"),
-        (cfg.prompts_per_step % ranks == 0, f"prompts_per_step: {cfg.prompts_per_step} does not divide among "
-                                            f"{ranks} ranks (each rank samples whole groups)"),
-        (cfg.sft_steps == 0 or cfg.sft_batch_size % ranks == 0,
-         f"sft_batch_size: {cfg.sft_batch_size} does not divide among {ranks} ranks"),
-    ]
-    problems += [message for ok, message in checks if not ok]
-    try:
-        R.parse_reward_spec(cfg.rewards)
-    except ValueError as err:
-        problems.append(f"rewards: {err}")
-    if problems:
-        raise ConfigError(problems[0])
 
 
 # ----------------------------------------------------------------------------
@@ -424,38 +375,6 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
     return torch.cat(logps), torch.cat(entropies)
 
 
-def prompt_token_ids(tokenizer, examples, cfg):
-    """Token ids of each example's rendered prompt. Special tokens (e.g. BOS) are added except for
-    chat, whose template already has them."""
-    texts = [data.render_prompt(e, cfg.template, tokenizer, cfg.system_prompt, cfg.prefill) for e in examples]
-    return tokenizer(texts, add_special_tokens=cfg.template != "chat")["input_ids"]
-
-
-def encode_prompts(tokenizer, examples, cfg, device):
-    """Prompt ids cut to their last cfg.max_prompt_tokens (`prompt_overflow` was checked at start)
-    and left-padded -> ids [B, P], mask [B, P], number of prompts cut."""
-    rows = prompt_token_ids(tokenizer, examples, cfg)
-    limit = cfg.max_prompt_tokens
-    cut = sum(len(row) > limit for row in rows)
-    rows = [row[-limit:] for row in rows]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask, cut
-
-
-def encode_completions(tokenizer, completions, device):
-    """Texts -> [B, T] ids, each ending in EOS, right-padded with pad_id."""
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in completions]
-    width = max(map(len, rows))
-    return torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows], device=device)
-
-
-def decode(tokenizer, completion_ids, prefill=""):
-    """Completion texts as the rewards see them: the prefill, then the sampled tokens up to EOS."""
-    return [prefill + text for text in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
-
-
 def autocast_factory(device, cfg):
     """bf16 autocast (weights stay as loaded) where cfg.bf16 says, by default on CUDA only."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
@@ -486,10 +405,10 @@ def evaluate(model, tokenizer, examples, cfg, eos_ids, autocast):
     for start in range(0, len(shard), cfg.eval_batch_size):
         chunk = shard[start:start + cfg.eval_batch_size]
         counts = torch.arange(start, start + len(chunk)) < counted
-        ids, mask, _ = encode_prompts(tokenizer, chunk, cfg, model.device)
+        ids, mask, _ = data.encode_prompts(tokenizer, chunk, cfg, model.device)
         with autocast():
             out = sample(model, ids, mask, cfg.max_new_tokens, eos_ids, tokenizer.pad_token_id, temperature=0)
-        texts = decode(tokenizer, out, cfg.prefill)
+        texts = data.decode(tokenizer, out, cfg.prefill)
         row = [[R.safe_reward(correct, t, e)[0], R.format_reward(t, e)] for t, e in zip(texts, chunk)]
         row = torch.cat([torch.tensor(row), completion_mask(out, eos_ids).sum(1, keepdim=True).cpu()], 1)
         if k:
@@ -497,7 +416,7 @@ def evaluate(model, tokenizer, examples, cfg, eos_ids, autocast):
             with autocast():
                 out = sample(model, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), cfg.max_new_tokens,
                              eos_ids, tokenizer.pad_token_id, cfg.temperature, cfg.top_p, uniforms)
-            texts = decode(tokenizer, out, cfg.prefill)
+            texts = data.decode(tokenizer, out, cfg.prefill)
             hits = torch.tensor([R.safe_reward(correct, t, chunk[i // k])[0] for i, t in enumerate(texts)]).view(-1, k)
             row = torch.cat([row, (hits.max(1).values > 0).float()[:, None], hits.mean(1, keepdim=True)], 1)
         totals += row[counts].sum(0)
@@ -509,8 +428,8 @@ def sft_loss(model, tokenizer, batch, cfg, eos_ids, autocast):
     """-log pi(solution | prompt) per token: the mean over the completion tokens (EOS included) of
     every rank's batch; prompt tokens carry no loss. batch: examples with "question" and
     "solution". Returns (loss, number of completion tokens on all ranks)."""
-    prompt_ids, prompt_mask, _ = encode_prompts(tokenizer, batch, cfg, model.device)
-    completion_ids = encode_completions(tokenizer, [e["solution"] for e in batch], model.device)
+    prompt_ids, prompt_mask, _ = data.encode_prompts(tokenizer, batch, cfg, model.device)
+    completion_ids = data.encode_completions(tokenizer, [e["solution"] for e in batch], model.device)
     ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
     mask = completion_mask(completion_ids, eos_ids)
     with autocast():
@@ -605,23 +524,6 @@ def batch_logprobs(model, ids, attention, num_completion, cfg, autocast):
                           for i in range(0, len(ids), cfg.micro_batch_size)])
 
 
-def resolve_prompt_limit(cfg, model, tokenizer, examples):
-    """cfg with max_prompt_tokens fitted to the model's context (max_position_embeddings) minus
-    max_new_tokens. With prompt_overflow=reject, a longer prompt among `examples` stops the run."""
-    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    room = context - cfg.max_new_tokens
-    if room < 1:
-        raise ConfigError(f"max_new_tokens: {cfg.max_new_tokens} leaves no room for a prompt in the model's "
-                          f"context of {context} tokens")
-    cfg = dataclasses.replace(cfg, max_prompt_tokens=min(cfg.max_prompt_tokens or room, room))
-    if cfg.prompt_overflow == "reject":  # measured exactly as encode_prompts will cut them
-        for i, ids in enumerate(prompt_token_ids(tokenizer, examples, cfg)):
-            if len(ids) > cfg.max_prompt_tokens:
-                raise ConfigError(f"prompt_overflow: {examples[i].get('source', f'example {i}')}: a prompt of {len(ids)} "
-                                  f"tokens, over max_prompt_tokens={cfg.max_prompt_tokens}; prompt_overflow=truncate cuts such prompts")
-    return cfg
-
-
 # ----------------------------------------------------------------------------
 # training
 
@@ -662,7 +564,7 @@ def train(cfg):
             data.build_tiny_model(init_path, cfg.seed)
         barrier()
         model, tokenizer = load_model(init_path, device, cfg.dtype, cfg.attn_implementation)
-    cfg = resolve_prompt_limit(cfg, model, tokenizer, train_set + test_set)
+    cfg = data.resolve_prompt_limit(cfg, model, tokenizer, train_set + test_set)
     eos_ids = stop_ids(model, tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -723,7 +625,7 @@ def train(cfg):
             t0 = time.perf_counter()
             examples = step_examples(train_set, step, cfg.prompts_per_step, cfg.seed)[my_groups]
             uniforms = torch.rand(cfg.prompts_per_step * G, cfg.max_new_tokens)[mine].to(device)  # one stream, all ranks
-            prompt_ids, prompt_mask, prompts_cut = encode_prompts(tokenizer, examples, cfg, device)
+            prompt_ids, prompt_mask, prompts_cut = data.encode_prompts(tokenizer, examples, cfg, device)
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
             model.eval()
             with autocast():
@@ -731,7 +633,7 @@ def train(cfg):
                                         tokenizer.pad_token_id, cfg.temperature, cfg.top_p, uniforms)
             mask = completion_mask(completion_ids, eos_ids)
             lengths, truncated = mask.sum(1), ~torch.isin(completion_ids, eos_ids).any(1)
-            texts = decode(tokenizer, completion_ids, cfg.prefill)
+            texts = data.decode(tokenizer, completion_ids, cfg.prefill)
             t1 = time.perf_counter()
 
             # 2. rewards, group-relative advantages, and which completions the loss sees

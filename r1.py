@@ -88,7 +88,7 @@ def sft(cfg):
     runs.write_atomic(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     path = data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
     model, tokenizer = grpo.load_model(path, device, cfg.dtype, cfg.attn_implementation)
-    cfg = grpo.resolve_prompt_limit(cfg, model, tokenizer, pairs)
+    cfg = data.resolve_prompt_limit(cfg, model, tokenizer, pairs)
     eos_ids, autocast = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg)
     before = grpo.evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if test_set else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
@@ -164,18 +164,18 @@ def rejection_sample(cfg):
     prompts = prompts[:cfg.sample_prompts or None]
     model, tokenizer = grpo.load_model(cfg.model, device, cfg.dtype, cfg.attn_implementation)
     model.eval()
-    cfg = grpo.resolve_prompt_limit(cfg, model, tokenizer, prompts)
+    cfg = data.resolve_prompt_limit(cfg, model, tokenizer, prompts)
     eos_ids, autocast, k = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg), cfg.samples
     kept, report, reasons, show = [], [], collections.Counter(), runs.Progress("sample")
     per_batch = max(1, cfg.eval_batch_size // k)
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start:start + per_batch]
-        ids, mask, _ = grpo.encode_prompts(tokenizer, chunk, cfg, device)
+        ids, mask, _ = data.encode_prompts(tokenizer, chunk, cfg, device)
         with autocast():
             out = grpo.sample(model, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), cfg.max_new_tokens,
                               eos_ids, tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
         truncated = ~torch.isin(out, eos_ids).any(1)
-        texts = grpo.decode(tokenizer, out, cfg.prefill)
+        texts = data.decode(tokenizer, out, cfg.prefill)
         for j, example in enumerate(chunk):
             seen, why = set(), collections.Counter()
             for i in range(j * k, (j + 1) * k):

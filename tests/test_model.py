@@ -1,12 +1,13 @@
-import math
 """Sampling, log-probs and the gradient, on the tiny Llama built locally."""
 import contextlib
 import copy
+import math
 import types
 
 import pytest
 import torch
 
+import data
 import grpo
 from grpo import Config
 
@@ -14,7 +15,7 @@ from grpo import Config
 def prompts(tokenizer, questions, limit=1000):
     """Left-padded ids and mask of the plain-template prompts `question + "\n"`."""
     cfg = Config(template="plain", max_prompt_tokens=limit)
-    return grpo.encode_prompts(tokenizer, [{"question": q} for q in questions], cfg, "cpu")[:2]
+    return data.encode_prompts(tokenizer, [{"question": q} for q in questions], cfg, "cpu")[:2]
 
 
 def test_tiny_model_reloads_and_tokenizes_tags_whole(tiny_dir, tiny):
@@ -29,7 +30,7 @@ def test_tiny_model_reloads_and_tokenizes_tags_whole(tiny_dir, tiny):
 def test_logprobs_match_full_log_softmax_and_ignore_left_padding(tiny):
     model, tokenizer = tiny
     ids, mask = prompts(tokenizer, ["12+34", "1+2"])          # the second is left-padded
-    completion = grpo.encode_completions(tokenizer, ["<think>4+2=6</think>", "<think>x"], "cpu")
+    completion = data.encode_completions(tokenizer, ["<think>4+2=6</think>", "<think>x"], "cpu")
     full_ids, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
     with torch.no_grad():
         logp, entropy = grpo.completion_logprobs(model, full_ids, attention, completion.size(1), temperature=0.7)
@@ -241,9 +242,9 @@ def test_detached_current_logprobs_give_the_same_gradient_as_old_ones(tiny):
 def test_prompts_are_left_padded_and_cut_from_the_left(tiny):
     tokenizer = tiny[1]
     cfg = Config(template="plain", max_prompt_tokens=4)
-    ids, mask, cut = grpo.encode_prompts(tokenizer, [{"question": "123456"}, {"question": "1+2"}], cfg, "cpu")
+    ids, mask, cut = data.encode_prompts(tokenizer, [{"question": "123456"}, {"question": "1+2"}], cfg, "cpu")
     assert cut == 1 and ids.shape == (2, 4)
     assert tokenizer.decode(ids[0]) == "456\n"                     # the last 4 tokens kept
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]] and tokenizer.decode(ids[1]) == "1+2\n"
-    ids, mask, cut = grpo.encode_prompts(tokenizer, [{"question": "12"}, {"question": "1+2"}], cfg, "cpu")
+    ids, mask, cut = data.encode_prompts(tokenizer, [{"question": "12"}, {"question": "1+2"}], cfg, "cpu")
     assert cut == 0 and mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]] and ids[0, 0] == tokenizer.pad_token_id

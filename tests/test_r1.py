@@ -192,8 +192,8 @@ def test_reflection_markers(text, expected):
 
 
 def test_reflection_rate_is_logged(tmp_path, monkeypatch):
-    real_decode = grpo.decode
-    monkeypatch.setattr(grpo, "decode", lambda *a: [t + (" wait" if i % 2 else "") for i, t in enumerate(real_decode(*a))])
+    real_decode = data.decode
+    monkeypatch.setattr(data, "decode", lambda *a: [t + (" wait" if i % 2 else "") for i, t in enumerate(real_decode(*a))])
     assert grpo.main(["--sft_steps=0", "--max_steps=2", "--eval_size=0", "--prompts_per_step=2", "--group_size=4",
                       "--max_new_tokens=8", f"--out_dir={tmp_path}"]) == 0
     assert [r["reflection_frac"] for r in read_rows(tmp_path / "metrics.jsonl")] == [0.5, 0.5]

@@ -49,7 +49,7 @@ def test_tiny_qwen_chat_model_and_template(tiny_qwen_chat):
 
 
 def test_prefill_is_part_of_what_the_rewards_see():
-    texts = grpo.decode(type("T", (), {"batch_decode": lambda self, ids, skip_special_tokens: ["2+2=4</think><answer>4</answer>"]})(),
+    texts = data.decode(type("T", (), {"batch_decode": lambda self, ids, skip_special_tokens: ["2+2=4</think><answer>4</answer>"]})(),
                         None, prefill="<think>")
     assert texts == ["<think>2+2=4</think><answer>4</answer>"] and R.format_reward(texts[0], {}) == 1.0
 
@@ -107,7 +107,7 @@ def test_eval_pass_at_k_counts_any_correct_sample(monkeypatch, tiny):
                ["<answer>4</answer>", "<answer>5</answer>", "<answer>4</answer>",   # q1: one of three right
                 "<answer>0</answer>", "<answer>0</answer>", "<answer>0</answer>"]]  # q2: none right
     calls = iter(outputs)
-    monkeypatch.setattr(grpo, "decode", lambda tok, ids, prefill="": next(calls))
+    monkeypatch.setattr(data, "decode", lambda tok, ids, prefill="": next(calls))
     result = grpo.evaluate(model, tokenizer, examples, cfg, grpo.stop_ids(model, tokenizer), contextlib.nullcontext)
     assert result["accuracy"] == 0.5 and result["pass_at_k"] == 0.5 and result["sampled_accuracy"] == pytest.approx(1 / 6)
 
@@ -154,7 +154,7 @@ def test_a_real_pretrained_tokenizer(tmp_path, capsys):
     assert grpo.main(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 < r["completion_len_mean"] <= 8 for r in rows)
-    prompt_ids, _, _ = grpo.encode_prompts(tokenizer, [{"question": "12+34"}], grpo.Config(max_prompt_tokens=50), "cpu")
+    prompt_ids, _, _ = data.encode_prompts(tokenizer, [{"question": "12+34"}], grpo.Config(max_prompt_tokens=50), "cpu")
     assert prompt_ids[0, 0] == tokenizer.cls_token_id and tokenizer.decode(prompt_ids[0], skip_special_tokens=True) == "12 + 34"
 
 
@@ -183,9 +183,9 @@ def test_hub_dataset_through_the_datasets_package(monkeypatch):
 def test_reject_measures_prompts_exactly_as_they_are_cut(tiny_qwen_chat):
     model, tokenizer = grpo.load_model(tiny_qwen_chat, "cpu")
     example = [{"question": "12+34?"}]
-    length = grpo.encode_prompts(tokenizer, example, grpo.Config(template="chat", system_prompt="", max_prompt_tokens=10**6), "cpu")[0].size(1)
+    length = data.encode_prompts(tokenizer, example, grpo.Config(template="chat", system_prompt="", max_prompt_tokens=10**6), "cpu")[0].size(1)
     fits = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject", max_prompt_tokens=length, max_new_tokens=8)
-    assert grpo.resolve_prompt_limit(fits, model, tokenizer, example).max_prompt_tokens == length
+    assert data.resolve_prompt_limit(fits, model, tokenizer, example).max_prompt_tokens == length
     over = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject", max_prompt_tokens=length - 1, max_new_tokens=8)
     with pytest.raises(grpo.ConfigError, match=f"a prompt of {length} tokens, over max_prompt_tokens={length - 1}"):
-        grpo.resolve_prompt_limit(over, model, tokenizer, example)
+        data.resolve_prompt_limit(over, model, tokenizer, example)
