@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import configurator
 import grpo
 from conftest import ROOT, SHARED
 
@@ -115,6 +116,6 @@ def test_shipped_configs_parse():
 
 
 def test_wandb_asked_but_not_installed(capsys, monkeypatch):
-    monkeypatch.setattr(grpo.importlib.util, "find_spec", lambda name: None if name == "wandb" else True)
+    monkeypatch.setattr(configurator.importlib.util, "find_spec", lambda name: None if name == "wandb" else True)
     code, err = run_main(capsys, "--wandb=True")
     assert code == 2 and err == "grpo.py: error: wandb: the wandb package is not installed"

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import configurator
 import data
 import grpo
 import rewards as R
@@ -113,7 +114,7 @@ def test_eval_pass_at_k_counts_any_correct_sample(monkeypatch, tiny):
 
 
 def test_hub_dataset_names_need_the_datasets_package(capsys, monkeypatch):
-    monkeypatch.setattr(grpo.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(configurator.importlib.util, "find_spec", lambda name: None)
     assert grpo.main(["--task=gsm8k", "--data_path=openai/gsm8k"]) == 2
     assert capsys.readouterr().err.strip() == ("grpo.py: error: data_path: openai/gsm8k: no such file "
                                                "(hub datasets need the `datasets` package)")
