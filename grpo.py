@@ -507,7 +507,7 @@ def accumulate_gradients(model, ids, attention, num_completion, advantages, loss
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast():
                 logp, entropy = completion_logprobs(model, ids[rows], attention[rows], num_completion, cfg.temperature,
-                                                    cfg.share_prompt and cfg.group_size > 1)
+                                                    cfg.share_prompt)
             loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
                                     None if ref_logp is None else ref_logp[rows], advantages[rows], loss_mask[rows],
                                     cfg, num_completions, num_tokens)
@@ -523,7 +523,7 @@ def batch_logprobs(model, ids, attention, num_completion, cfg, autocast):
     """Log-probs of a whole batch without gradients (old policy, reference), micro-batch by micro-batch."""
     with autocast():
         return torch.cat([completion_logprobs(model, ids[i:i + cfg.micro_batch_size], attention[i:i + cfg.micro_batch_size],
-                                              num_completion, cfg.temperature, cfg.share_prompt and cfg.group_size > 1)[0]
+                                              num_completion, cfg.temperature, cfg.share_prompt)[0]
                           for i in range(0, len(ids), cfg.micro_batch_size)])
 
 
