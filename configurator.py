@@ -10,8 +10,10 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import itertools
 import json
 import os
+import re
 import sys
 import typing
 
@@ -105,8 +107,9 @@ def help_text(cls):
     """Every field with its default and its comment, read from the dataclass's source."""
     lines = [f"usage: python {os.path.basename(sys.argv[0])} [--config FILE] [--key=value ...]", ""]
     sources = [inspect.getsource(c).splitlines()[1:] for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c)]
-    for line in sum(sources, []):
-        line = line.strip()
+    fields = [line.strip() for source in sources
+              for line in itertools.takewhile(lambda line: not line.strip().startswith(("def ", "@")), source)]
+    for line in fields:  # each class's fields end where its methods begin
         if line.startswith("#"):
             lines.append(line)
         elif ":" in line and "=" in line:
@@ -129,6 +132,11 @@ NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_l
                 "ref_sync_every", "overlong_buffer", "max_prompt_tokens", "eval_k")
 
 
+def cuda_devices():
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def validate(cfg):
     """Reject impossible values of grpo.Config before anything is loaded, naming the key."""
     import data
@@ -148,12 +156,18 @@ def validate(cfg):
         (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio: must be in [0, 1]"),
         (len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas), "adam_betas: two numbers in [0, 1)"),
         (cfg.language in R.SCRIPTS, f"language: {cfg.language!r} is not one of {', '.join(R.SCRIPTS)}"),
-        (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device: {cfg.device!r} is not auto, cpu or cuda[:N]"),
+        (cfg.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", cfg.device), f"device: {cfg.device!r} is not auto, cpu or cuda[:N]"),
+        (not cfg.device.startswith("cuda") or cuda_devices() > int(cfg.device.partition(":")[2] or 0),
+         f"device: {cfg.device!r}, but " + (f"this machine has {cuda_devices()} CUDA device(s)" if cuda_devices() else
+                                           "torch sees no CUDA device here (a CPU build, or no GPU); use --device=cpu")),
+        (cfg.dtype != "bfloat16" or cfg.bf16 is not False, "bf16: dtype=bfloat16 computes in bf16; bf16=False contradicts it"),
         (cfg.task in ("arithmetic", "countdown") or cfg.data_path, f"data_path: task {cfg.task} needs a JSONL file"),
         (not cfg.data_path or os.path.isfile(cfg.data_path) or data.is_hub_dataset(cfg.data_path),
          f"data_path: {cfg.data_path}: no such file" + ("" if importlib.util.find_spec("datasets") else
                                                           " (hub datasets need the `datasets` package)")),
-        (not cfg.eval_data_path or os.path.isfile(cfg.eval_data_path), f"eval_data_path: {cfg.eval_data_path}: no such file"),
+        (not cfg.eval_data_path or os.path.isfile(cfg.eval_data_path) or data.is_hub_dataset(cfg.eval_data_path),
+         f"eval_data_path: {cfg.eval_data_path}: no such file" + ("" if importlib.util.find_spec("datasets") else
+                                                                " (hub datasets need the `datasets` package)")),
         (not cfg.model.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(cfg.model)),
          f"model: {cfg.model}: no such directory"),
         (not cfg.wandb or importlib.util.find_spec("wandb"), "wandb: the wandb package is not installed"),

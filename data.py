@@ -263,9 +263,20 @@ def encode_completions(tokenizer, completions, device):
     return torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows], device=device)
 
 
+def judged_prefill(prefill):
+    """The part of a prefill that belongs to the answer: from its first <think> or <answer> tag on.
+    Text before the tag (TinyZero's " Let me solve this step by step.\n<think>") is prompt the
+    model did not write and lies outside the structure the template asks for; a prefill without a
+    tag is all prompt."""
+    starts = [prefill.find(tag) for tag in ("<think>", "<answer>") if tag in prefill]
+    return prefill[min(starts):] if starts else ""
+
+
 def decode(tokenizer, completion_ids, prefill=""):
-    """Completion texts as the rewards see them: the prefill, then the sampled tokens up to EOS."""
-    return [prefill + text for text in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+    """Completion texts as the rewards see them: the answer's part of the prefill (judged_prefill),
+    then the sampled tokens up to EOS."""
+    opening = judged_prefill(prefill)
+    return [opening + text for text in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
 
 
 def resolve_prompt_limit(cfg, model, tokenizer, examples):

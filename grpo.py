@@ -78,20 +78,20 @@ class Config:
     seed: int = 0                  # seeds data split, init, sampling; CPU runs are reproducible
     device: str = "auto"           # auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU)
     sharding: str = "ddp"          # under torchrun: ddp (a full copy per rank) | fsdp (weights, grads, Adam state sharded)
-    dtype: str = "float32"         # weights as trained: float32 (+ bf16 autocast on CUDA) | bfloat16 (half the memory)
+    dtype: str = "float32"         # float32 | bfloat16: bf16 compute over fp32 master weights, bf16 reference
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower updates
     eval_only: bool = False        # evaluate `model` on the held-out split and stop
     # cold start (DeepSeek-R1 phase 1)
-    sft_steps: int = 150           # SFT steps on worked solutions before RL; 0 = none (R1-Zero)
+    sft_steps: Optional[int] = None  # SFT steps on worked solutions before RL; None = 150 for model="tiny", else 0 (R1-Zero: 0)
     sft_examples: int = 500        # distinct worked examples the cold start sees (R1: thousands)
     sft_batch_size: int = 32       # examples per SFT step
-    sft_lr: float = 1e-3           # SFT learning rate (constant)
+    sft_lr: Optional[float] = None  # SFT learning rate (constant); None = 1e-3 for model="tiny", else 1e-5
     # sampling
     max_steps: int = 800           # GRPO steps; each samples prompts_per_step x group_size completions
     prompts_per_step: int = 8      # questions per step (DeepSeekMath: 1024 samples / 64 = 16)
     group_size: int = 8            # G completions per question (DeepSeekMath: 64)
-    max_new_tokens: int = 32       # completion length cap (DeepSeekMath: 1024)
+    max_new_tokens: Optional[int] = None  # completion length cap; None = 32 for model="tiny", else 256 (DeepSeekMath: 1024)
     temperature: float = 1.0       # sampling temperature (DeepSeekMath: 1.0)
     top_p: float = 1.0             # nucleus sampling (DeepSeekMath: 1.0)
     max_prompt_tokens: int = 0     # longer prompts keep their last tokens; 0 = context - max_new_tokens
@@ -113,7 +113,7 @@ class Config:
     mask_truncated: bool = False   # leave completions without EOS out of the loss (DAPO: True)
     drop_zero_std_groups: bool = False  # leave groups with equal rewards out (DAPO: True, resampled)
     # optimisation
-    lr: float = 3e-4               # AdamW peak learning rate (DeepSeekMath: 1e-6 for 7B)
+    lr: Optional[float] = None     # AdamW peak learning rate; None = 3e-4 for model="tiny", else 1e-6 (DeepSeekMath: 1e-6 for 7B)
     warmup_steps: int = 10         # linear warmup, then cosine decay
     min_lr_ratio: float = 0.1      # cosine floor as a fraction of lr
     weight_decay: float = 0.0      # AdamW weight decay (DeepSeekMath: not stated; TRL: 0)
@@ -122,7 +122,8 @@ class Config:
     max_bad_steps: int = 10        # stop after this many consecutive steps with a non-finite loss/gradient
     micro_batch_size: int = 64     # completions per forward/backward; gradients accumulate
     share_prompt: bool = True      # a group's G sequences share one forward pass over their prompt (same result)
-    bf16: Optional[bool] = None    # bf16 autocast; None = on CUDA only (weights stay fp32)
+    disable_dropout: bool = True   # dropout off in the policy: the update sees the policy that sampled (TRL: disable_dropout)
+    bf16: Optional[bool] = None    # bf16 autocast over fp32 weights; None = on CUDA, or with dtype=bfloat16
     compile: bool = False          # torch.compile the log-prob forward; off: no gain measured, ~100 s to compile
     # evaluation, logging, checkpoints
     eval_size: int = 200           # held-out questions for greedy accuracy before and after RL
@@ -133,6 +134,17 @@ class Config:
     save_every: int = 400          # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2      # checkpoints kept on disk
     wandb: bool = False            # log to Weights & Biases (needs the package)
+
+    def __post_init__(self):  # the demo's schedule applies to the demo's model only
+        for key, (demo, pretrained) in MODEL_DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, demo if self.model == "tiny" else pretrained)
+
+
+# the fields whose default depends on the model: (the tiny demo's, a pretrained model's). A
+# pretrained model gets no cold start unless asked, an lr in the published range (DeepSeekMath 1e-6,
+# TRL's default too) and room to reason (TRL's max_completion_length: 256).
+MODEL_DEFAULTS = {"sft_steps": (150, 0), "sft_lr": (1e-3, 1e-5), "max_new_tokens": (32, 256), "lr": (3e-4, 1e-6)}
 
 
 def parse_config(argv, cls=Config):
@@ -189,18 +201,29 @@ def clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high):
     return loss, (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
 
 
-def aggregate_loss(per_token, mask, loss_type, num_completions, num_tokens, max_new_tokens):
-    """Scalar loss from per-token losses [B, T] and mask [B, T]. The counts are those of the whole
-    batch, so summing this over micro-batches gives exactly the full-batch loss:
-      grpo:    sum_i (1/|o_i|) sum_t l_it / num_completions    (DeepSeekMath eq. 3)
-      dapo:    sum_i sum_t l_it / num_tokens                    (DAPO token-level loss)
-      dr_grpo: sum_i sum_t l_it / (num_completions * max_new_tokens)  (Dr. GRPO)"""
+def loss_denominator(loss_mask, loss_type, max_new_tokens):
+    """What a loss type divides the summed per-token loss by, counted on loss_mask [N, T] (this
+    rank's rows; sum it over ranks): grpo, the completions in the loss; dapo, their tokens;
+    dr_grpo, every completion sampled times max_new_tokens, a constant that does not move when
+    DAPO's filters leave completions out (as TRL's dr_grpo: batch rows x max_completion_length)."""
+    if loss_type == "grpo":
+        return (loss_mask.sum(1) > 0).sum()
+    if loss_type == "dapo":
+        return loss_mask.sum()
+    return torch.tensor(len(loss_mask) * max_new_tokens, device=loss_mask.device)
+
+
+def aggregate_loss(per_token, mask, loss_type, denominator):
+    """Scalar loss from per-token losses [B, T] and mask [B, T]; `denominator` is the whole batch's
+    (loss_denominator, summed over micro-batches and ranks), so summing this over micro-batches
+    gives exactly the full-batch loss:
+      grpo:    sum_i (1/|o_i|) sum_t l_it / completions in the loss   (DeepSeekMath eq. 3)
+      dapo:    sum_i sum_t l_it / tokens in the loss                   (DAPO token-level loss)
+      dr_grpo: sum_i sum_t l_it / (completions sampled * max_new_tokens)  (Dr. GRPO)"""
     masked = per_token * mask
     if loss_type == "grpo":
-        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / num_completions
-    if loss_type == "dapo":
-        return masked.sum() / num_tokens
-    return masked.sum() / (num_completions * max_new_tokens)
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / denominator
+    return masked.sum() / denominator
 
 
 def dapo_filters(mask, zero_std_groups, truncated, drop_zero_std_groups, mask_truncated):
@@ -215,18 +238,18 @@ def dapo_filters(mask, zero_std_groups, truncated, drop_zero_std_groups, mask_tr
     return mask * keep[:, None]
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, num_completions, num_tokens):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, denominator):
     """The GRPO objective for one micro-batch: clipped surrogate + beta * k3 KL, aggregated by
-    cfg.loss_type. ref_logp is None when beta = 0. Returns (loss, masked sums for logging, as
-    tensors so that nothing waits for the device until the step is logged)."""
+    cfg.loss_type over `denominator` (loss_denominator of the whole batch). ref_logp is None when
+    beta = 0. Returns (loss, masked sums for logging, as tensors so that nothing waits for the
+    device until the step is logged)."""
     per_token, clip_low, clip_high = clipped_surrogate(logp, old_logp, advantages, cfg.clip_eps_low, cfg.clip_eps_high)
     stats = {"clip_low": (clip_low * mask).sum(), "clip_high": (clip_high * mask).sum()}
     if cfg.beta > 0:
         kl = k3_kl(logp, ref_logp)
         per_token = per_token + cfg.beta * kl
         stats["kl"] = (kl.detach() * mask).sum()
-    loss = aggregate_loss(per_token, mask, cfg.loss_type, num_completions, num_tokens, cfg.max_new_tokens)
-    return loss, stats
+    return aggregate_loss(per_token, mask, cfg.loss_type, denominator), stats
 
 
 def lr_factor(step, warmup_steps, total_steps, min_ratio):
@@ -252,6 +275,9 @@ def sync_reference(ref_model, model, alpha):
 
 
 def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
+    """(model, tokenizer) from a hub name or local path, weights in `dtype`. The policy is trained in
+    float32 (master weights, bf16 compute under autocast); bfloat16 is for frozen copies (the
+    reference model) and inference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -264,6 +290,19 @@ def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: masks count only the first EOS
     return model, tokenizer
+
+
+def disable_dropout(model):
+    """Zero every dropout probability, in modules and in attention (TRL's disable_dropout): the
+    sampling and no-grad passes run in eval mode, so with dropout the update would score the
+    completions under another policy than the one that drew them."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):  # transformers' attention reads a float while training
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
 
 
 def stop_ids(model, tokenizer):
@@ -281,41 +320,68 @@ def unwrap(model):
     return model
 
 
+ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def can_share_prompts(model):
+    """Whether a prompt's cache can be copied to other rows: every layer is attention, whose cache
+    is keys and values by row. Hybrid models (LFM2's convolutions, Qwen3-Next's linear attention)
+    keep running states that transformers updates in place; they run every row instead."""
+    config = getattr(unwrap(model), "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return set(getattr(config, "layer_types", None) or ATTENTION_LAYERS) <= ATTENTION_LAYERS
+
+
 def prefill_prompts(model, prompt_ids, prompt_mask, share=True):
     """Run each distinct prompt of left-padded prompt_ids [B, P] once (a group's G rows share one
     pass), then copy its KV cache and last logits to every row that has it (gradients flow back
-    through the copies); share=False runs every row. -> (logits [B, 1, V], the cache as a keyword
-    argument)."""
+    through the copies); share=False, or a model whose cache cannot be copied, runs every row.
+    -> (logits [B, 1, V], the cache as a keyword argument for the next forward call)."""
     import inspect
     from transformers import DynamicCache
     both = torch.cat([prompt_ids, prompt_mask], 1)
+    share = share and can_share_prompts(model)
     distinct, rows = torch.unique_consecutive(both, dim=0, return_inverse=True) if share else (both, None)
     ids, mask = distinct.split(prompt_ids.size(1), 1)
-    cache = DynamicCache()  # the argument is `cache` in newer transformers, `past_key_values` before
-    kwarg = {"cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values": cache}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                   use_cache=True, logits_to_keep=1, **kwarg).logits
+    name = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+    config = getattr(unwrap(model), "config", None)
+    # attention layers (full or sliding) get a cache from the config, in training mode too; a hybrid
+    # model builds its own, of the state classes its transformers version has
+    given = {name: DynamicCache(config=config)} if share and config is not None else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1, **given)
+    cache = getattr(out, "cache", None)  # `cache` in newer transformers, `past_key_values` before
+    cache, logits = getattr(out, "past_key_values", None) if cache is None else cache, out.logits
+    if cache is None:  # e.g. FalconH1 under transformers 4.x, which only fills a cache it is given
+        import transformers
+        raise ConfigError(f"model: {type(unwrap(model)).__name__} returns no KV cache under transformers "
+                          f"{transformers.__version__}, so it cannot be sampled here (a newer transformers may)")
     if rows is not None and len(distinct) < len(prompt_ids):
         cache.batch_select_indices(rows)
         logits = logits[rows]
-    return logits, kwarg
+    return logits, {name: cache}
 
 
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0, uniforms=None,
-           share_prompt=True):
+           share_prompt=True, return_entropy=False):
     """Sample completions for left-padded prompts [B, P] with a KV cache; temperature 0 is greedy.
     uniforms [B, max_new_tokens] in [0, 1) pick the tokens (drawn here when None). Returns [B, T]
     with T <= max_new_tokens (it stops once every row, on every rank, has an EOS); tokens after a
-    row's EOS are pad_id. share_prompt: repeated prompts are prefilled once (prefill_prompts)."""
+    row's EOS are pad_id. share_prompt: repeated prompts are prefilled once (prefill_prompts).
+    return_entropy: also the entropy of softmax(logits / temperature) at each position [B, T],
+    the policy's entropy on its own samples, free here (mask it with completion_mask)."""
     if uniforms is None:  # greedy decoding draws none, so that it leaves the random stream as it was
         uniforms = (torch.rand if temperature > 0 else torch.zeros)(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
     logits, cache = prefill_prompts(model, prompt_ids, prompt_mask, share_prompt)
     logits, mask, positions = logits[:, -1], prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
-    tokens = []
+    tokens, entropies = [], []
     for t in range(max_new_tokens):
-        token = pick_token(logits.float(), temperature, top_p, uniforms[:, t])
+        logits = logits.float()
+        token = pick_token(logits, temperature, top_p, uniforms[:, t])
+        if return_entropy:
+            entropies.append(torch.special.entr(torch.softmax(logits / temperature, -1)).sum(-1))
         token = torch.where(done, pad_id, token)
         tokens.append(token)
         done |= torch.isin(token, eos_ids)
@@ -326,7 +392,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temp
         positions = positions[:, -1:] + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                        use_cache=True, **cache).logits[:, -1]
-    return torch.stack(tokens, 1)
+    tokens = torch.stack(tokens, 1)
+    return (tokens, torch.stack(entropies, 1)) if return_entropy else tokens
 
 
 def pick_token(logits, temperature, top_p, uniform):
@@ -346,19 +413,22 @@ def pick_token(logits, temperature, top_p, uniform):
     return (cdf <= target).sum(-1).clamp(max=len(cdf[0]) - 1)  # never a token of probability 0
 
 
-def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, share_prompt=False):
+def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, share_prompt=False,
+                        with_entropy=True):
     """log pi(o_t | q, o_<t) / temperature-scaled, for the last num_completion tokens of
     input_ids [B, L] (left-padded prompt + completion) -> logp [B, C] and entropy [B, C]
-    (detached). Logits exist only at completion positions, and log-softmax is taken a block of
-    rows at a time (at most 2^24 logits: one row of a large vocabulary, a whole batch of a small
-    one), so the full-vocabulary log-probs of a large batch are never held at once.
+    (detached; None unless with_entropy). Logits exist only at completion positions, and
+    log-softmax is taken a block of rows at a time (at most 2^24 logits: one row of a large
+    vocabulary, a whole batch of a small one), so the full-vocabulary log-probs of a large batch
+    are never held at once.
     share_prompt: consecutive rows with the same prompt (a group) share one forward pass over it
     (prefill_prompts); the same result, fewer FLOPs. Not under gradient checkpointing, which
     keeps no KV cache. Whether to share is the caller's choice, not the data's, so that every rank
     makes the same number of forward calls (FSDP gathers weights in each)."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     prompt_len = input_ids.size(1) - num_completion
-    if share_prompt and not any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules()):
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules())
+    if share_prompt and not checkpointed and can_share_prompts(model):
         first, cache = prefill_prompts(model, input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
         rest = model(input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask, use_cache=True,
                      position_ids=positions[:, prompt_len:], logits_to_keep=num_completion, **cache).logits
@@ -373,15 +443,17 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
         block = block.float() / temperature
         lse = torch.logsumexp(block, -1)
         logps.append(block.gather(-1, block_targets[..., None]).squeeze(-1) - lse)
-        with torch.no_grad():
-            entropies.append(lse - (torch.softmax(block, -1) * block).sum(-1))
-    return torch.cat(logps), torch.cat(entropies)
+        if with_entropy:
+            with torch.no_grad():
+                entropies.append(torch.special.entr(torch.softmax(block, -1)).sum(-1))
+    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
 def autocast_factory(device, cfg):
-    """bf16 autocast (weights stay as loaded) where cfg.bf16 says, by default on CUDA only."""
+    """bf16 autocast over the weights as loaded where cfg.bf16 says: by default on CUDA, and with
+    dtype=bfloat16 on any device (bf16 compute, fp32 master weights)."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    bf16 = (device.type == "cuda" or cfg.dtype == "bfloat16") if cfg.bf16 is None else cfg.bf16
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
@@ -436,7 +508,7 @@ def sft_loss(model, tokenizer, batch, cfg, eos_ids, autocast):
     ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
     mask = completion_mask(completion_ids, eos_ids)
     with autocast():
-        logp, _ = completion_logprobs(model, ids, attention, completion_ids.size(1))
+        logp, _ = completion_logprobs(model, ids, attention, completion_ids.size(1), with_entropy=False)
     tokens = all_sum(mask.sum())
     return -(logp * mask).sum() / tokens, tokens
 
@@ -494,25 +566,25 @@ def score(texts, examples, lengths, reward_spec, cfg):
 def accumulate_gradients(model, ids, attention, num_completion, advantages, loss_mask, old_logp, ref_logp,
                          cfg, autocast):
     """Backpropagate the whole batch's GRPO loss one micro-batch at a time; the gradient equals
-    the full-batch one because every micro-batch is normalised by whole-batch counts, summed over
-    ranks under torchrun. old_logp None means mu = 1: the detached current log-probs stand in
-    (ratio 1, same gradient). Returns this rank's summed loss and masked-token statistics (tensors)."""
-    num_tokens = all_sum(loss_mask.sum()).clamp(min=1)
-    num_completions = all_sum((loss_mask.sum(1) > 0).sum()).clamp(min=1)
+    the full-batch one because every micro-batch is normalised by the whole batch's denominator,
+    summed over ranks under torchrun. old_logp None means mu = 1: the detached current log-probs
+    stand in (ratio 1, same gradient). Returns this rank's summed loss and masked-token
+    statistics (tensors)."""
+    denominator = all_sum(loss_denominator(loss_mask, cfg.loss_type, cfg.max_new_tokens)).clamp(min=1)
     world = rank_and_world()[1]
-    sums = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "entropy"), 0.0)
+    sums = dict.fromkeys(("loss", "clip_low", "clip_high", "kl"), 0.0)
     for i in range(0, len(ids), cfg.micro_batch_size):
         rows = slice(i, i + cfg.micro_batch_size)
         last = i + cfg.micro_batch_size >= len(ids)  # DDP all-reduces the gradients once, after the last
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast():
-                logp, entropy = completion_logprobs(model, ids[rows], attention[rows], num_completion, cfg.temperature,
-                                                    cfg.share_prompt)
+                logp, _ = completion_logprobs(model, ids[rows], attention[rows], num_completion, cfg.temperature,
+                                              cfg.share_prompt, with_entropy=False)
             loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows],
                                     None if ref_logp is None else ref_logp[rows], advantages[rows], loss_mask[rows],
-                                    cfg, num_completions, num_tokens)
+                                    cfg, denominator)
             (loss * world).backward()  # ranks' gradients are averaged; the loss already has global normalisers
-        stats.update(loss=loss.detach(), entropy=(entropy * loss_mask[rows]).sum())
+        stats.update(loss=loss.detach())
         for key, value in stats.items():
             sums[key] += value
     return sums
@@ -523,7 +595,7 @@ def batch_logprobs(model, ids, attention, num_completion, cfg, autocast):
     """Log-probs of a whole batch without gradients (old policy, reference), micro-batch by micro-batch."""
     with autocast():
         return torch.cat([completion_logprobs(model, ids[i:i + cfg.micro_batch_size], attention[i:i + cfg.micro_batch_size],
-                                              num_completion, cfg.temperature, cfg.share_prompt)[0]
+                                              num_completion, cfg.temperature, cfg.share_prompt, with_entropy=False)[0]
                           for i in range(0, len(ids), cfg.micro_batch_size)])
 
 
@@ -549,7 +621,9 @@ def train(cfg):
         raise ConfigError(f"out_dir: {run_dir} already holds a run; continue it with --resume={run_dir}, "
                           "or start anew in another --out_dir")
     os.makedirs(run_dir, exist_ok=True)
-    say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    kind = "the tiny demo" if cfg.model == "tiny" else "a pretrained model"
+    marks = {k: f"  # the default for {kind}" for k, pair in MODEL_DEFAULTS.items() if getattr(cfg, k) == pair[cfg.model != "tiny"]}
+    say("config:\n" + "\n".join(f"  {k} = {v!r}{marks.get(k, '')}" for k, v in dataclasses.asdict(cfg).items()))
     if main_rank and not cfg.eval_only:  # an evaluation must not replace the config a run resumes from
         write_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     random.seed(cfg.seed)
@@ -559,14 +633,17 @@ def train(cfg):
     state = None
     if cfg.resume:
         state, checkpoint = open_resumed_run(run_dir, clean=main_rank)
-        model, tokenizer = load_model(checkpoint, device, cfg.dtype, cfg.attn_implementation)
+        model, tokenizer = load_model(checkpoint, device, "float32", cfg.attn_implementation)
         init_path = state["init_model"]
     else:
         init_path = os.path.join(run_dir, "tiny") if cfg.model == "tiny" else cfg.model
         if cfg.model == "tiny" and main_rank:
             data.build_tiny_model(init_path, cfg.seed)
         barrier()
-        model, tokenizer = load_model(init_path, device, cfg.dtype, cfg.attn_implementation)
+        # trained weights are float32 whatever dtype says: AdamW's small steps would round away in bf16
+        model, tokenizer = load_model(init_path, device, cfg.dtype if cfg.eval_only else "float32", cfg.attn_implementation)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     cfg = data.resolve_prompt_limit(cfg, model, tokenizer, train_set + test_set)
     eos_ids = stop_ids(model, tokenizer)
     if cfg.gradient_checkpointing:
@@ -632,8 +709,9 @@ def train(cfg):
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
             model.eval()
             with autocast():
-                completion_ids = sample(model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids,
-                                        tokenizer.pad_token_id, cfg.temperature, cfg.top_p, uniforms, cfg.share_prompt)
+                completion_ids, entropies = sample(model, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_ids,
+                                                   tokenizer.pad_token_id, cfg.temperature, cfg.top_p, uniforms,
+                                                   cfg.share_prompt, return_entropy=True)
             mask = completion_mask(completion_ids, eos_ids)
             lengths, truncated = mask.sum(1), ~torch.isin(completion_ids, eos_ids).any(1)
             texts = data.decode(tokenizer, completion_ids, cfg.prefill)
@@ -660,19 +738,19 @@ def train(cfg):
 
             # 4. mu policy updates on this batch (none when the loss sees no token)
             model.train()
-            sums, grad_norm = dict.fromkeys(("loss", "clip_low", "clip_high", "kl", "entropy"), 0.0), 0.0
+            sums, grad_norm = dict.fromkeys(("loss", "clip_low", "clip_high", "kl"), 0.0), None
             skipped, updates = False, 0
             for _ in range(cfg.num_iterations if all_sum(loss_mask.sum()).item() > 0 else 0):
                 optimizer.zero_grad(set_to_none=True)
                 stats = accumulate_gradients(train_model, ids, attention, C, advantages, loss_mask, old_logp, ref_logp,
                                              cfg, autocast)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
-                if not (math.isfinite(grad_norm) and math.isfinite(all_sum(stats["loss"]))):  # leave weights, Adam alone
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP
+                if not (math.isfinite(norm) and math.isfinite(all_sum(stats["loss"]))):  # leave weights, Adam alone
                     optimizer.zero_grad(set_to_none=True)
                     skipped = True
                     break
-                sums = {k: sums[k] + v for k, v in stats.items()}
+                sums, grad_norm = {k: sums[k] + v for k, v in stats.items()}, float(norm)
                 optimizer.step()
                 updates += 1
             bad_steps, skipped_steps = (bad_steps + 1 if skipped else 0), skipped_steps + skipped
@@ -681,25 +759,28 @@ def train(cfg):
             synced = ref_model is not None and cfg.ref_sync_every > 0 and (step + 1) % cfg.ref_sync_every == 0
             if synced:
                 sync_reference(ref_model, model, cfg.ref_sync_alpha)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the update's queued GPU work belongs to t_update
             t3 = time.perf_counter()
 
             # 5. log, evaluate, checkpoint: one all-reduce brings every rank's sums to all (and to the host)
-            counts = [loss_mask.sum(), mask.sum(), torch.tensor(failures), torch.tensor(prompts_cut),
-                      torch.tensor(sum(map(R.reflects, texts)))]
+            counts = [loss_mask.sum(), mask.sum(), (entropies * mask).sum(), torch.tensor(failures),
+                      torch.tensor(prompts_cut), torch.tensor(sum(map(R.reflects, texts)))]
             totals = all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device)
                                           for v in [*sums.values(), *counts]])).tolist()
-            sums, (loss_tokens, tokens, failures, prompts_cut, reflecting) = dict(zip(sums, totals)), totals[len(sums):]
+            sums, (loss_tokens, tokens, entropy, failures, prompts_cut, reflecting) = dict(zip(sums, totals)), totals[len(sums):]
             lengths, truncated = gather(lengths.float()), gather(truncated.float())
-            per_token = max(1.0, loss_tokens) * max(1, updates)
-            row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / max(1, updates),
+            # per loss token and update; null when no update was made (no token in the loss, or skipped)
+            per_token = {k: v / (max(1.0, loss_tokens) * updates) if updates else None for k, v in sums.items()}
+            row = {"step": step + 1, "lr": lr, "loss": sums["loss"] / updates if updates else None,
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                    **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
                    "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
                    "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
                    "truncated_frac": truncated.mean().item(), "reflection_frac": reflecting / len(rewards),
-                   "kl": sums["kl"] / per_token if ref_model is not None else None,
-                   "clip_low_frac": sums["clip_low"] / per_token, "clip_high_frac": sums["clip_high"] / per_token,
-                   "entropy": sums["entropy"] / per_token, "grad_norm": float(grad_norm), "reward_errors": int(failures),
+                   "kl": per_token["kl"] if ref_model is not None else None, "clip_low_frac": per_token["clip_low"],
+                   "clip_high_frac": per_token["clip_high"], "entropy": entropy / tokens, "grad_norm": grad_norm,
+                   "updates": updates, "reward_errors": int(failures),
                    "ref_synced": synced, "skipped": skipped, "skipped_total": skipped_steps, "prompts_cut": int(prompts_cut),
                    "tokens_per_sec": tokens / (t3 - t0), "t_sample": t1 - t0, "t_logprobs": t2 - t1, "t_update": t3 - t2}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:

@@ -40,7 +40,7 @@ class R1Config(grpo.Config):
     output: str = ""               # sample: JSONL of kept completions, rows {"prompt", "completion", "answer", "source"}
     samples: int = 8               # sample: completions per prompt
     sample_prompts: int = 0        # sample: prompts from the task's training split; 0 = all
-    keep_rewards: str = "accuracy,format,language"  # sample: rewards a completion must score in full (R1: rule-based)
+    keep_rewards: str = "format,language"  # sample: rewards a kept completion must score in full, besides being correct
     max_repeats: int = 3           # sample: most times any 8-token span may recur (repetition loops); 0 = no check
 
 
@@ -51,12 +51,15 @@ class R1Config(grpo.Config):
 def load_pairs(path, prefill=""):
     """Rows {"prompt", "completion"} of a JSONL file as examples for grpo.sft_loss: the prompt is
     the question (rendered with the student's own template, so one file serves any tokenizer) and a
-    completion that starts with the student's prefill loses it (the prompt ends with it)."""
+    completion that starts with the student's prefill, or with the part of it that rewards see
+    (which is how rejection sampling writes them), loses it: the prompt ends with the prefill."""
     examples = []
     for lineno, row in data.read_jsonl(path):
         question, completion = (data.require_text(row, key, path, lineno) for key in ("prompt", "completion"))
-        if prefill and completion.startswith(prefill):
-            completion = completion[len(prefill):]
+        for opening in filter(None, (prefill, data.judged_prefill(prefill))):
+            if completion.startswith(opening):
+                completion = completion[len(opening):]
+                break
         examples.append(dict(row, question=question, solution=completion, source=f"{path}:{lineno}"))
     if not examples:
         raise data.DataError(f"{path}: no rows")
@@ -87,7 +90,7 @@ def sft(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     runs.write_atomic(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     path = data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
-    model, tokenizer = grpo.load_model(path, device, cfg.dtype, cfg.attn_implementation)
+    model, tokenizer = grpo.load_model(path, device, "float32", cfg.attn_implementation)  # fp32 master weights
     cfg = data.resolve_prompt_limit(cfg, model, tokenizer, pairs)
     eos_ids, autocast = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg)
     before = grpo.evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if test_set else {}
@@ -138,13 +141,16 @@ def longest_repeat(text, span=8):
 
 
 def verdict(text, example, truncated, cfg, seen):
-    """Why a completion is rejected ("truncated", "repetition", "duplicate", or the first reward in
-    keep_rewards it does not score in full), or "kept". `seen` holds the prompt's kept texts."""
+    """Why a completion is rejected ("truncated", "repetition", "wrong" by the task's own rule as
+    the trainer judges it, the first reward in keep_rewards it does not score in full, or
+    "duplicate"), or "kept". `seen` holds the prompt's kept texts."""
     if truncated:  # bounded length: it must end within max_new_tokens
         return "truncated"
     if cfg.max_repeats and longest_repeat(text) > cfg.max_repeats:
         return "repetition"
     context = dict(example, language=cfg.language)
+    if R.safe_reward(grpo.correctness(cfg.task), text, context)[0] < 1:
+        return "wrong"
     for name in filter(None, cfg.keep_rewards.split(",")):
         if R.safe_reward(R.REWARDS[name], text, context)[0] < 1:
             return name
@@ -289,6 +295,8 @@ def main(argv):
             cfg.out_dir = "runs/r1_recipe"
         if mode == "sft" and not cfg.data_path.endswith(".jsonl"):
             raise ConfigError("data_path: the sft mode needs a JSONL file of {\"prompt\", \"completion\"} rows")
+        if mode == "sft" and cfg.sft_steps < 1:
+            raise ConfigError("sft_steps: the sft mode needs --sft_steps=N, N >= 1 (a pretrained model's default is 0)")
         if mode == "sample" and not cfg.output:
             raise ConfigError("output: the sample mode needs a file to write the kept completions to")
         for name in filter(None, cfg.keep_rewards.split(",")):

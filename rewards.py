@@ -8,6 +8,8 @@ dict (`question`, `answer`, and for countdown `numbers` + `target`); the trainer
 REWARDS maps the names used in the config (`rewards="accuracy:1,format:0.5"`) to the functions.
 """
 import ast
+import functools
+import importlib.util
 import math
 import re
 import unicodedata
@@ -20,18 +22,74 @@ MAX_MAGNITUDE = 10**12   # countdown intermediate values beyond this are rejecte
 THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 TAG = re.compile(r"</?(think|answer)>")
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-NUMBER = re.compile(r"-?\$?\s*\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?%?|-?\.\d+%?")
+# a number as written: sign, currency, thousands commas, decimals, a mixed number ("1 1/2") or a
+# fraction, percent; the commas also take in a list ("1,2,3"), which parse_answer tells apart
+NUMBER = re.compile(r"[-−]?\$?\d[\d,]*(?:\.\d+)?(?:\s+\d+/\d+(?![\d/])|\s*/\s*\d+(?:\.\d+)?)?%?|[-−]?\.\d+%?")
+MAX_ANSWER = 200         # characters of a final answer the checkers read
 
 
 # ----------------------------------------------------------------------------
-# answer extraction
+# answers: find the final answer in a completion, then decide whether it equals the truth.
+# math-verify (an optional package) decides when it is installed; the built-in parser otherwise.
+# Both read the same cleaned text and agree on GSM8K and on the forms in tests/test_rewards.py.
+
+def last_boxed(text):
+    """The contents of the last complete \\boxed{…} in text (braces may nest), or None."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth = 0
+        for end in range(start + 6, min(len(text), start + 7 + MAX_ANSWER)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                return text[start + 7:end]
+        start = text.rfind("\\boxed{", 0, start)
+    return None
+
+
+def extract_answer(completion):
+    """The final answer as written: the last <answer>…</answer> (its \\boxed{} if it holds one),
+    else the last \\boxed{…}, else the last number in the text; None when there is none."""
+    text = completion[:MAX_TEXT]
+    answers = ANSWER.findall(text)
+    if answers:
+        boxed = last_boxed(answers[-1])
+        return answers[-1] if boxed is None else boxed
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    numbers = NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def clean_answer(text):
+    """An answer reduced to its mathematics, for either checker: LaTeX text and spacing commands,
+    currency and math delimiters dropped, the right side of the last `=`, words (units, "the
+    answer is") removed; single letters and LaTeX commands (\\frac, \\pi) stay."""
+    s = text[:MAX_ANSWER]
+    boxed = last_boxed(s)
+    s = boxed if boxed is not None else s
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox|operatorname)\{([^{}]*)\}", r" \1 ", s)
+    for old, new in (("\\$", ""), ("$", ""), ("\\%", "%"), ("{,}", ","), ("−", "-"), ("\\left", ""), ("\\right", ""),
+                     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\!", ""), ("\\,", " "), ("\\;", " "), ("\\ ", " "),
+                     ("~", " ")):
+        s = s.replace(old, new)
+    s = s.rpartition("=")[2]
+    s = re.sub(r"(?<![\\A-Za-z])[A-Za-z]{2,}\b", " ", s)  # words, not \commands
+    return re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+
 
 def parse_number(text):
-    """'1,234' '$18.00' '50%' '-3/4' '18.0' -> Fraction, or None. Percent is kept as written
-    (50% -> 50), as GSM8K answers are."""
-    s = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip("%").rstrip(".")
-    if not s or len(s) > 40:
+    """'1,234' '$18.00' '50%' '-3/4' '18.0' '1 1/2' -> Fraction, or None. Percent is kept as
+    written (50% -> 50), as GSM8K answers are; commas must group thousands."""
+    s = text.strip().replace("−", "-").replace("$", "").rstrip("%").strip().rstrip(".")
+    mixed = re.fullmatch(r"(-?)(\d+)\s+(\d+)\s*/\s*(\d+)", s)
+    if mixed:  # 1 1/2 = 3/2, -2 3/4 = -11/4
+        sign, whole, num, den = mixed.groups()
+        return None if int(den) == 0 else (-1 if sign else 1) * (int(whole) + Fraction(int(num), int(den)))
+    if "," in s and not re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        return None  # commas that do not group thousands: a list, not one number
+    s = re.sub(r"^-\s+", "-", re.sub(r"\s*/\s*", "/", s)).replace(",", "")
+    if len(s) > 40 or not re.fullmatch(r"-?(\d+\.?\d*|\.\d+)(/(\d+\.?\d*|\.\d+))?", s):  # "8 5" is no number; "1e999999" no
         return None
     try:
         if "/" in s:
@@ -42,25 +100,76 @@ def parse_number(text):
         return None
 
 
-def last_number(text):
-    """The last number written in `text`, as a Fraction, or None."""
-    for match in reversed(NUMBER.findall(text)):
-        value = parse_number(match)
-        if value is not None:
-            return value
-    return None
+def parse_answer(text):
+    """The built-in parser: a cleaned answer (clean_answer) as a Fraction, a frozenset of them (a
+    list, as math-verify compares lists), or None. Reads numbers as parse_number does, LaTeX
+    fractions and mixed numbers (\\frac{1}{2}, \\frac12, 1\\frac{1}{2}), arithmetic of numbers
+    (3+4, 1/2+1/4; through evaluate_arithmetic, never eval), or a lone number among punctuation."""
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", text)
+    s = re.sub(r"(\d)\s*\\frac\{(\d+)\}\{(\d+)\}", r"\1 \2/\3", s)        # mixed: 1\frac{1}{2} -> 1 1/2
+    s = re.sub(r"\\frac\{([^{}]+)\}\{([^{}]+)\}", r"(\1)/(\2)", s)
+    s = s.strip("{}").replace("\\{", "").replace("\\}", "")
+    number = parse_number(s)
+    if number is not None:
+        return number
+    items = s.split(",")
+    if len(items) > 1:
+        values = [parse_answer(item.strip()) for item in items]
+        return frozenset(values) if all(isinstance(v, Fraction) for v in values) else None
+    if re.fullmatch(r"[\d+\-*/().\s]+", s):
+        try:
+            return evaluate_arithmetic(s)
+        except ValueError:
+            pass
+    numbers = NUMBER.findall(s)  # a lone number among punctuation ("Total: 42"); not among symbols ("\\pi/2")
+    return parse_number(numbers[0]) if len(numbers) == 1 and not re.search(r"[A-Za-z\\]", s) else None
 
 
-def extract_answer(completion):
-    """The final answer: last <answer>…</answer>, else last \\boxed{…}, else last number in the text."""
-    text = completion[:MAX_TEXT]
-    answers = ANSWER.findall(text)
-    if answers:
-        return last_number(answers[-1])
-    boxed = BOXED.findall(text)
-    if boxed:
-        return last_number(boxed[-1])
-    return last_number(text)
+def builtin_match(truth, answer):
+    """Equal values; an answer in percent may also mean its hundredth (50% = 0.5), as math-verify allows."""
+    want, got = parse_answer(clean_answer(truth)), parse_answer(clean_answer(answer))
+    if want is None or got is None:
+        return False
+    return got == want or ("%" in answer and isinstance(got, Fraction) and got / 100 == want)
+
+
+def as_latex(cleaned):
+    """A cleaned answer as math-verify reads it: in $…$, a mixed number written 1\\frac{1}{2}
+    (math-verify reads '1 1/2' as 1), percent as \\%."""
+    s = re.sub(r"(\d)\s+(\d+)\s*/\s*(\d+)", r"\1\\frac{\2}{\3}", cleaned)
+    return "$" + s.replace("%", "\\%") + "$"
+
+
+def math_verify_match(truth, answer):
+    """math-verify's verdict, its LaTeX parser only: its plain-expression parser hands text to
+    sympy's parse_expr, which runs eval, and model output never goes there. None when it cannot
+    judge (the truth does not parse; or its timeout, which needs the main thread)."""
+    from math_verify import LatexExtractionConfig, parse, verify
+    latex = [LatexExtractionConfig()]
+    try:
+        gold = parse(as_latex(clean_answer(truth)), extraction_config=latex)
+        if not gold:
+            return None
+        return bool(verify(gold, parse(as_latex(clean_answer(answer)), extraction_config=latex)))
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def math_verify_installed():
+    return importlib.util.find_spec("math_verify") is not None
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the same answer to the same question recurs across a group and steps
+def answers_match(truth, answer, checker="auto"):
+    """Whether `answer` (extract_answer's text) states `truth`. checker: math_verify, builtin, or
+    auto = math_verify when installed (as open-r1 does), else builtin; builtin also decides what
+    math-verify cannot."""
+    if checker == "math_verify" or (checker == "auto" and math_verify_installed()):
+        verdict = math_verify_match(truth, answer)
+        if verdict is not None:
+            return verdict
+    return builtin_match(truth, answer)
 
 
 # ----------------------------------------------------------------------------
@@ -78,12 +187,20 @@ def format_reward(completion, example):
     return 1.0 if match.group(1).strip() and match.group(2).strip() else 0.0
 
 
+def tags_reward(completion, example):
+    """Partial credit for the format: 0.25 for each of <think>, </think>, <answer>, </answer> that
+    appears exactly once (open-r1's tag-count reward, in spirit). A model that never writes the
+    whole structure still gets a signal towards it, where the strict format reward gives none."""
+    text = completion[:MAX_TEXT]
+    return 0.25 * sum(text.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
+
+
 def accuracy_reward(completion, example):
-    """1.0 when the extracted answer equals `example["answer"]` numerically
-    (commas, `$`, `%`, `18.0` vs `18`, fractions), else 0.0."""
-    truth = parse_number(str(example["answer"]))
-    guess = extract_answer(completion)
-    return 1.0 if truth is not None and guess is not None and guess == truth else 0.0
+    """1.0 when the final answer (extract_answer) equals `example["answer"]` (answers_match:
+    math-verify when installed, else the built-in parser: `1,234` = 1234, `$18.00` = 18, `50%` =
+    50, `3/4` = 0.75, `\\frac{1}{2}`, `1 1/2` = 3/2, `1,2,3` a list), else 0.0."""
+    answer = extract_answer(completion)
+    return 1.0 if answer is not None and answers_match(str(example["answer"]).strip(), answer.strip()) else 0.0
 
 
 def evaluate_arithmetic(expression):
@@ -185,6 +302,7 @@ def reflects(completion):
 
 REWARDS = {
     "format": format_reward,
+    "tags": tags_reward,
     "accuracy": accuracy_reward,
     "countdown": countdown_reward,
     "language": language_reward,

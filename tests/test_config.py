@@ -1,12 +1,17 @@
 """Config: defaults -> file -> command line; every mistake is one line, exit code 2, before any model loads."""
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
 import configurator
+import data
 import grpo
+import rewards as R
 from conftest import ROOT, SHARED
 
 
@@ -105,17 +110,89 @@ def test_readme_documents_every_flag():
     assert not missing
 
 
-def test_shipped_configs_parse():
-    folder = os.path.join(ROOT, "configs")
-    names = sorted(n for n in os.listdir(folder) if n.endswith(".py"))
-    assert names
-    local_data = [f"--data_path={SHARED}/train.jsonl", f"--eval_data_path={SHARED}/test.jsonl"]  # not the hub copy
-    for name in names:
-        cfg = grpo.parse_config(["--config", os.path.join(folder, name)] + (local_data if "gsm8k" in name else []))
-        assert cfg.out_dir.startswith("runs/")
+SHIPPED = sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".py"))
+
+
+def stand_in_datasets(monkeypatch):
+    """A `datasets` module whose load_dataset("openai/gsm8k", "main", split) reads the local GSM8K
+    copy (nothing may download at test time); find_spec reports it installed."""
+    def load_dataset(name, config, split):
+        assert (name, config) == ("openai/gsm8k", "main")
+        with open(os.path.join(SHARED, f"{split}.jsonl")) as f:
+            return [json.loads(line) for line in f]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "datasets" else real(name, *a))
+
+
+class ModelLoad(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_runs_as_shipped_up_to_the_model_load(name, tmp_path, monkeypatch):
+    """Each file exactly as shipped (its hub dataset names included, through a stand-in `datasets`):
+    parsed, validated, its data loaded and its run directory made, up to loading the model."""
+    stand_in_datasets(monkeypatch)
+    monkeypatch.chdir(tmp_path)                       # out_dir = "runs/..." lands here
+
+    def load_model(path, *args):
+        raise ModelLoad(path)
+    monkeypatch.setattr(grpo, "load_model", load_model)
+    cfg = grpo.parse_config(["--config", os.path.join(ROOT, "configs", name)])
+    assert cfg.out_dir.startswith("runs/")
+    with pytest.raises(ModelLoad):
+        grpo.train(cfg)
+    assert json.loads((tmp_path / cfg.out_dir / "train_config.json").read_text())["model"] == cfg.model
+
+
+class Decoder:
+    """Stands in for a tokenizer's batch_decode: the 'ids' are the sampled texts themselves."""
+    def batch_decode(self, texts, skip_special_tokens):
+        return list(texts)
+
+
+def perfect_answer(cfg):
+    """(an example of cfg's task, its right answer as written in <answer>)."""
+    if cfg.task == "countdown":
+        return {"question": "Using the numbers [3, 8, 2]...", "answer": "22", "numbers": [3, 8, 2], "target": 22}, "3*8-2"
+    if cfg.task == "gsm8k":
+        return {"question": "Natalia sold 48 clips...", "answer": "72"}, "72"
+    return data.addition_example(47, 38), "85"
+
+
+@pytest.mark.parametrize("name", [None] + SHIPPED)
+def test_a_perfect_completion_scores_full_marks_under_every_shipped_config(name, tmp_path, monkeypatch):
+    """Under its own template and prefill (TinyZero's prefill has text before <think>), a perfect
+    completion scores the maximum of every reward the config names (1; overlong's is 0), and one
+    without the answer tags scores 0 on format."""
+    stand_in_datasets(monkeypatch)
+    cfg = grpo.parse_config(["--config", os.path.join(ROOT, "configs", name)] if name else [])
+    example, answer = perfect_answer(cfg)
+    whole = f"<think>I work it out step by step.</think>\n<answer>{answer}</answer>"
+    opening = data.judged_prefill(cfg.prefill)   # what the prompt already wrote of the answer
+    assert whole.startswith(opening)
+    sampled, malformed = whole[len(opening):], f"<think>I work it out step by step.</think>\n{answer}"[len(opening):]
+    texts = data.decode(Decoder(), [sampled, malformed], cfg.prefill)
+    context = dict(example, completion_tokens=20, max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer,
+                   language=cfg.language)
+    best = {"overlong": 0.0}
+    for reward, _ in R.parse_reward_spec(cfg.rewards):
+        assert R.REWARDS[reward](texts[0], context) == best.get(reward, 1.0), reward
+    assert R.format_reward(texts[1], context) == 0.0
+    assert R.safe_reward(grpo.correctness(cfg.task), texts[0], context)[0] == 1.0
 
 
 def test_wandb_asked_but_not_installed(capsys, monkeypatch):
     monkeypatch.setattr(configurator.importlib.util, "find_spec", lambda name: None if name == "wandb" else True)
     code, err = run_main(capsys, "--wandb=True")
     assert code == 2 and err == "grpo.py: error: wandb: the wandb package is not installed"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_asked_on_a_machine_without_it(capsys, tmp_path, device):
+    code, err = run_main(capsys, f"--device={device}", f"--out_dir={tmp_path / 'run'}")
+    assert code == 2 and err == (f"grpo.py: error: device: {device!r}, but torch sees no CUDA device here "
+                                 "(a CPU build, or no GPU); use --device=cpu")
+    assert not (tmp_path / "run").exists()

@@ -78,9 +78,24 @@ def test_aggregation_by_hand():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     # grpo: (6/3 + 4/1) / 2 = 3; dapo: 10 / 4 = 2.5; dr_grpo: 10 / (2 * 5) = 1
-    assert grpo.aggregate_loss(per_token, mask, "grpo", 2, 4, 5).item() == pytest.approx(3.0)
-    assert grpo.aggregate_loss(per_token, mask, "dapo", 2, 4, 5).item() == pytest.approx(2.5)
-    assert grpo.aggregate_loss(per_token, mask, "dr_grpo", 2, 4, 5).item() == pytest.approx(1.0)
+    denominators = {t: grpo.loss_denominator(mask, t, max_new_tokens=5).item() for t in ("grpo", "dapo", "dr_grpo")}
+    assert denominators == {"grpo": 2, "dapo": 4, "dr_grpo": 10}
+    assert grpo.aggregate_loss(per_token, mask, "grpo", 2).item() == pytest.approx(3.0)
+    assert grpo.aggregate_loss(per_token, mask, "dapo", 4).item() == pytest.approx(2.5)
+    assert grpo.aggregate_loss(per_token, mask, "dr_grpo", 10).item() == pytest.approx(1.0)
+
+
+def test_dr_grpo_denominator_is_constant_under_dapo_filters():
+    """Dr. GRPO divides by every completion sampled x max_new_tokens (TRL: rows x
+    max_completion_length), so leaving completions out never scales up the others' update."""
+    mask = torch.ones(4, 3)
+    zero_std, truncated = torch.tensor([True, False]), torch.tensor([False, False, True, False])
+    filtered = grpo.dapo_filters(mask, zero_std, truncated, True, True)      # one completion of four left
+    assert grpo.loss_denominator(filtered, "dr_grpo", 8).item() == grpo.loss_denominator(mask, "dr_grpo", 8).item() == 32
+    assert grpo.loss_denominator(filtered, "grpo", 8).item() == 1 and grpo.loss_denominator(filtered, "dapo", 8).item() == 3
+    per_token = torch.full((4, 3), 2.0)
+    # the kept completion's 3 tokens: 3 * 2 / 32, whatever the filters removed
+    assert grpo.aggregate_loss(per_token, filtered, "dr_grpo", 32).item() == pytest.approx(6 / 32)
 
 
 def test_grpo_loss_adds_beta_times_kl():
@@ -88,11 +103,11 @@ def test_grpo_loss_adds_beta_times_kl():
     logp = torch.tensor([[math.log(0.5), math.log(0.5)]])
     ref = torch.tensor([[math.log(0.25), math.log(0.5)]])
     mask = torch.ones(1, 2)
-    loss, stats = grpo.grpo_loss(logp, logp, ref, torch.tensor([1.0]), mask, cfg, 1, 2)
+    loss, stats = grpo.grpo_loss(logp, logp, ref, torch.tensor([1.0]), mask, cfg, 2)
     # surrogate -1 per token; KL 0.193147 and 0 -> (-2 + 0.5 * 0.193147) / 2
     assert loss.item() == pytest.approx((-2 + 0.5 * (0.5 + math.log(2) - 1)) / 2, rel=1e-6)
     assert stats["kl"] == pytest.approx(0.5 + math.log(2) - 1, rel=1e-6)
-    no_kl, stats = grpo.grpo_loss(logp, logp, None, torch.tensor([1.0]), mask, Config(beta=0.0, clip_eps_high=0.2), 1, 2)
+    no_kl, stats = grpo.grpo_loss(logp, logp, None, torch.tensor([1.0]), mask, Config(beta=0.0, clip_eps_high=0.2), 1)
     assert no_kl.item() == pytest.approx(-1.0) and "kl" not in stats
 
 

@@ -66,7 +66,7 @@ class Scripted(torch.nn.Module):
         logits = torch.full((len(input_ids), 1, self.vocab), -1e9)
         for r, script in enumerate(self.scripts):
             logits[r, 0, script[step] if step < len(script) else 9] = 0
-        return types.SimpleNamespace(logits=logits)
+        return types.SimpleNamespace(logits=logits, cache=())  # a stand-in cache, passed back and ignored
 
 
 @pytest.mark.parametrize("pad_id", [0, 2])   # 2 == EOS: pad equal to EOS
@@ -250,3 +250,13 @@ def test_prompts_are_left_padded_and_cut_from_the_left(tiny):
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]] and tokenizer.decode(ids[1]) == "1+2\n"
     ids, mask, cut = data.encode_prompts(tokenizer, [{"question": "12"}, {"question": "1+2"}], cfg, "cpu")
     assert cut == 0 and mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]] and ids[0, 0] == tokenizer.pad_token_id
+
+
+def test_a_model_that_returns_no_cache_is_refused_in_one_line():
+    """FalconH1 under transformers 4.x returns no cache unless given one: sampling cannot go on."""
+    class NoCache(Scripted):
+        def forward(self, *args, **kwargs):
+            return types.SimpleNamespace(logits=super().forward(*args, **kwargs).logits)
+    with pytest.raises(grpo.ConfigError, match=r"^model: NoCache returns no KV cache under transformers "):
+        grpo.sample(NoCache([[5, 2]]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 4,
+                    torch.tensor([2]), 0)

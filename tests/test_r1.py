@@ -88,7 +88,7 @@ def test_longest_repeat():
 
 @pytest.mark.parametrize("text, truncated, expected", [
     ("<think>2+4=6</think><answer>46</answer>", False, "kept"),
-    ("<think>2+4=6</think><answer>47</answer>", False, "accuracy"),
+    ("<think>2+4=6</think><answer>47</answer>", False, "wrong"),
     ("46", False, "format"),
     ("<think>двa плюс четыре</think><answer>46</answer>", False, "language"),
     ("<think>" + "wait, let me check 2+4=6. " * 5 + "</think><answer>46</answer>", False, "repetition"),
@@ -97,6 +97,18 @@ def test_longest_repeat():
 def test_rejection_filters(text, truncated, expected):
     cfg = r1.R1Config()
     assert r1.verdict(text, {"question": "12+34", "answer": "46"}, truncated, cfg, set()) == expected
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("3*8", "kept"),            # right, though the GSM8K rule reads no number 24 in it
+    ("1+1 = 24", "wrong"),      # ends in the target, uses neither number: the GSM8K rule would keep it
+    ("3+8", "wrong"),
+])
+def test_rejection_sampling_judges_countdown_by_its_own_rule(answer, expected):
+    cfg = r1.R1Config(task="countdown")
+    example = {"question": "Using the numbers [3, 8], create an equation that equals 24.", "answer": "24",
+               "numbers": [3, 8], "target": 24}
+    assert r1.verdict(f"<think>3 times 8</think><answer>{answer}</answer>", example, False, cfg, set()) == expected
 
 
 def test_duplicates_are_dropped_ignoring_whitespace():
@@ -129,18 +141,19 @@ def test_rejection_sampling_then_distillation_into_another_tokenizer(tmp_path, t
     monkeypatch.setattr(grpo, "sample", scripted_sampler(tokenizer, per_prompt))
     kept = tmp_path / "kept.jsonl"
     assert r1.main(["sample", f"--model={tiny_dir}", f"--output={kept}", "--samples=4", "--sample_prompts=10",
-                    "--eval_batch_size=12"]) == 0
+                    "--eval_batch_size=12", "--max_new_tokens=32"]) == 0
     rows, report = read_rows(kept), read_rows(str(kept) + ".report.jsonl")
     assert len(rows) == 10 and all(r["completion"].endswith(f"<answer>{r['answer']}</answer>") for r in rows)
     assert len(report) == 10 and all(r["kept"] == 1 and r["total"] == 4 for r in report)
-    assert report[0]["rejected"] == {"duplicate": 1, "accuracy": 1, "truncated": 1}
+    assert report[0]["rejected"] == {"duplicate": 1, "wrong": 1, "truncated": 1}
     monkeypatch.undo()
 
     student = data.build_tiny_model(str(tmp_path / "student"), seed=1, arch="qwen2", chat=True)
     assert grpo.load_model(student, "cpu")[1].eos_token != tokenizer.eos_token
     run = tmp_path / "distilled"
     assert r1.main(["sft", f"--model={student}", f"--data_path={kept}", f"--out_dir={run}", "--template=chat",
-                    "--system_prompt=", "--sft_steps=12", "--sft_batch_size=10", "--eval_size=8", "--warmup_steps=0"]) == 0
+                    "--system_prompt=", "--sft_steps=12", "--sft_batch_size=10", "--eval_size=8", "--warmup_steps=0",
+                    "--max_new_tokens=32"]) == 0
     losses = [r["loss"] for r in read_rows(run / "metrics.jsonl")]
     assert losses[-1] < losses[0]
     assert grpo.load_model(str(run), "cpu")[1].chat_template  # the student keeps its own tokenizer

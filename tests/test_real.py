@@ -18,17 +18,22 @@ def gsm8k_test_rows():
         return [json.loads(line) for line in f]
 
 
-def test_evaluator_scores_gsm8k_reference_solutions_at_100_percent():
-    """The answer parser agrees with GSM8K's own ground truth on every test question: the raw
+@pytest.mark.parametrize("checker", ["builtin", pytest.param("math_verify", marks=pytest.mark.skipif(
+    not R.math_verify_installed(), reason="math-verify is not installed"))])
+def test_evaluator_scores_gsm8k_reference_solutions_at_100_percent(checker):
+    """Each answer checker agrees with GSM8K's own ground truth on every test question: the raw
     reference solutions ('... #### 72') and the same reasoning in the think/answer format."""
     examples = data.load_file(os.path.join(SHARED, "test.jsonl"), data.gsm8k_example)
     raw = [row["answer"] for row in gsm8k_test_rows()]
     assert len(examples) == len(raw) == 1319
-    assert sum(R.accuracy_reward(text, e) for text, e in zip(raw, examples)) == 1319
-    assert sum(R.accuracy_reward(e["solution"], e) for e in examples) == 1319
+
+    def score(text, example):
+        return R.answers_match(example["answer"], R.extract_answer(text).strip(), checker)
+    assert sum(score(text, e) for text, e in zip(raw, examples)) == 1319
+    assert sum(score(e["solution"], e) for e in examples) == 1319
     assert sum(R.format_reward(e["solution"], e) for e in examples) == 1319
     # and it is not vacuous: another question's solution scores (almost) nothing
-    assert sum(R.accuracy_reward(a["solution"], b) for a, b in zip(examples, examples[1:])) < 40
+    assert sum(score(a["solution"], b) for a, b in zip(examples, examples[1:])) < 40
 
 
 @pytest.fixture(scope="module")

@@ -231,7 +231,7 @@ def test_prompts_longer_than_the_context(tmp_path, tiny_dir):
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=?" + " pad" * (70 * (i == 20)), "answer": i + 1}) + "\n"
                             for i in range(40)))
     # the tiny model's context is 256 tokens; 256 - 32 new tokens leaves 224 for the prompt; line 21 has 287
-    common = [f"--model={tiny_dir}", "--task=jsonl", f"--data_path={data}", "--eval_size=10", "--sft_steps=0"]
+    common = [f"--model={tiny_dir}", "--task=jsonl", f"--data_path={data}", "--eval_size=10", "--max_new_tokens=32"]
     code, err = run_cli(tmp_path, *common, "--prompt_overflow=reject")
     assert code == 2 and err.startswith(f"grpo.py: error: prompt_overflow: {data}:21: a prompt of 287 tokens")
     assert "over max_prompt_tokens=224" in err

@@ -1,5 +1,6 @@
 import contextlib
 import math
+import re
 import signal
 from unittest import mock
 
@@ -11,16 +12,17 @@ import rewards as R
 
 @contextlib.contextmanager
 def hang_guard(seconds=10):
-    """Fail instead of hanging if a reward does not return: a bound on work, far above normal."""
+    """Fail instead of hanging if a reward does not return: a bound on work, far above normal. It
+    counts CPU time (SIGVTALRM), as math-verify keeps SIGALRM for its own timeouts."""
     def fail(signum, frame):
-        raise AssertionError(f"a reward ran for more than {seconds} s")
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
+        raise AssertionError(f"a reward ran for more than {seconds} s of CPU time")
+    previous = signal.signal(signal.SIGVTALRM, fail)
+    signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
     try:
         yield
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, previous)
 
 GOOD = "<think>7+8=15,4+3+1=8</think><answer>85</answer>"
 
@@ -42,6 +44,18 @@ GOOD = "<think>7+8=15,4+3+1=8</think><answer>85</answer>"
 ])
 def test_format(text, expected):
     assert R.format_reward(text, {}) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    (GOOD, 1.0),
+    ("<think>a</think> 85", 0.5),
+    ("<think>a", 0.25),
+    ("85", 0.0),
+    ("<think>a</think><answer>b</answer><answer>c</answer>", 0.5),   # a repeated tag earns nothing
+    ("<answer>b</answer><think>a</think>", 1.0),                    # order is the strict format's concern
+])
+def test_tags_give_partial_credit(text, expected):
+    assert R.tags_reward(text, {}) == expected
 
 
 @pytest.mark.parametrize("text, truth, expected", [
@@ -66,6 +80,64 @@ def test_format(text, expected):
 ])
 def test_accuracy(text, truth, expected):
     assert R.accuracy_reward(text, {"answer": truth}) == expected
+
+
+# forms a final answer takes: (completion, truth, right?). Both checkers must give each verdict.
+HARD_FORMS = [
+    ("<answer>1,2,3</answer>", "123", False),               # a list, not a number with commas
+    ("<answer>1,2,3</answer>", "1,2,3", True),
+    ("<answer>3, 2, 1</answer>", "1,2,3", True),            # lists compare as sets, as math-verify's do
+    ("<answer>1,234</answer>", "1234", True),               # thousands separators
+    ("<answer>1,000,000</answer>", "1000000", True),
+    ("<answer>1{,}000</answer>", "1000", True),             # LaTeX's thousands separator
+    ("\\boxed{\\frac{1}{2}}", "0.5", True),                 # nested braces in \boxed
+    ("\\boxed{\\frac{1}{2}}", "2", False),
+    ("<answer>\\boxed{\\frac{1}{2}}</answer>", "1/2", True),
+    ("<answer>\\dfrac34</answer>", "0.75", True),
+    ("<answer>\\frac12</answer>", "0.5", True),
+    ("<answer>$\\frac{1}{3}$</answer>", "1/3", True),
+    ("<answer>0.333</answer>", "1/3", False),
+    ("<answer>1 1/2</answer>", "1.5", True),                # a mixed number, not 1/2
+    ("<answer>1 1/2</answer>", "0.5", False),
+    ("<answer>1\\frac{1}{2}</answer>", "3/2", True),
+    ("<answer>-1 1/2</answer>", "-1.5", True),
+    ("we are left with 1 1/2 cups", "1.5", True),
+    ("<answer>-3</answer>", "-3", True),                    # negative numbers
+    ("<answer>−3</answer>", "-3", True),                    # a Unicode minus
+    ("<answer>-3</answer>", "3", False),
+    ("<answer>$18.00</answer>", "18", True),                # units and currency
+    ("<answer>\\$18</answer>", "18", True),
+    ("<answer>18 dollars</answer>", "18", True),
+    ("<answer>10\\text{ cm}</answer>", "10", True),
+    ("<answer>50%</answer>", "50", True),
+    ("<answer>x = 2</answer>", "2", True),
+    ("<answer>3+4=7</answer>", "7", True),
+    ("<answer>3+4</answer>", "7", True),                    # arithmetic, evaluated without eval
+    ("<answer>The answer is 42.</answer>", "42", True),
+    ("<answer>8 5</answer>", "85", False),                  # two numbers are not one
+    ("<answer>1/0</answer>", "0", False),
+    ("<answer>no number</answer>", "1", False),
+]
+CHECKERS = ["builtin", pytest.param("math_verify", marks=pytest.mark.skipif(
+    not R.math_verify_installed(), reason="math-verify is not installed (pip install math-verify)"))]
+
+
+@pytest.mark.parametrize("checker", CHECKERS)
+def test_both_checkers_agree_on_hard_answer_forms(checker):
+    wrong = [(text, truth) for text, truth, right in HARD_FORMS
+             if R.answers_match(truth, R.extract_answer(text).strip(), checker) != right]
+    assert not wrong
+
+
+def test_math_verify_decides_when_installed(monkeypatch):
+    """auto = math-verify when it is installed: a symbolic equality only it can see."""
+    if not R.math_verify_installed():
+        pytest.skip("math-verify is not installed")
+    assert R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "auto") and not R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "builtin")
+    R.answers_match.cache_clear()
+    monkeypatch.setattr(R, "math_verify_installed", lambda: False)
+    assert not R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "auto")   # the built-in parser, offline
+    R.answers_match.cache_clear()
 
 
 def test_parse_number():
@@ -181,15 +253,64 @@ COMPLETIONS = st.one_of(
 )
 
 
+# math-verify's LaTeX parser makes each number it reads with sympy.Number(text), and sympy parses that
+# text with its own parser (parse_expr, which ends in eval). So the guard: eval and exec only from
+# inside sympy (which also builds code from its own templates) or the import system, and sympy's
+# parser only ever given a numeral the LaTeX lexer read, never other model text.
+NUMERAL = re.compile(r"[0-9.,eE+\-]+")
+
+
+@contextlib.contextmanager
+def no_model_text_run():
+    import sys
+    import sympy.parsing.sympy_parser as sympy_parser
+    refused, real_parse = [], sympy_parser.parse_expr
+
+    def guarded(real):
+        def run(source, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if not (caller.startswith(("sympy.", "importlib")) or getattr(source, "co_filename", "").endswith(".py")):
+                refused.append(source)
+                raise AssertionError(f"{caller} ran {source!r}")
+            return real(source, *args, **kwargs)
+        return run
+
+    def importing():  # sympy's modules parse their own constants as they load ('yotta', ...)
+        frame = sys._getframe(2)
+        while frame and "importlib._bootstrap" not in frame.f_code.co_filename:
+            frame = frame.f_back
+        return frame is not None
+
+    def parse_expr(text, *args, **kwargs):
+        if not (NUMERAL.fullmatch(str(text).strip()) or importing()):
+            refused.append(text)
+            raise AssertionError(f"sympy's parser was given {text!r}")
+        return real_parse(text, *args, **kwargs)
+    with mock.patch("builtins.eval", guarded(eval)), mock.patch("builtins.exec", guarded(exec)), \
+            mock.patch.object(sympy_parser, "parse_expr", parse_expr), hang_guard():
+        yield refused
+    assert not refused
+
+
 @settings(max_examples=400, deadline=None)
 @given(text=COMPLETIONS, numbers=st.lists(st.integers(0, 10**6), max_size=6), target=st.integers(-10**9, 10**9),
        tokens=st.integers(0, 10**6))
 def test_every_reward_returns_a_finite_float_and_never_runs_code(text, numbers, target, tokens):
     example = {"answer": str(target), "numbers": numbers, "target": target, "completion_tokens": tokens,
                "max_new_tokens": 512, "overlong_buffer": 64, "language": "en"}
-    refuse = mock.Mock(side_effect=AssertionError("a reward tried to run code"))
-    with mock.patch("builtins.eval", refuse), mock.patch("builtins.exec", refuse), hang_guard():
+    with no_model_text_run():
         for name, fn in R.REWARDS.items():
             value = fn(text, example)
             assert type(value) is float and math.isfinite(value), name
-    refuse.assert_not_called()
+
+
+@pytest.mark.parametrize("text", ["<answer>__import__('os').system('touch PWNED')</answer>", "<answer>9**9**9</answer>",
+                                  "<answer>\\frac{__import__('os')}{2}</answer>", "\\boxed{exec('1')}",
+                                  "<answer>open('x','w')</answer>", "<answer>1e999999999</answer>", "<answer>(1,2)</answer>"])
+@pytest.mark.parametrize("checker", CHECKERS)
+def test_answer_checkers_run_no_model_text(text, checker, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    R.answers_match.cache_clear()
+    with no_model_text_run():
+        assert R.answers_match("3", R.extract_answer(text), checker) is False
+    assert not (tmp_path / "PWNED").exists()

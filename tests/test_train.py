@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
+import data
 import grpo
-from conftest import ROOT
+from conftest import ROOT, SHARED
+from transformers import AutoModelForCausalLM as AutoModel
 
 # a cold start long enough to earn some format reward, and a length reward, so that every step
 # has groups with unequal rewards and really updates the policy
@@ -17,7 +19,7 @@ FAST = ["--sft_steps=60", "--eval_size=16", "--prompts_per_step=4", "--group_siz
 TIMINGS = {"t_sample", "t_logprobs", "t_update", "tokens_per_sec"}
 ROW_KEYS = {"step", "lr", "loss", "reward_mean", "reward_std", "reward_accuracy", "reward_format", "accuracy",
             "zero_std_frac", "completion_len_mean", "completion_len_max", "truncated_frac", "kl", "clip_low_frac",
-            "clip_high_frac", "entropy", "grad_norm", "reward_errors", "ref_synced", "reflection_frac"} | TIMINGS
+            "clip_high_frac", "entropy", "grad_norm", "updates", "reward_errors", "ref_synced", "reflection_frac"} | TIMINGS
 
 
 def metrics(run_dir):
@@ -134,3 +136,89 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
         f"grpo.py: error: out_dir: {tmp_path} already holds a run; continue it with --resume={tmp_path}, "
         "or start anew in another --out_dir")
     assert [r["step"] for r in metrics(tmp_path)] == [1]      # the old run is untouched
+
+
+def flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_bfloat16_keeps_fp32_master_weights_and_tracks_float32(tmp_path):
+    """dtype=bfloat16 at lr 1e-6: bf16 weights would round nearly every AdamW step away (about
+    1 % of weights moved in 5 steps); with fp32 master weights under bf16 compute (nearly) every
+    weight moves, and the run's weights follow the fp32 run's."""
+    args = ["--sft_steps=0", "--eval_size=0", "--prompts_per_step=4", "--group_size=4", "--max_new_tokens=12",
+            "--rewards=overlong:1,format:1", "--overlong_buffer=12", "--log_samples_every=0", "--warmup_steps=0",
+            "--lr=1e-6", "--min_lr_ratio=1.0", "--beta=0.04", "--max_steps=20"]
+    for dtype in ("float32", "bfloat16"):
+        grpo.train(grpo.parse_config(args + [f"--dtype={dtype}", f"--out_dir={tmp_path / dtype}"]))
+    start = flat(grpo.load_model(str(tmp_path / "float32" / "tiny"), "cpu")[0])
+    fp32, bf16 = (flat(AutoModel.from_pretrained(tmp_path / d)) for d in ("float32", "bfloat16"))
+    assert bf16.dtype == torch.float32                       # the checkpoint holds the master weights
+    assert (bf16 != start).float().mean() > 0.99 and (fp32 != start).float().mean() > 0.99
+    # same direction as the fp32 run (bf16 compute flips the sign of Adam's step where a gradient
+    # is tiny; measured: cosine 0.93; with bf16 weights it was 0.0001)
+    assert torch.nn.functional.cosine_similarity(bf16 - start, fp32 - start, 0) > 0.85
+    assert len(metrics(tmp_path / "bfloat16")) == 20
+
+
+def test_a_step_without_an_update_logs_null_not_zero(tmp_path):
+    """With every group's rewards equal (an untrained model never earns the format reward) and
+    drop_zero_std_groups, the loss sees no token and no update is made: loss, KL, clip fractions
+    and grad norm are null, not 0.0 (which would read as a collapse); entropy comes from sampling."""
+    grpo.train(grpo.parse_config(["--sft_steps=0", "--eval_size=0", "--prompts_per_step=2", "--group_size=4",
+                                  "--max_new_tokens=8", "--rewards=format:1", "--drop_zero_std_groups=True",
+                                  "--max_steps=2", f"--out_dir={tmp_path}"]))
+    for row in metrics(tmp_path):
+        assert row["zero_std_frac"] == 1.0 and row["updates"] == 0
+        assert all(row[k] is None for k in ("loss", "kl", "clip_low_frac", "clip_high_frac", "grad_norm"))
+        assert row["entropy"] > 1.0      # a random model over ~100 tokens: far from collapsed
+
+
+def test_sampled_entropy_is_the_mean_over_completion_tokens(tiny):
+    model, tokenizer = tiny
+    ids = torch.tensor([tokenizer("12+34\n")["input_ids"]] * 3)
+    eos = grpo.stop_ids(model, tokenizer)
+    u = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
+    tokens, entropy = grpo.sample(model, ids, torch.ones_like(ids), 10, eos, tokenizer.pad_token_id, 0.7, 1.0, u,
+                                  return_entropy=True)
+    full = torch.cat([ids, tokens], 1)
+    with torch.no_grad():  # the same entropies from one pass over the sampled sequences
+        _, expected = grpo.completion_logprobs(model, full, torch.ones_like(full), tokens.size(1), 0.7)
+    assert torch.allclose(entropy, expected, atol=1e-4)
+
+
+def test_demo_defaults_apply_to_the_demo_model_only(capsys, tmp_path):
+    demo = grpo.parse_config([])
+    assert (demo.sft_steps, demo.sft_lr, demo.lr, demo.max_new_tokens) == (150, 1e-3, 3e-4, 32)
+    pretrained = grpo.parse_config(["--model=HuggingFaceTB/SmolLM2-135M-Instruct", "--task=gsm8k",
+                                    "--data_path=" + os.path.join(SHARED, "train.jsonl")])
+    assert (pretrained.sft_steps, pretrained.sft_lr, pretrained.lr, pretrained.max_new_tokens) == (0, 1e-5, 1e-6, 256)
+    assert grpo.parse_config(["--model=x/y", "--lr=3e-5", "--sft_steps=10"]).lr == 3e-5       # asked for: kept
+    assert grpo.parse_config(["--model=x/y", "--sft_steps=10"]).sft_steps == 10
+    with pytest.raises(SystemExit):
+        grpo.main(["--help"])
+    assert '--lr=None' in capsys.readouterr().out
+    grpo.train(grpo.parse_config(["--sft_steps=0", "--max_steps=1", "--eval_size=0", "--prompts_per_step=2",
+                                  "--group_size=2", f"--out_dir={tmp_path / 'run'}"]))
+    printed = capsys.readouterr().out
+    assert "  lr = 0.0003  # the default for the tiny demo" in printed and "  sft_steps = 0\n" in printed
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_in_the_policy_by_default(tmp_path, disable):
+    """A model configured with dropout: with disable_dropout the update's log-probs (train mode)
+    equal the sampler's (eval mode); without it they do not."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    _, tokenizer = grpo.load_model(data.build_tiny_model(str(tmp_path / "tok"), 0), "cpu")
+    shapes = dict(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    for model in (LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               attention_dropout=0.5, **shapes)),
+                  GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.5, embd_pdrop=0.5,
+                                             attn_pdrop=0.5, **shapes))):
+        if disable:
+            grpo.disable_dropout(model)
+        ids = torch.randint(3, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            sampler = grpo.completion_logprobs(model.eval(), ids, torch.ones_like(ids), 6)[0]
+            update = grpo.completion_logprobs(model.train(), ids, torch.ones_like(ids), 6)[0]
+        assert torch.allclose(sampler, update, atol=1e-6) == disable, type(model).__name__
