@@ -13,6 +13,7 @@ validation in configurator.py; prompt templates, tasks and tokenising in data.py
 Where it departs from or extends the paper (each one a flag, paper default first):
   - scale_rewards=group|batch|none   none is Dr. GRPO (arXiv 2503.20783); unbiased std
   - loss_type=grpo|dapo|dr_grpo      per-sequence mean (paper), token mean (DAPO), constant
+                                      (completions sampled x max_new_tokens, filtered or not, as TRL)
   - clip_eps_high                     DAPO's clip-higher (arXiv 2503.14476) when > clip_eps_low
   - mask_truncated, drop_zero_std_groups, the overlong reward: DAPO's other three changes
   - log-probs are taken at the sampling temperature, so the ratio compares the sampled policy
@@ -22,6 +23,9 @@ Where it departs from or extends the paper (each one a flag, paper default first
     completion is the same on 1 or N ranks (torchrun: groups are split across ranks)
   - share_prompt: a group's G sequences share one forward pass over their prompt, whose KV
     cache is copied to each (sampling's prefill, the reference and update passes): same result
+  - weights train in fp32 (dtype=bfloat16: bf16 compute over fp32 master weights, as AdamW's
+    small steps round away in bf16); dropout is off (disable_dropout); the demo's schedule
+    (cold start, lr 3e-4) applies to model="tiny" only, a pretrained model gets lr 1e-6
 
 Commands:
   python grpo.py                                   # offline CPU demo: tiny model, SFT, GRPO, before/after

@@ -52,8 +52,9 @@ def extract_answer(completion):
     text = completion[:MAX_TEXT]
     answers = ANSWER.findall(text)
     if answers:
-        boxed = last_boxed(answers[-1])
-        return answers[-1] if boxed is None else boxed
+        answer = answers[-1].rpartition("<answer>")[2]  # "<answer></think><answer>90": the last one opened
+        boxed = last_boxed(answer)
+        return answer if boxed is None else boxed
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
@@ -73,9 +74,10 @@ def clean_answer(text):
                      ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\!", ""), ("\\,", " "), ("\\;", " "), ("\\ ", " "),
                      ("~", " ")):
         s = s.replace(old, new)
-    s = s.rpartition("=")[2]
+    s = re.sub(r"</?[A-Za-z]+>", " ", s.rpartition("=")[2])  # and stray tags
     s = re.sub(r"(?<![\\A-Za-z])[A-Za-z]{2,}\b", " ", s)  # words, not \commands
-    return re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+    s = re.sub(r"\s+", " ", s).lstrip(" :;,").rstrip(" .:;,")
+    return s if s.count("{") == s.count("}") else s.replace("{", "").replace("}", "")
 
 
 def parse_number(text):
@@ -103,12 +105,14 @@ def parse_number(text):
 def parse_answer(text):
     """The built-in parser: a cleaned answer (clean_answer) as a Fraction, a frozenset of them (a
     list, as math-verify compares lists), or None. Reads numbers as parse_number does, LaTeX
-    fractions and mixed numbers (\\frac{1}{2}, \\frac12, 1\\frac{1}{2}), arithmetic of numbers
-    (3+4, 1/2+1/4; through evaluate_arithmetic, never eval), or a lone number among punctuation."""
+    fractions and mixed numbers of numbers (\\frac{1}{2}, \\frac12, 1\\frac{1}{2}), inside one pair of
+    braces or parentheses or not."""
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", text)
     s = re.sub(r"(\d)\s*\\frac\{(\d+)\}\{(\d+)\}", r"\1 \2/\3", s)        # mixed: 1\frac{1}{2} -> 1 1/2
-    s = re.sub(r"\\frac\{([^{}]+)\}\{([^{}]+)\}", r"(\1)/(\2)", s)
-    s = s.strip("{}").replace("\\{", "").replace("\\}", "")
+    s = re.sub(r"\\frac\{([\d.]+)\}\{([\d.]+)\}", r"\1/\2", s)
+    s = s.replace("\\{", "{").replace("\\}", "}")
+    if s[:1] + s[-1:] in ("{}", "()"):
+        s = s[1:-1]
     number = parse_number(s)
     if number is not None:
         return number
@@ -116,13 +120,7 @@ def parse_answer(text):
     if len(items) > 1:
         values = [parse_answer(item.strip()) for item in items]
         return frozenset(values) if all(isinstance(v, Fraction) for v in values) else None
-    if re.fullmatch(r"[\d+\-*/().\s]+", s):
-        try:
-            return evaluate_arithmetic(s)
-        except ValueError:
-            pass
-    numbers = NUMBER.findall(s)  # a lone number among punctuation ("Total: 42"); not among symbols ("\\pi/2")
-    return parse_number(numbers[0]) if len(numbers) == 1 and not re.search(r"[A-Za-z\\]", s) else None
+    return None  # symbols (\\pi/2, x + 1) are math-verify's to judge
 
 
 def builtin_match(truth, answer):
@@ -160,11 +158,19 @@ def math_verify_installed():
     return importlib.util.find_spec("math_verify") is not None
 
 
+# an operation left to do: + * x, or a minus between numbers (not a sign: -3, "1, -2")
+EXPRESSION = re.compile(r"[+*×]|\\times|\\cdot|\\div|(?<=[\d)}])\s*-(?=\s*[\d(\\])")
+
+
 @functools.lru_cache(maxsize=1 << 16)  # the same answer to the same question recurs across a group and steps
 def answers_match(truth, answer, checker="auto"):
     """Whether `answer` (extract_answer's text) states `truth`. checker: math_verify, builtin, or
     auto = math_verify when installed (as open-r1 does), else builtin; builtin also decides what
-    math-verify cannot."""
+    math-verify cannot. An answer that leaves an operation to do ("8 + 3") does not state a truth
+    that is a number: both checkers would compute it, and a model learns to copy the question of a
+    sum into its answer (seen with SmolLM2 on one-digit sums)."""
+    if EXPRESSION.search(clean_answer(answer)) and not EXPRESSION.search(clean_answer(truth)):
+        return False
     if checker == "math_verify" or (checker == "auto" and math_verify_installed()):
         verdict = math_verify_match(truth, answer)
         if verdict is not None:

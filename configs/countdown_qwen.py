@@ -8,8 +8,13 @@ The R1-Zero template with the answer opened as "Let me solve this step by step.\
 TinyZero; reward 1 for a correct equation and 0.1 for the format (TinyZero's values); lr 1e-6,
 KL 0.001, up to 1024 new tokens (TinyZero's settings). Group size and batch are chosen here.
 
-Memory, one 80 GB GPU: the 3B weights are trained in bf16 (dtype=bfloat16: weights and AdamW
-state ~18 GB, the reference ~6 GB) with gradient checkpointing.
+The prefill's text before <think> is prompt: the rewards see the answer from <think> on, so a
+perfect completion scores format 1 (tests/test_config.py checks every shipped config so).
+
+Memory (estimated, not run): dtype=bfloat16 computes in bf16 over fp32 master weights, as lr 1e-6
+steps would round away on bf16 weights: weights, gradients and AdamW state take 16 bytes per
+parameter (~48 GB), the bf16 reference ~6 GB, activations little with gradient checkpointing:
+one 80 GB GPU, or two with torchrun --sharding=fsdp.
 
 What to expect, from TinyZero's report (NOT measured with this recipe): the 3B base model starts by guessing and stopping, then learns to search, check
 and revise its equations, reaching high accuracy in a few hundred steps; models of 1.5B and up

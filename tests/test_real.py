@@ -206,3 +206,35 @@ def test_reject_measures_prompts_exactly_as_they_are_cut(tiny_qwen_chat):
     over = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject", max_prompt_tokens=length - 1, max_new_tokens=8)
     with pytest.raises(grpo.ConfigError, match=f"a prompt of {length} tokens, over max_prompt_tokens={length - 1}"):
         data.resolve_prompt_limit(over, model, tokenizer, example)
+
+
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face folder, if ../shared/tools/smollm2.sh has built it on
+    this machine (SMOLLM2_DIR, or its default /tmp/smollm2-hf); never built or downloaded here."""
+    path = os.environ.get("SMOLLM2_DIR", "/tmp/smollm2-hf")
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+@pytest.mark.skipif(smollm2_dir() is None, reason="SmolLM2-135M-Instruct is not built here (../shared/tools/smollm2.sh)")
+def test_a_real_pretrained_model_trains_on_gsm8k_then_reloads(tmp_path):
+    """Two GRPO steps of SmolLM2-135M-Instruct (Llama architecture, pad token == EOS token) on GSM8K
+    with its chat template, R1's system prompt and <think> prefill, at the pretrained-model defaults
+    (no cold start); then the run directory loads in plain transformers, chat template included."""
+    run = tmp_path / "run"
+    grpo.train(grpo.parse_config([
+        f"--model={smollm2_dir()}", "--task=gsm8k", f"--data_path={SHARED}/train.jsonl",
+        f"--eval_data_path={SHARED}/test.jsonl", "--template=chat", "--prefill=<think>", "--max_steps=2",
+        "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=32", "--eval_size=0", "--log_samples_every=1",
+        "--rewards=accuracy:1,tags:0.5,format:0.5", "--lr=1e-5", f"--out_dir={run}"]))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["completion_len_mean"] > 0 and r["entropy"] > 0 for r in rows)
+    assert json.loads((run / "train_config.json").read_text())["sft_steps"] == 0     # no cold start on a real model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(run), AutoTokenizer.from_pretrained(run)
+    original = AutoModelForCausalLM.from_pretrained(smollm2_dir())
+    assert tokenizer.chat_template and tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert all(r["zero_std_frac"] < 1 and r["updates"] == 1 and r["grad_norm"] > 0 for r in rows)  # the tags reward varies
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), original.parameters()))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]

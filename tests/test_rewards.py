@@ -112,9 +112,16 @@ HARD_FORMS = [
     ("<answer>50%</answer>", "50", True),
     ("<answer>x = 2</answer>", "2", True),
     ("<answer>3+4=7</answer>", "7", True),
-    ("<answer>3+4</answer>", "7", True),                    # arithmetic, evaluated without eval
+    ("<answer>3+4</answer>", "7", False),                   # an operation left to do is no answer
+    ("<answer>8 - 1</answer>", "7", False),
+    ("<answer>2 \\times 3.5</answer>", "7", False),
+    ("<answer>-7, 2</answer>", "2,-7", True),               # signs are not operations
     ("<answer>The answer is 42.</answer>", "42", True),
     ("<answer>8 5</answer>", "85", False),                  # two numbers are not one
+    ("<answer></think><answer>90</answer>", "90", True),    # the last <answer> opened (sampled from the demo model)
+    ("<answer>}84</answer>", "84", True),                   # a stray brace (sampled too)
+    ("<answer>Total: 42</answer>", "42", True),
+    ("<answer>(42)</answer>", "42", True),
     ("<answer>1/0</answer>", "0", False),
     ("<answer>no number</answer>", "1", False),
 ]
@@ -134,6 +141,7 @@ def test_math_verify_decides_when_installed(monkeypatch):
     if not R.math_verify_installed():
         pytest.skip("math-verify is not installed")
     assert R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "auto") and not R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "builtin")
+    assert R.answers_match("x+1", "1+x", "auto")      # an expression answers a truth that is one
     R.answers_match.cache_clear()
     monkeypatch.setattr(R, "math_verify_installed", lambda: False)
     assert not R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "auto")   # the built-in parser, offline
