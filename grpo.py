@@ -453,6 +453,14 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
+def clock(device):
+    """time.perf_counter() once the device has run the work queued on it: GPU kernels launch
+    asynchronously, and each phase's (t_sample, t_logprobs, t_update) must be timed with it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def autocast_factory(device, cfg):
     """bf16 autocast over the weights as loaded where cfg.bf16 says: by default on CUDA, and with
     dtype=bfloat16 on any device (bf16 compute, fp32 master weights)."""
@@ -719,7 +727,7 @@ def train(cfg):
             mask = completion_mask(completion_ids, eos_ids)
             lengths, truncated = mask.sum(1), ~torch.isin(completion_ids, eos_ids).any(1)
             texts = data.decode(tokenizer, completion_ids, cfg.prefill)
-            t1 = time.perf_counter()
+            t1 = clock(device)
 
             # 2. rewards, group-relative advantages, and which completions the loss sees
             scores, failures, correct = score(texts, examples, lengths, reward_spec, cfg)
@@ -736,9 +744,7 @@ def train(cfg):
             C = completion_ids.size(1)
             old_logp = batch_logprobs(train_model, ids, attention, C, cfg, autocast) if cfg.num_iterations > 1 else None
             ref_logp = batch_logprobs(ref_model, ids, attention, C, cfg, autocast) if ref_model is not None else None
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # else the GPU's queued log-prob work would be timed as update
-            t2 = time.perf_counter()
+            t2 = clock(device)
 
             # 4. mu policy updates on this batch (none when the loss sees no token)
             model.train()
@@ -763,9 +769,7 @@ def train(cfg):
             synced = ref_model is not None and cfg.ref_sync_every > 0 and (step + 1) % cfg.ref_sync_every == 0
             if synced:
                 sync_reference(ref_model, model, cfg.ref_sync_alpha)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the update's queued GPU work belongs to t_update
-            t3 = time.perf_counter()
+            t3 = clock(device)
 
             # 5. log, evaluate, checkpoint: one all-reduce brings every rank's sums to all (and to the host)
             counts = [loss_mask.sum(), mask.sum(), (entropies * mask).sum(), torch.tensor(failures),

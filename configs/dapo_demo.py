@@ -2,9 +2,13 @@
 dynamic sampling (here: groups with equal rewards are left out, not resampled), and overlong
 shaping plus filtering. DAPO also drops the KL term.
 
-Without the KL anchor the demo's lr of 3e-4 is too much for the tiny model: measured here, seed 0
-collapsed (entropy to 0, every group's rewards equal, learning stopped: 50.5% -> 0.0% greedy
-accuracy). At lr 1e-4 it learns: 50.5% -> 98.5%."""
+Without the KL anchor the demo's lr of 3e-4 is too much for the tiny model. Measured (seed 0, 2
+CPU cores): at lr 3e-4 the answers collapsed, 40.0% -> 0.0% greedy accuracy. The policy settled on
+reasoning that is a fixed "1,1,1,1,1,1,1" and wrong answers, so every group's rewards came out equal
+(format only) and 421 of 800 steps made no update (`updates` 0, loss and grad norm null). It did
+not collapse to a single answer: the entropy of its samples stayed at 0.18 nats per token over
+the last 100 steps (0.26 over the first 10; never below 0.095). At lr 1e-4 it learns: 40.0% ->
+97.0%."""
 loss_type = "dapo"
 clip_eps_high = 0.28
 drop_zero_std_groups = True

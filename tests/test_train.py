@@ -222,3 +222,16 @@ def test_dropout_is_off_in_the_policy_by_default(tmp_path, disable):
             sampler = grpo.completion_logprobs(model.eval(), ids, torch.ones_like(ids), 6)[0]
             update = grpo.completion_logprobs(model.train(), ids, torch.ones_like(ids), 6)[0]
         assert torch.allclose(sampler, update, atol=1e-6) == disable, type(model).__name__
+
+
+def test_each_phase_is_timed_after_the_device_finishes_it(tmp_path, monkeypatch):
+    """GPU kernels run asynchronously: t_sample, t_logprobs and t_update are each read by
+    grpo.clock, which waits for the device (on CUDA) before reading the time."""
+    ticks = iter(range(10**6))
+    devices = []
+    monkeypatch.setattr(grpo, "clock", lambda device: devices.append(device.type) or next(ticks) * 10.0)
+    grpo.train(grpo.parse_config(["--sft_steps=0", "--eval_size=0", "--prompts_per_step=2", "--group_size=2",
+                                  "--max_new_tokens=4", "--max_steps=2", f"--out_dir={tmp_path}"]))
+    rows = metrics(tmp_path)
+    assert devices == ["cpu"] * 6                       # three phase ends per step, each through clock
+    assert all(r["t_logprobs"] == r["t_update"] == 10.0 for r in rows)
