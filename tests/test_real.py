@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -220,6 +221,11 @@ def test_a_real_pretrained_model_trains_on_gsm8k_then_reloads(tmp_path):
     """Two GRPO steps of SmolLM2-135M-Instruct (Llama architecture, pad token == EOS token) on GSM8K
     with its chat template, R1's system prompt and <think> prefill, at the pretrained-model defaults
     (no cold start); then the run directory loads in plain transformers, chat template included."""
+    import transformers
+    from packaging.version import Version
+    saved_by_5 = '"TokenizersBackend"' in (pathlib.Path(smollm2_dir()) / "tokenizer_config.json").read_text()
+    if saved_by_5 and Version(transformers.__version__) < Version("5"):
+        pytest.skip("the SmolLM2 folder was written by transformers 5, whose tokenizer class 4.x cannot read")
     run = tmp_path / "run"
     grpo.train(grpo.parse_config([
         f"--model={smollm2_dir()}", "--task=gsm8k", f"--data_path={SHARED}/train.jsonl",
