@@ -1,16 +1,19 @@
 """Prompt templates and tasks for GRPO.
 
-A task is a list of examples, dicts with `question` (the text the template wraps) and `answer`
-(the ground truth the rewards compare against); `solution` is a worked completion in the
-think/answer format where the task has one (used only by the cold-start SFT), and countdown
-examples carry `numbers` and `target`. `load_task` returns disjoint (train, test) lists.
+A task's examples are dicts with `question` (the text the template wraps) and `answer` (the
+ground truth the rewards compare against); `solution` is a worked completion in the think/answer
+format where the task has one (used only by the cold-start SFT), and countdown examples carry
+`numbers` and `target`. Each task is one entry of TASKS (at the end of its section): how its
+disjoint (train, test) lists are made, which reward judges an answer right, whether it reads a file.
 """
 import dataclasses
+import functools
 import json
 import os
 import random
 import re
 
+import numpy as np
 import torch
 
 from configurator import ConfigError
@@ -24,10 +27,9 @@ R1_ZERO = ("A conversation between User and Assistant. The user asks a question,
 # The same instruction as a system prompt, for the chat form.
 R1_SYSTEM = R1_ZERO.split(" User:")[0]
 TEMPLATES = ("r1zero", "plain", "chat")
-TASKS = ("arithmetic", "countdown", "gsm8k", "jsonl")
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A data problem the user must fix; the message names the file and line."""
 
 
@@ -171,23 +173,68 @@ def load_file(path, make_example, split="train"):
     return examples
 
 
+def file_task(make_example):
+    """A task read from data_path (JSONL or a hub dataset): the test split is eval_data_path's, or
+    the first eval_size rows of data_path when none is given."""
+    def load(seed, data_path, eval_data_path, eval_size, digits):
+        train = load_file(data_path, make_example)
+        if eval_data_path:
+            return train, load_file(eval_data_path, make_example, split="test")
+        if len(train) <= eval_size:
+            raise DataError(f"{data_path}: {len(train)} examples, not enough to hold out eval_size={eval_size}")
+        return train[eval_size:], train[:eval_size]
+    return load
+
+
+def arithmetic_split(seed, data_path, eval_data_path, eval_size, digits):
+    train, test = arithmetic_task(seed, eval_size, digits)
+    if not train:
+        raise DataError(f"arithmetic: eval_size={eval_size} leaves no training question ({len(test)} in all)")
+    return train, test
+
+
+def countdown_split(seed, data_path, eval_data_path, eval_size, digits):
+    return countdown_task(seed, 100_000, eval_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    load: object            # (seed, data_path, eval_data_path, eval_size, digits) -> (train, test) example lists
+    correct: str            # the reward of rewards.REWARDS that judges an answer right (accuracy metric, r1.py sample)
+    needs_file: bool = False  # reads data_path (and eval_data_path)
+
+
+# every task: adding one is adding a line here (and a reward to rewards.REWARDS if it judges answers its own way)
+TASKS = {
+    "arithmetic": Task(arithmetic_split, "accuracy"),
+    "countdown": Task(countdown_split, "countdown"),
+    "gsm8k": Task(file_task(gsm8k_example), "accuracy", needs_file=True),
+    "jsonl": Task(file_task(jsonl_example), "accuracy", needs_file=True),
+}
+
+
 def load_task(task, seed, data_path="", eval_data_path="", eval_size=200, digits=2):
-    """(train, test) example lists. File tasks take the test split from eval_data_path, or
-    hold out the first eval_size rows of data_path when none is given."""
-    if task == "arithmetic":
-        train, test = arithmetic_task(seed, eval_size, digits)
-        if not train:
-            raise DataError(f"arithmetic: eval_size={eval_size} leaves no training question ({len(test)} in all)")
-        return train, test
-    if task == "countdown":
-        return countdown_task(seed, 100_000, eval_size)
-    make_example = gsm8k_example if task == "gsm8k" else jsonl_example
-    train = load_file(data_path, make_example)
-    if eval_data_path:
-        return train, load_file(eval_data_path, make_example, split="test")
-    if len(train) <= eval_size:
-        raise DataError(f"{data_path}: {len(train)} examples, not enough to hold out eval_size={eval_size}")
-    return train[eval_size:], train[:eval_size]
+    """(train, test) example lists of a task of TASKS."""
+    return TASKS[task].load(seed, data_path, eval_data_path, eval_size, digits)
+
+
+# ----------------------------------------------------------------------------
+# the order GRPO steps see the training questions in
+
+
+def step_examples(examples, step, count, seed):
+    """The questions of GRPO step `step`: the next `count` of a seeded permutation per epoch, so
+    the data position is the step number itself and a resumed run sees the same questions."""
+    picked = []
+    for k in range(step * count, (step + 1) * count):
+        epoch, offset = divmod(k, len(examples))
+        picked.append(examples[epoch_order(seed, epoch, len(examples))[offset]])
+    return picked
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, size):
+    return np.random.default_rng([seed, epoch]).permutation(size)
 
 
 # ----------------------------------------------------------------------------

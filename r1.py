@@ -6,8 +6,9 @@ DeepSeek-R1 (arXiv 2501.12948) is trained in four phases: (1) a cold-start SFT o
 long chains of thought, (2) reasoning RL with GRPO (accuracy, format and language-consistency
 rewards), (3) rejection sampling from that checkpoint, keeping correct and readable answers, and
 SFT of the base model on them, (4) RL again. R1-Zero is phase 2 alone, from the base model. Small
-models are distilled: SFT on the big model's samples. Every phase here reuses grpo.py's sampling,
-log-prob and reward functions; GRPO itself (phases 2 and 4) is grpo.py.
+models are distilled: SFT on the big model's samples. Every phase here reuses the trainer's parts:
+engine.py's sampling and log-probs, grpo.py's SFT loop (the cold start's), evaluation and the
+task's own correctness; GRPO itself (phases 2 and 4) is grpo.py.
 
 Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra ones):
   python r1.py sft --model=M --data_path=pairs.jsonl --out_dir=runs/sft   # SFT on {"prompt", "completion"} rows
@@ -18,7 +19,6 @@ Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra
 import collections
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -74,15 +74,16 @@ def write_jsonl(path, rows):
 
 def held_out(cfg):
     """The task's held-out questions that an SFT run is evaluated on (a file task: eval_data_path's)."""
-    if not cfg.eval_size or (cfg.task in ("gsm8k", "jsonl") and not cfg.eval_data_path):
+    if not cfg.eval_size or (data.TASKS[cfg.task].needs_file and not cfg.eval_data_path):
         return []
     return data.load_task(cfg.task, cfg.seed, cfg.eval_data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)[1][:cfg.eval_size]
 
 
 def sft(cfg):
     """Fine-tune cfg.model on cfg.data_path's pairs for sft_steps batches of sft_batch_size (lr
-    sft_lr, warmup then cosine), loss on completion tokens only; held-out accuracy of cfg.task
-    before and after; checkpoints and metrics.jsonl as grpo.py writes them."""
+    sft_lr, warmup then cosine), loss on completion tokens only, with grpo.sft (the cold start's
+    loop); held-out accuracy of cfg.task before and after; checkpoints and metrics.jsonl as
+    grpo.py writes them."""
     device = runs.init_distributed(cfg)
     pairs, test_set = load_pairs(cfg.data_path, cfg.prefill), held_out(cfg)
     if os.path.exists(os.path.join(cfg.out_dir, "latest")):
@@ -90,34 +91,18 @@ def sft(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     runs.write_atomic(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     path = data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
-    model, tokenizer = grpo.load_model(path, device, "float32", cfg.attn_implementation)  # fp32 master weights
-    cfg = data.resolve_prompt_limit(cfg, model, tokenizer, pairs)
-    eos_ids, autocast = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg)
-    before = grpo.evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if test_set else {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: grpo.lr_factor(s, cfg.warmup_steps, cfg.sft_steps, cfg.min_lr_ratio))
-    metrics_path, show = os.path.join(cfg.out_dir, "metrics.jsonl"), runs.Progress("sft")
-    runs.write_atomic(metrics_path, "")
-    model.train()
-    for step in range(cfg.sft_steps):
-        batch = grpo.step_examples(pairs, step, cfg.sft_batch_size, cfg.seed)
-        loss, tokens = grpo.sft_loss(model, tokenizer, batch, cfg, eos_ids, autocast)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        lr = scheduler.get_last_lr()[0]
-        if math.isfinite(grad_norm):  # a non-finite step leaves weights and Adam as they were
-            optimizer.step()
-        scheduler.step()
-        row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens)}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        show(step + 1, cfg.sft_steps, f"loss {row['loss']:.3f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.sft_steps:
-            state = {"step": step + 1, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}
-            runs.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, state, cfg.keep_checkpoints)
-    after = grpo.evaluate(model, tokenizer, test_set, cfg, eos_ids, autocast) if test_set else {}
+    model, engine, cfg = grpo.load_policy(path, cfg, device, "float32", pairs)  # fp32 master weights
+    before = grpo.evaluate(engine, test_set, cfg) if test_set else {}
+    metrics, show = runs.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), cfg, fresh=True), runs.Progress("sft")
+
+    def on_step(step, row, optimizer):
+        metrics.write(row)
+        show(step, cfg.sft_steps, f"loss {row['loss']:.3f}")
+        if step % cfg.save_every == 0 or step == cfg.sft_steps:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}
+            runs.save_checkpoint(cfg.out_dir, step, model, engine.tokenizer, state, cfg.keep_checkpoints)
+    grpo.sft(model, engine, pairs, cfg, cfg.sft_steps, cfg.sft_lr, cfg.warmup_steps, cfg.min_lr_ratio, on_step)
+    after = grpo.evaluate(engine, test_set, cfg) if test_set else {}
     summary = {"pairs": len(pairs), "steps": cfg.sft_steps, "accuracy_before": before.get("accuracy"),
                "accuracy_after": after.get("accuracy"), "format_before": before.get("format"),
                "format_after": after.get("format"), "run_dir": os.path.abspath(cfg.out_dir)}
@@ -168,19 +153,16 @@ def rejection_sample(cfg):
     device = runs.init_distributed(cfg)
     prompts = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)[0]
     prompts = prompts[:cfg.sample_prompts or None]
-    model, tokenizer = grpo.load_model(cfg.model, device, cfg.dtype, cfg.attn_implementation)
-    model.eval()
-    cfg = data.resolve_prompt_limit(cfg, model, tokenizer, prompts)
-    eos_ids, autocast, k = grpo.stop_ids(model, tokenizer), grpo.autocast_factory(device, cfg), cfg.samples
+    model, engine, cfg = grpo.load_policy(cfg.model, cfg, device, cfg.dtype, prompts)
+    tokenizer, k = engine.tokenizer, cfg.samples
     kept, report, reasons, show = [], [], collections.Counter(), runs.Progress("sample")
     per_batch = max(1, cfg.eval_batch_size // k)
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start:start + per_batch]
         ids, mask, _ = data.encode_prompts(tokenizer, chunk, cfg, device)
-        with autocast():
-            out = grpo.sample(model, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), cfg.max_new_tokens,
-                              eos_ids, tokenizer.pad_token_id, cfg.temperature, cfg.top_p)
-        truncated = ~torch.isin(out, eos_ids).any(1)
+        out = engine.sample(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), cfg.max_new_tokens,
+                            cfg.temperature, cfg.top_p)
+        truncated = ~torch.isin(out, engine.eos_ids).any(1)
         texts = data.decode(tokenizer, out, cfg.prefill)
         for j, example in enumerate(chunk):
             seen, why = set(), collections.Counter()
@@ -287,7 +269,8 @@ def main(argv):
               file=sys.stderr)
         return 2
     mode, argv = argv[0], argv[1:]
-    try:
+
+    def run():
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("r1.py runs in one process; torchrun is for grpo.py")
         cfg = grpo.parse_config(argv, R1Config)
@@ -303,11 +286,8 @@ def main(argv):
             if name not in R.REWARDS:
                 raise ConfigError(f"keep_rewards: unknown reward {name!r} (known: {', '.join(R.REWARDS)})")
         modes[mode](cfg)
-    except (ConfigError, data.DataError) as err:
-        print(f"r1.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return runs.cli("r1.py", run)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    runs.exit(main(sys.argv[1:]))

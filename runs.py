@@ -5,7 +5,9 @@ a crash never leaves it unusable (checkpoints, resume), random-number state, sig
 grpo.py and r1.py import these; none of them changes what is computed.
 """
 import contextlib
+import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -36,8 +38,83 @@ def init_distributed(cfg):
     return device
 
 
+def leave_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def world_size():
+    return rank_and_world()[1]
+
+
+def main_rank():
+    """Whether this process prints, logs and saves: rank 0 (before the group is joined too)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def say(*args, **kwargs):
+    """print, on the main rank only."""
+    if main_rank():
+        print(*args, **kwargs)
+
+
+def my_share(rows):
+    """This rank's part of `rows` (a list or tensor split into world-size equal, consecutive parts,
+    as each step's groups are): all of them outside torchrun."""
+    rank, world = rank_and_world()
+    size = len(rows) // world
+    return rows[rank * size:(rank + 1) * size]
+
+
+def strided_share(rows):
+    """Every world-size-th row from this rank's: a share of a list of any length."""
+    rank, world = rank_and_world()
+    return rows[rank::world]
+
+
+def padded_share(rows):
+    """(strided_share(rows) padded with repeats of rows[0] to the same length on every rank, the
+    number of its rows that are not padding): every rank then runs the same number of batches."""
+    share = strided_share(rows)
+    return share + rows[:1] * (math.ceil(len(rows) / world_size()) - len(share)), len(share)
+
+
+def backward(loss):
+    """Backpropagate a loss already normalised over every rank's batch: DDP and FSDP average the
+    ranks' gradients, so each rank's part is scaled by the world size to make that a sum."""
+    (loss * world_size()).backward()
+
+
+@contextlib.contextmanager
+def sync_gradients(model, last):
+    """Around one micro-batch's backward: DDP all-reduces gradients only after the last one."""
+    with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        yield
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the gradient norm over all ranks' parameters to max_norm (0: no clipping) -> the norm
+    before clipping, a float."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
+
+
+def any_rank(flags):
+    """Whether `flags` (e.g. the signals received) is non-empty on any rank."""
+    return all_sum(torch.tensor(len(flags))).item() > 0
+
+
+def reshard(*models):
+    """FSDP: free the whole weights a root module keeps after its forward, so that its parameters
+    are this rank's shards again (before reading them parameter by parameter)."""
+    for model in models:
+        for module in model.modules():
+            if hasattr(module, "reshard"):
+                module.reshard()
 
 
 def comm_device():
@@ -111,6 +188,58 @@ def load_optimizer_state(model, optimizer, state):
 
 # ----------------------------------------------------------------------------
 # the run directory: atomic writes, checkpoints, resume, random state
+
+
+def save_model(path, model, tokenizer):
+    """model.save_pretrained(path) with its tokenizer; every rank calls it (FSDP gathers the weights)."""
+    weights = full_state(model)
+    if main_rank():
+        model.save_pretrained(path, state_dict=weights)
+        tokenizer.save_pretrained(path)
+    barrier()
+
+
+def save_training(run_dir, step, model, tokenizer, optimizer, scheduler, keep, ref_model=None, **fields):
+    """A checkpoint of a training run after `step`: the model, and what resuming needs (optimizer,
+    schedule, random streams, a reference model that moves, and `fields`). Every rank calls it;
+    the main rank writes (save_checkpoint). restore_training reads it back."""
+    state = {"step": step, "optimizer": full_state(model, optimizer), "scheduler": scheduler.state_dict(),
+             "rng": rng_state(), **fields}
+    if ref_model is not None:
+        state["ref_model"] = full_state(ref_model) or ref_model.state_dict()
+    weights = full_state(model)
+    if main_rank():
+        save_checkpoint(run_dir, step, model, tokenizer, state, keep, weights)
+    barrier()
+
+
+def restore_training(state, model, optimizer, scheduler):
+    """Put back what save_training saved of the optimizer, the schedule and the random streams."""
+    load_optimizer_state(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"])
+
+
+class MetricsLog:
+    """metrics.jsonl, a JSON row per step (and Weights & Biases with cfg.wandb), on the main rank.
+    fresh: a new run starts it empty; a resumed run appends to it."""
+
+    def __init__(self, path, cfg, fresh):
+        self.path, self.wandb = path, None
+        if main_rank() and fresh:
+            write_atomic(path, "")
+        if main_rank() and cfg.wandb:
+            import dataclasses
+            import wandb
+            self.wandb = wandb
+            wandb.init(project="grpo", name=os.path.basename(os.path.abspath(cfg.out_dir)), config=dataclasses.asdict(cfg))
+
+    def write(self, row):
+        if main_rank():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            self.wandb.log(row, step=row["step"])
 
 
 def write_atomic(path, text):
@@ -194,7 +323,53 @@ def restore_rng(state):
 
 
 # ----------------------------------------------------------------------------
-# stopping and progress
+# the machine, stopping, progress
+
+
+def installed(package):
+    return importlib.util.find_spec(package) is not None
+
+
+def cuda_devices():
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def clock(device):
+    """time.perf_counter() once the device has run the work queued on it: GPU kernels launch
+    asynchronously, and each phase's (t_sample, t_logprobs, t_update) must be timed with it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def cli(prog, run):
+    """Run `run()` as a command -> its exit code: 2 with one line for a problem the user must fix
+    (ConfigError: config, data, model), a Stop's own code, 130 for an interrupt outside the loop."""
+    try:
+        run()
+    except ConfigError as err:
+        say(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except Stop as stop:  # every rank stops at the same step
+        barrier()
+        say(f"{prog}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # checkpoints are renamed into place whole, so the latest is intact
+        say(f"\n{prog}: interrupted; continue with --resume=OUT_DIR from its latest checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        leave_distributed()
+    return 0
+
+
+def exit(code):
+    """sys.exit(code); under torchrun without interpreter teardown, where gloo's threads can abort
+    (~1 exit in 10)."""
+    if "WORLD_SIZE" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class Stop(Exception):
@@ -228,13 +403,13 @@ def stop_signals():
 
 
 class Progress:
-    """One status line: redrawn in place on a terminal, a line every 5 % otherwise."""
+    """One status line, on the main rank: redrawn in place on a terminal, a line every 5 % otherwise."""
 
     def __init__(self, label):
         self.label, self.started, self.tty = label, time.time(), sys.stderr.isatty()
 
     def __call__(self, done, total, text):
-        if not self.tty and done not in (1, total) and done % max(1, total // 20):
+        if not main_rank() or (not self.tty and done not in (1, total) and done % max(1, total // 20)):
             return
         elapsed = time.time() - self.started
         line = (f"{self.label} [{'#' * int(24 * done / total):<24}] {done}/{total} {text} | "

@@ -21,10 +21,12 @@ import json
 import os
 import sys
 import time
+import types
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import engine  # noqa: E402
 import grpo  # noqa: E402
 
 SHAPES = {  # Qwen2.5-0.5B's published config, and a tiny one for smoke runs
@@ -81,11 +83,12 @@ def main(argv=None):
     model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=4096)).to(device)
     params = sum(p.numel() for p in model.parameters())
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    sampler = engine.Engine(model, types.SimpleNamespace(eos_token_id=0, pad_token_id=0), bf16=device.type == "cuda")
     vocab, hidden, layers = shape["vocab_size"], shape["hidden_size"], shape["num_hidden_layers"]
     B, P, T = args.batch, args.prompt_tokens, args.new_tokens
     prompts = torch.randint(0, vocab, (B, P), device=device)
     prompt_mask = torch.ones_like(prompts)
-    never = torch.tensor([vocab + 1], device=device)  # no EOS: every row runs the full length
+    sampler.eos_ids = torch.tensor([vocab + 1], device=device)  # no EOS: every row runs the full length
     cfg = grpo.Config(micro_batch_size=args.micro_batch_size, beta=0.0, clip_eps_high=0.2, temperature=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     bandwidth, flops_peak = ceilings(device)
@@ -120,16 +123,15 @@ def main(argv=None):
 
             def generate():
                 nonlocal completions
-                model.eval()
-                with autocast():
-                    completions = grpo.sample(model, prompts, prompt_mask, T, never, 0)
+                completions = sampler.sample(prompts, prompt_mask, T)
 
             def update():
                 model.train()
                 ids = torch.cat([prompts, completions], 1)
                 optimizer.zero_grad(set_to_none=True)
-                grpo.accumulate_gradients(net, ids, torch.ones_like(ids), completions.size(1), torch.randn(B, device=device),
-                                          torch.ones_like(completions, dtype=torch.float), None, None, cfg, autocast)
+                grpo.accumulate_gradients(sampler, net, ids, torch.ones_like(ids), completions.size(1),
+                                          torch.randn(B, device=device), torch.ones_like(completions, dtype=torch.float),
+                                          None, None, cfg)
                 optimizer.step()
 
             sample_s = timed(generate, device, args.repeats) if mode == "eager" or completions is None else None

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
+import engine  # noqa: E402
 import grpo  # noqa: E402
 
 
@@ -34,28 +35,28 @@ def main(argv=None):
     if path == "tiny":
         path = tempfile.mkdtemp()
         data.build_tiny_model(path, seed=0)
-    model, tokenizer = grpo.load_model(path, "cpu")
+    model, tokenizer = engine.load_model(path, "cpu")
     cfg = grpo.Config(template=args.template, max_prompt_tokens=1024)
     examples = data.load_task("arithmetic", 0)[0][:args.prompts]
     ids, mask, _ = data.encode_prompts(tokenizer, examples, cfg, "cpu")
     ids, mask = ids.repeat_interleave(args.group_size, 0), mask.repeat_interleave(args.group_size, 0)
-    eos = grpo.stop_ids(model, tokenizer)
+    eos = engine.stop_ids(model, tokenizer)
     uniforms = torch.rand(len(ids), args.max_new_tokens, generator=torch.Generator().manual_seed(0))
-    completions = grpo.sample(model, ids, mask, args.max_new_tokens, eos, tokenizer.pad_token_id, 1.0, 1.0, uniforms)
+    completions = engine.sample(model, ids, mask, args.max_new_tokens, eos, tokenizer.pad_token_id, 1.0, 1.0, uniforms)
     full = torch.cat([ids, completions], 1)
     attention = torch.cat([mask, torch.ones_like(completions)], 1)
     C = completions.size(1)
 
     def sampling(share):
-        grpo.sample(model, ids, mask, args.max_new_tokens, eos, tokenizer.pad_token_id, 1.0, 1.0, uniforms, share)
+        engine.sample(model, ids, mask, args.max_new_tokens, eos, tokenizer.pad_token_id, 1.0, 1.0, uniforms, share)
 
     @torch.no_grad()
     def no_grad_pass(share):
-        grpo.completion_logprobs(model, full, attention, C, 1.0, share)
+        engine.completion_logprobs(model, full, attention, C, 1.0, share)
 
     def update(share):
         model.zero_grad(set_to_none=True)
-        grpo.completion_logprobs(model, full, attention, C, 1.0, share)[0].sum().backward()
+        engine.completion_logprobs(model, full, attention, C, 1.0, share)[0].sum().backward()
 
     print(f"{args.prompts} prompts x {args.group_size}, prompt {ids.size(1)} tokens, completions {C} tokens, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")

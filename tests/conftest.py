@@ -16,6 +16,6 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    import grpo
-    model, tokenizer = grpo.load_model(tiny_dir, "cpu")
+    import engine
+    model, tokenizer = engine.load_model(tiny_dir, "cpu")
     return model.eval(), tokenizer

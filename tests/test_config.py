@@ -12,6 +12,7 @@ import configurator
 import data
 import grpo
 import rewards as R
+import runs
 from conftest import ROOT, SHARED
 
 
@@ -184,7 +185,7 @@ def test_a_perfect_completion_scores_full_marks_under_every_shipped_config(name,
 
 
 def test_wandb_asked_but_not_installed(capsys, monkeypatch):
-    monkeypatch.setattr(configurator.importlib.util, "find_spec", lambda name: None if name == "wandb" else True)
+    monkeypatch.setattr(runs.importlib.util, "find_spec", lambda name: None if name == "wandb" else True)
     code, err = run_main(capsys, "--wandb=True")
     assert code == 2 and err == "grpo.py: error: wandb: the wandb package is not installed"
 

@@ -13,6 +13,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 import grpo
+import runs
 
 # every path the update takes: cold start, KL, reference sync, mu = 2, uneven micro-batches, and a
 # reward that varies with length so that every group has non-zero advantages
@@ -95,7 +96,9 @@ def test_batch_sizes_must_divide_among_ranks(monkeypatch):
 
 def test_outside_torchrun_the_collectives_are_identities():
     x = torch.arange(6.0).view(3, 2)
-    assert grpo.all_sum(x) is x and grpo.gather(x) is x and grpo.rank_and_world() == (0, 1)
+    assert runs.all_sum(x) is x and runs.gather(x) is x and runs.rank_and_world() == (0, 1)
+    assert torch.equal(runs.my_share(x), x) and runs.strided_share([1, 2, 3]) == [1, 2, 3]
+    assert runs.padded_share([1, 2, 3]) == ([1, 2, 3], 3) and runs.any_rank([]) is False and runs.any_rank([15])
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):

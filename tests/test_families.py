@@ -1,7 +1,6 @@
 """Model families, each a tiny random model built from its transformers config: the sampler and
 the log-probs are exact on every one, hybrid models (convolution or linear-attention layers)
 included, and a training step runs."""
-import contextlib
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import transformers
 from packaging.version import Version
 
 import data
+import engine
 import grpo
 from grpo import Config
 
@@ -67,17 +67,17 @@ def group_prompts(tokenizer):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_sampling_equals_generate(name, tokenizer):
     model = build(name, tokenizer)
-    assert grpo.can_share_prompts(model) == (name not in HYBRIDS)
+    assert engine.can_share_prompts(model) == (name not in HYBRIDS)
     ids, mask = group_prompts(tokenizer)
     eos = torch.tensor([tokenizer.eos_token_id])
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[:, ids.size(1):]
     for share in (False, True):
-        ours = grpo.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0, share_prompt=share)
+        ours = engine.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0, share_prompt=share)
         assert torch.equal(ours, theirs[:, :ours.size(1)])
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(0))     # sampled: sharing changes nothing
-    shared = grpo.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=True)
-    assert torch.equal(shared, grpo.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=False))
+    shared = engine.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=True)
+    assert torch.equal(shared, engine.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=False))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -93,7 +93,7 @@ def test_logprobs_equal_a_full_unpadded_pass(name, tokenizer):
             logits = model(alone).logits[0, -completion.size(1) - 1:-1]
             expected.append(torch.log_softmax(logits, -1).gather(-1, completion[r][:, None]).squeeze(-1))
         for share in (False, True):
-            logp, _ = grpo.completion_logprobs(model, full, attention, completion.size(1), share_prompt=share)
+            logp, _ = engine.completion_logprobs(model, full, attention, completion.size(1), share_prompt=share)
             assert torch.allclose(logp, torch.stack(expected), atol=1e-4), share
 
 
@@ -102,15 +102,15 @@ def test_one_training_step_runs(name, tokenizer):
     model = build(name, tokenizer)
     ids, mask = group_prompts(tokenizer)
     eos = torch.tensor([tokenizer.eos_token_id])
-    completion = grpo.sample(model, ids, mask, 8, eos, tokenizer.pad_token_id)
+    completion = engine.sample(model, ids, mask, 8, eos, tokenizer.pad_token_id)
     full, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
     loss_mask = grpo.completion_mask(completion, eos)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     cfg = Config(micro_batch_size=4, clip_eps_high=0.2, beta=0.0)
-    stats = grpo.accumulate_gradients(model, full, attention, completion.size(1), torch.randn(len(ids)), loss_mask,
-                                      None, None, cfg, contextlib.nullcontext)
+    stats = grpo.accumulate_gradients(engine.Engine(model, tokenizer), model, full, attention, completion.size(1),
+                                      torch.randn(len(ids)), loss_mask, None, None, cfg)
     assert torch.isfinite(stats["loss"])
     optimizer.step()
     moved = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]

@@ -1,5 +1,4 @@
 """Sampling, log-probs and the gradient, on the tiny Llama built locally."""
-import contextlib
 import copy
 import math
 import types
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 import data
+import engine
 import grpo
 from grpo import Config
 
@@ -33,7 +33,7 @@ def test_logprobs_match_full_log_softmax_and_ignore_left_padding(tiny):
     completion = data.encode_completions(tokenizer, ["<think>4+2=6</think>", "<think>x"], "cpu")
     full_ids, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
     with torch.no_grad():
-        logp, entropy = grpo.completion_logprobs(model, full_ids, attention, completion.size(1), temperature=0.7)
+        logp, entropy = engine.completion_logprobs(model, full_ids, attention, completion.size(1), temperature=0.7)
         # reference: the second row alone, no padding, full log-softmax over every position
         alone = torch.cat([prompts(tokenizer, ["1+2"])[0], completion[1:]], 1)
         logits = model(alone).logits[0, -completion.size(1) - 1:-1] / 0.7
@@ -46,8 +46,8 @@ def test_logprobs_match_full_log_softmax_and_ignore_left_padding(tiny):
 def test_greedy_sampling_matches_transformers_generate(tiny):
     model, tokenizer = tiny
     ids, mask = prompts(tokenizer, ["12+34", "5+6", "99+1"])
-    eos = grpo.stop_ids(model, tokenizer)
-    ours = grpo.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0)
+    eos = engine.stop_ids(model, tokenizer)
+    ours = engine.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0)
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[:, ids.size(1):]
     assert torch.equal(ours, theirs[:, :ours.size(1)])
@@ -74,7 +74,7 @@ def test_sampling_pads_after_eos_and_stops_early(pad_id):
     eos = torch.tensor([2])
     model = Scripted([[5, 2, 7, 7], [5, 6, 2, 7], [2, 7, 7, 7], [5, 6, 7, 2]])
     distinct_prompts = torch.arange(12).view(4, 3)  # identical ones would share one prefill row
-    out = grpo.sample(model, distinct_prompts, torch.ones(4, 3, dtype=torch.long), 20, eos, pad_id)
+    out = engine.sample(model, distinct_prompts, torch.ones(4, 3, dtype=torch.long), 20, eos, pad_id)
     p = pad_id
     assert out[:, :4].tolist() == [[5, 2, p, p], [5, 6, 2, p], [2, p, p, p], [5, 6, 7, 2]]
     assert (out[:, 4:] == p).all()
@@ -83,7 +83,7 @@ def test_sampling_pads_after_eos_and_stops_early(pad_id):
 
 
 def test_sampling_without_eos_runs_to_max_new_tokens():
-    out = grpo.sample(Scripted([[5] * 50]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
+    out = engine.sample(Scripted([[5] * 50]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
                       7, torch.tensor([2]), 0)
     assert out.shape == (1, 7) and grpo.completion_mask(out, torch.tensor([2])).sum() == 7
 
@@ -92,11 +92,11 @@ def test_top_p_keeps_the_nucleus():
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     u = torch.rand(2000)
-    picks = grpo.pick_token(logits, 1.0, 0.7, u)      # nucleus {0, 1}: cumulative 0.5 < 0.7 <= 0.8
+    picks = engine.pick_token(logits, 1.0, 0.7, u)      # nucleus {0, 1}: cumulative 0.5 < 0.7 <= 0.8
     assert set(picks.tolist()) == {0, 1} and abs((picks == 0).float().mean() - 0.625) < 0.05
-    assert set(grpo.pick_token(logits, 1.0, 0.1, u).tolist()) == {0}
-    assert set(grpo.pick_token(logits, 0, 1.0, u).tolist()) == {0}
-    all_four = grpo.pick_token(logits, 1.0, 1.0, u)
+    assert set(engine.pick_token(logits, 1.0, 0.1, u).tolist()) == {0}
+    assert set(engine.pick_token(logits, 0, 1.0, u).tolist()) == {0}
+    all_four = engine.pick_token(logits, 1.0, 1.0, u)
     assert set(all_four.tolist()) == {0, 1, 2, 3}
     assert abs((all_four == 3).float().mean() - 0.05) < 0.02
 
@@ -104,19 +104,19 @@ def test_top_p_keeps_the_nucleus():
 def test_inverse_cdf_picks_the_interval_holding_the_uniform():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(7, 1)
     u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.81, 0.96, 0.999999])  # cumulative 0.5, 0.8, 0.95, 1.0
-    assert grpo.pick_token(logits, 1.0, 1.0, u).tolist() == [0, 0, 1, 1, 2, 3, 3]
+    assert engine.pick_token(logits, 1.0, 1.0, u).tolist() == [0, 0, 1, 1, 2, 3, 3]
     zero_first = torch.tensor([[-math.inf, 0.0, 0.0, -math.inf]]).repeat(3, 1)  # probability 0 is never picked
-    assert grpo.pick_token(zero_first, 1.0, 1.0, torch.tensor([0.0, 0.5, 0.9999999])).tolist() == [1, 2, 2]
+    assert engine.pick_token(zero_first, 1.0, 1.0, torch.tensor([0.0, 0.5, 0.9999999])).tolist() == [1, 2, 2]
 
 
 def test_a_completion_does_not_depend_on_its_batch(tiny):
     """The property that lets ranks split a step: each row's tokens come from its own uniforms."""
     model, tokenizer = tiny
-    eos = grpo.stop_ids(model, tokenizer)
+    eos = engine.stop_ids(model, tokenizer)
     ids = torch.tensor([tokenizer("12+34=")["input_ids"]] * 6)
     mask, u = torch.ones_like(ids), torch.rand(6, 16, generator=torch.Generator().manual_seed(3))
-    together = grpo.sample(model, ids, mask, 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
-    halves = [grpo.sample(model, ids[r], mask[r], 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u[r])
+    together = engine.sample(model, ids, mask, 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
+    halves = [engine.sample(model, ids[r], mask[r], 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u[r])
               for r in (slice(0, 3), slice(3, 6))]
     width = max(together.size(1), *(h.size(1) for h in halves))
     pad = lambda x: torch.nn.functional.pad(x, (0, width - x.size(1)), value=tokenizer.pad_token_id)  # noqa: E731
@@ -142,8 +142,8 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny, completi
     results = {}
     for share in (False, True):
         model.zero_grad(set_to_none=True)
-        logp, entropy = grpo.completion_logprobs(model, ids, attention, C, 0.7, share_prompt=share)
-        cut, _ = grpo.completion_logprobs(model, ids[2:6], attention[2:6], C, 0.7, share_prompt=share)
+        logp, entropy = engine.completion_logprobs(model, ids, attention, C, 0.7, share_prompt=share)
+        cut, _ = engine.completion_logprobs(model, ids[2:6], attention[2:6], C, 0.7, share_prompt=share)
         (logp * torch.arange(1.0, C + 1)).sum().backward()
         results[share] = logp.detach(), entropy, cut.detach(), [p.grad.clone() for p in model.parameters()]
     (logp0, ent0, cut0, grads0), (logp1, ent1, cut1, grads1) = results[False], results[True]
@@ -161,8 +161,8 @@ def test_shared_prompt_pass_runs_each_distinct_prompt_once(tiny):
     handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
     try:
         with torch.no_grad():
-            grpo.completion_logprobs(model, ids, attention, C, share_prompt=True)
-            grpo.completion_logprobs(model, ids, attention, C)
+            engine.completion_logprobs(model, ids, attention, C, share_prompt=True)
+            engine.completion_logprobs(model, ids, attention, C)
     finally:
         handle.remove()
     prompt_len = ids.size(1) - C
@@ -174,10 +174,10 @@ def test_gradient_checkpointing_falls_back_to_the_full_pass(tiny):
     model, tokenizer = tiny
     model = copy.deepcopy(model)
     ids, attention, C = grouped_batch(tokenizer)
-    expected, _ = grpo.completion_logprobs(model, ids, attention, C, share_prompt=False)
+    expected, _ = engine.completion_logprobs(model, ids, attention, C, share_prompt=False)
     model.gradient_checkpointing_enable()
     model.train()
-    got, _ = grpo.completion_logprobs(model, ids, attention, C, share_prompt=True)
+    got, _ = engine.completion_logprobs(model, ids, attention, C, share_prompt=True)
     assert torch.allclose(expected, got, atol=1e-5)
 
 
@@ -186,12 +186,12 @@ def test_sampling_repeated_prompts_equals_sampling_them_one_by_one(tiny):
     model, tokenizer = tiny
     ids, attention, _ = grouped_batch(tokenizer)
     prompt_ids, prompt_mask = ids[:, :-6], attention[:, :-6]
-    eos, u = grpo.stop_ids(model, tokenizer), torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(5))
-    together = grpo.sample(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
-    unshared = grpo.sample(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=False)
+    eos, u = engine.stop_ids(model, tokenizer), torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(5))
+    together = engine.sample(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
+    unshared = engine.sample(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=False)
     assert torch.equal(together, unshared)
     for r in range(len(ids)):
-        alone = grpo.sample(model, prompt_ids[r:r + 1], prompt_mask[r:r + 1], 12, eos, tokenizer.pad_token_id, 1.0, 1.0,
+        alone = engine.sample(model, prompt_ids[r:r + 1], prompt_mask[r:r + 1], 12, eos, tokenizer.pad_token_id, 1.0, 1.0,
                             u[r:r + 1])
         assert together[r, :alone.size(1)].tolist() == alone[0].tolist()
         assert (together[r, alone.size(1):] == tokenizer.pad_token_id).all()
@@ -211,10 +211,11 @@ def batch_for_gradients(tokenizer, n=7):
     return full_ids, attention, completion.size(1), torch.randn(n), loss_mask
 
 
-def gradient(model, batch, cfg, old=None, ref=None):
+def gradient(model, tokenizer, batch, cfg, old=None, ref=None):
     model.zero_grad()
     ids, attention, c, adv, loss_mask = batch
-    grpo.accumulate_gradients(model, ids, attention, c, adv, loss_mask, old, ref, cfg, contextlib.nullcontext)
+    grpo.accumulate_gradients(engine.Engine(model, tokenizer, share_prompt=cfg.share_prompt), model, ids, attention, c,
+                              adv, loss_mask, old, ref, cfg)
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -226,9 +227,9 @@ def test_micro_batched_gradient_equals_full_batch(tiny, loss_type, beta):
     n, c = len(batch[0]), batch[2]
     old = torch.randn(n, c) * 0.1 - 3 if beta else None       # also exercise mu > 1 (given old log-probs)
     ref = torch.randn(n, c) * 0.1 - 3 if beta else None
-    full = gradient(model, batch, Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=n), old, ref)
+    full = gradient(model, tiny[1], batch, Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=n), old, ref)
     for size in (1, 3):
-        micro = gradient(model, batch, Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=size), old, ref)
+        micro = gradient(model, tiny[1], batch, Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=size), old, ref)
         assert full.abs().max() > 0 and torch.allclose(full, micro, atol=1e-6, rtol=1e-4)
 
 
@@ -237,8 +238,8 @@ def test_detached_current_logprobs_give_the_same_gradient_as_old_ones(tiny):
     model = copy.deepcopy(tiny[0]).train()
     batch = batch_for_gradients(tiny[1])
     cfg = Config(beta=0.0, clip_eps_high=0.2)
-    old = grpo.batch_logprobs(model, batch[0], batch[1], batch[2], cfg, contextlib.nullcontext)
-    assert torch.allclose(gradient(model, batch, cfg), gradient(model, batch, cfg, old=old), atol=1e-7)
+    old = engine.Engine(model, tiny[1]).logprobs(batch[0], batch[1], batch[2], micro_batch_size=cfg.micro_batch_size)
+    assert torch.allclose(gradient(model, tiny[1], batch, cfg), gradient(model, tiny[1], batch, cfg, old=old), atol=1e-7)
 
 
 def test_prompts_are_left_padded_and_cut_from_the_left(tiny):
@@ -258,5 +259,5 @@ def test_a_model_that_returns_no_cache_is_refused_in_one_line():
         def forward(self, *args, **kwargs):
             return types.SimpleNamespace(logits=super().forward(*args, **kwargs).logits)
     with pytest.raises(grpo.ConfigError, match=r"^model: NoCache returns no KV cache under transformers "):
-        grpo.sample(NoCache([[5, 2]]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 4,
+        engine.sample(NoCache([[5, 2]]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 4,
                     torch.tensor([2]), 0)

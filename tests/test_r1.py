@@ -1,11 +1,11 @@
 """r1.py (SFT, rejection sampling, distillation, the recipe), the reflection metric, plot.py."""
-import contextlib
 import json
 
 import pytest
 import torch
 
 import data
+import engine
 import grpo
 import plot
 import r1
@@ -36,7 +36,7 @@ def test_sft_loss_is_the_mean_nll_of_completion_tokens_only(tiny):
     cfg = grpo.Config(max_prompt_tokens=200)
     batch = [{"question": "12+34", "solution": "<think>2+4=6</think><answer>46</answer>"},
              {"question": "5+7", "solution": "12"}]
-    loss, tokens = grpo.sft_loss(model, tokenizer, batch, cfg, grpo.stop_ids(model, tokenizer), contextlib.nullcontext)
+    loss, tokens = grpo.sft_loss(engine.Engine(model, tokenizer), batch, cfg)
     total, count = 0.0, 0
     for e in batch:  # by hand: each sequence alone, unpadded, the full log-softmax
         prompt = tokenizer(e["question"] + "\n")["input_ids"]
@@ -72,7 +72,7 @@ def test_sft_mode_learns_and_writes_a_run(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["pairs"] == 200 and summary["format_after"] > summary["format_before"]
     assert (run / "latest").read_text() == "checkpoint-000040"
-    grpo.load_model(str(run), "cpu")  # the fine-tuned model, from the run directory
+    engine.load_model(str(run), "cpu")  # the fine-tuned model, from the run directory
     assert r1.main(["sft", f"--data_path={pairs}", f"--out_dir={run}"]) == 2  # never mixes two runs
 
 
@@ -118,7 +118,7 @@ def test_duplicates_are_dropped_ignoring_whitespace():
 
 
 def scripted_sampler(tokenizer, per_prompt):
-    """A stand-in for grpo.sample: completion j of each prompt is per_prompt(question)[j], as ids."""
+    """A stand-in for engine.sample: completion j of each prompt is per_prompt(question)[j], as ids."""
     def fake_sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, *args, **kwargs):
         questions = [tokenizer.decode(row[m.bool()]).strip() for row, m in zip(prompt_ids, prompt_mask)]
         k = questions.count(questions[0])
@@ -137,8 +137,8 @@ def test_rejection_sampling_then_distillation_into_another_tokenizer(tmp_path, t
         a, b = map(int, question.split("+"))
         good = f"<think>{a}+{b}</think><answer>{a + b}</answer>"
         return [good, good + " ", f"<think>x</think><answer>{a + b + 1}</answer>", good[:-9] + "..."]
-    _, tokenizer = grpo.load_model(tiny_dir, "cpu")
-    monkeypatch.setattr(grpo, "sample", scripted_sampler(tokenizer, per_prompt))
+    _, tokenizer = engine.load_model(tiny_dir, "cpu")
+    monkeypatch.setattr(engine, "sample", scripted_sampler(tokenizer, per_prompt))
     kept = tmp_path / "kept.jsonl"
     assert r1.main(["sample", f"--model={tiny_dir}", f"--output={kept}", "--samples=4", "--sample_prompts=10",
                     "--eval_batch_size=12", "--max_new_tokens=32"]) == 0
@@ -149,14 +149,14 @@ def test_rejection_sampling_then_distillation_into_another_tokenizer(tmp_path, t
     monkeypatch.undo()
 
     student = data.build_tiny_model(str(tmp_path / "student"), seed=1, arch="qwen2", chat=True)
-    assert grpo.load_model(student, "cpu")[1].eos_token != tokenizer.eos_token
+    assert engine.load_model(student, "cpu")[1].eos_token != tokenizer.eos_token
     run = tmp_path / "distilled"
     assert r1.main(["sft", f"--model={student}", f"--data_path={kept}", f"--out_dir={run}", "--template=chat",
                     "--system_prompt=", "--sft_steps=12", "--sft_batch_size=10", "--eval_size=8", "--warmup_steps=0",
                     "--max_new_tokens=32"]) == 0
     losses = [r["loss"] for r in read_rows(run / "metrics.jsonl")]
     assert losses[-1] < losses[0]
-    assert grpo.load_model(str(run), "cpu")[1].chat_template  # the student keeps its own tokenizer
+    assert engine.load_model(str(run), "cpu")[1].chat_template  # the student keeps its own tokenizer
 
 
 def test_r1_command_line_errors(tmp_path, capsys):

@@ -1,5 +1,4 @@
 """Real model shapes and real data: a Qwen2-architecture chat model on GSM8K, evaluation, reloading."""
-import contextlib
 import json
 import os
 import pathlib
@@ -9,8 +8,10 @@ import torch
 
 import configurator
 import data
+import engine
 import grpo
 import rewards as R
+import runs
 from conftest import SHARED
 
 
@@ -43,9 +44,9 @@ def tiny_qwen_chat(tmp_path_factory):
 
 
 def test_tiny_qwen_chat_model_and_template(tiny_qwen_chat):
-    model, tokenizer = grpo.load_model(tiny_qwen_chat, "cpu")
+    model, tokenizer = engine.load_model(tiny_qwen_chat, "cpu")
     assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.eos_token == "<|im_end|>"
-    assert grpo.stop_ids(model, tokenizer).tolist() == sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    assert engine.stop_ids(model, tokenizer).tolist() == sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     prompt = data.render_prompt({"question": "2+2?"}, "chat", tokenizer, prefill="<think>")
     assert prompt.startswith("<|im_start|>system\nA conversation between User and Assistant.")
     assert prompt.endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>")
@@ -88,7 +89,7 @@ log_samples_every = 1
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tokenizer = AutoModelForCausalLM.from_pretrained(run), AutoTokenizer.from_pretrained(run)
     assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.chat_template == data.CHAT_TEMPLATE
-    trained = grpo.load_model(str(run / "checkpoint-000003"), "cpu")[0]
+    trained = engine.load_model(str(run / "checkpoint-000003"), "cpu")[0]
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
@@ -96,7 +97,7 @@ log_samples_every = 1
     # evaluation only, on the trained checkpoint, into the run's own directory: greedy pass@1 and
     # sampled pass@k, without touching the config the run would resume from
     saved_config = (run / "train_config.json").read_text()
-    result = grpo.train(grpo.parse_config(["--config", str(config), f"--model={run}", "--eval_only=True", "--eval_k=3",
+    result = grpo.evaluate_only(grpo.parse_config(["--config", str(config), f"--model={run}", "--eval_only=True", "--eval_k=3",
                                            f"--out_dir={run}"]))
     assert set(result) == {"accuracy", "format", "length", "pass_at_k", "sampled_accuracy"}
     assert 0 <= result["sampled_accuracy"] <= result["pass_at_k"] <= 1 and result["length"] > 0
@@ -115,12 +116,12 @@ def test_eval_pass_at_k_counts_any_correct_sample(monkeypatch, tiny):
                 "<answer>0</answer>", "<answer>0</answer>", "<answer>0</answer>"]]  # q2: none right
     calls = iter(outputs)
     monkeypatch.setattr(data, "decode", lambda tok, ids, prefill="": next(calls))
-    result = grpo.evaluate(model, tokenizer, examples, cfg, grpo.stop_ids(model, tokenizer), contextlib.nullcontext)
+    result = grpo.evaluate(engine.Engine(model, tokenizer), examples, cfg)
     assert result["accuracy"] == 0.5 and result["pass_at_k"] == 0.5 and result["sampled_accuracy"] == pytest.approx(1 / 6)
 
 
 def test_hub_dataset_names_need_the_datasets_package(capsys, monkeypatch):
-    monkeypatch.setattr(configurator.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(runs.importlib.util, "find_spec", lambda name: None)
     assert grpo.main(["--task=gsm8k", "--data_path=openai/gsm8k"]) == 2
     assert capsys.readouterr().err.strip() == ("grpo.py: error: data_path: openai/gsm8k: no such file "
                                                "(hub datasets need the `datasets` package)")
@@ -199,7 +200,7 @@ def test_hub_dataset_through_the_datasets_package(monkeypatch):
 
 
 def test_reject_measures_prompts_exactly_as_they_are_cut(tiny_qwen_chat):
-    model, tokenizer = grpo.load_model(tiny_qwen_chat, "cpu")
+    model, tokenizer = engine.load_model(tiny_qwen_chat, "cpu")
     example = [{"question": "12+34?"}]
     length = data.encode_prompts(tokenizer, example, grpo.Config(template="chat", system_prompt="", max_prompt_tokens=10**6), "cpu")[0].size(1)
     fits = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject", max_prompt_tokens=length, max_new_tokens=8)

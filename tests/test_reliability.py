@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import engine
 import grpo
 import runs
 from conftest import ROOT
@@ -142,8 +143,8 @@ def poison(monkeypatch, bad_calls, kind):
     """Make the update numbered in `bad_calls` (1-based) non-finite: its gradient, or its loss."""
     real, calls = grpo.accumulate_gradients, [0]
 
-    def wrapper(model, *args):
-        sums = real(model, *args)
+    def wrapper(engine, model, *args):
+        sums = real(engine, model, *args)
         calls[0] += 1
         if calls[0] in bad_calls:
             if kind == "gradient":
@@ -156,7 +157,7 @@ def poison(monkeypatch, bad_calls, kind):
 
 def load_checkpoint(run, step):
     path = run / f"checkpoint-{step:06d}"
-    model = grpo.load_model(str(path), "cpu")[0]
+    model = engine.load_model(str(path), "cpu")[0]
     return [p.detach() for p in model.parameters()], torch.load(path / "trainer_state.pt", weights_only=True)["optimizer"]
 
 
@@ -182,7 +183,7 @@ def test_too_many_bad_steps_stop_with_a_message_and_a_usable_checkpoint(tmp_path
     assert code == 1 and err.startswith("grpo.py: 3 steps in a row had a non-finite loss or gradient")
     assert assert_checkpoint_loads(tmp_path) == 3
     weights, adam = load_checkpoint(tmp_path, 3)
-    initial = grpo.load_model(str(tmp_path / "tiny"), "cpu")[0]
+    initial = engine.load_model(str(tmp_path / "tiny"), "cpu")[0]
     assert all(torch.equal(a, b) for a, b in zip(weights, initial.parameters())) and adam is None  # never stepped
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import data
+import engine
 import grpo
+import runs
 from conftest import ROOT, SHARED
 from transformers import AutoModelForCausalLM as AutoModel
 
@@ -70,8 +72,8 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
     assert all(r["grad_norm"] > 0 and r["zero_std_frac"] < 1 for r in a) and all(r["kl"] > 0 for r in a[1:])
     assert [r["ref_synced"] for r in a] == [False, True, False, True, False, True]
     assert second["accuracy_before"] == first["accuracy_before"]
-    full = grpo.load_model(whole, "cpu")[0]
-    resumed = grpo.load_model(part, "cpu")[0]
+    full = engine.load_model(whole, "cpu")[0]
+    resumed = engine.load_model(part, "cpu")[0]
     assert all(torch.equal(x, y) for x, y in zip(full.parameters(), resumed.parameters()))
 
 
@@ -86,7 +88,7 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
 @pytest.mark.parametrize("beta, loads", [(0.0, 1), (0.04, 2)])
 def test_beta_zero_loads_no_reference_model(tmp_path, monkeypatch, beta, loads):
     calls = []
-    real = grpo.load_model
+    real = engine.load_model
     monkeypatch.setattr(grpo, "load_model", lambda *a: calls.append(a) or real(*a))
     grpo.train(grpo.parse_config(FAST + ["--max_steps=1", "--sft_steps=0", f"--beta={beta}", f"--out_dir={tmp_path}"]))
     assert len(calls) == loads
@@ -110,7 +112,7 @@ def test_pad_token_equal_to_eos_trains(tmp_path, tiny_dir):
     import shutil
     shutil.copytree(tiny_dir, model_dir)
     tokenizer.save_pretrained(model_dir)
-    assert grpo.load_model(str(model_dir), "cpu")[1].pad_token_id == tokenizer.eos_token_id
+    assert engine.load_model(str(model_dir), "cpu")[1].pad_token_id == tokenizer.eos_token_id
     grpo.train(grpo.parse_config(FAST + ["--max_steps=2", f"--model={model_dir}", f"--out_dir={tmp_path / 'run'}"]))
     rows = metrics(tmp_path / "run")
     # EOS-padding after the first EOS is not counted as completion text
@@ -151,7 +153,7 @@ def test_bfloat16_keeps_fp32_master_weights_and_tracks_float32(tmp_path):
             "--lr=1e-6", "--min_lr_ratio=1.0", "--beta=0.04", "--max_steps=20"]
     for dtype in ("float32", "bfloat16"):
         grpo.train(grpo.parse_config(args + [f"--dtype={dtype}", f"--out_dir={tmp_path / dtype}"]))
-    start = flat(grpo.load_model(str(tmp_path / "float32" / "tiny"), "cpu")[0])
+    start = flat(engine.load_model(str(tmp_path / "float32" / "tiny"), "cpu")[0])
     fp32, bf16 = (flat(AutoModel.from_pretrained(tmp_path / d)) for d in ("float32", "bfloat16"))
     assert bf16.dtype == torch.float32                       # the checkpoint holds the master weights
     assert (bf16 != start).float().mean() > 0.99 and (fp32 != start).float().mean() > 0.99
@@ -177,13 +179,13 @@ def test_a_step_without_an_update_logs_null_not_zero(tmp_path):
 def test_sampled_entropy_is_the_mean_over_completion_tokens(tiny):
     model, tokenizer = tiny
     ids = torch.tensor([tokenizer("12+34\n")["input_ids"]] * 3)
-    eos = grpo.stop_ids(model, tokenizer)
+    eos = engine.stop_ids(model, tokenizer)
     u = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
-    tokens, entropy = grpo.sample(model, ids, torch.ones_like(ids), 10, eos, tokenizer.pad_token_id, 0.7, 1.0, u,
+    tokens, entropy = engine.sample(model, ids, torch.ones_like(ids), 10, eos, tokenizer.pad_token_id, 0.7, 1.0, u,
                                   return_entropy=True)
     full = torch.cat([ids, tokens], 1)
     with torch.no_grad():  # the same entropies from one pass over the sampled sequences
-        _, expected = grpo.completion_logprobs(model, full, torch.ones_like(full), tokens.size(1), 0.7)
+        _, expected = engine.completion_logprobs(model, full, torch.ones_like(full), tokens.size(1), 0.7)
     assert torch.allclose(entropy, expected, atol=1e-4)
 
 
@@ -209,27 +211,27 @@ def test_dropout_is_off_in_the_policy_by_default(tmp_path, disable):
     """A model configured with dropout: with disable_dropout the update's log-probs (train mode)
     equal the sampler's (eval mode); without it they do not."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    _, tokenizer = grpo.load_model(data.build_tiny_model(str(tmp_path / "tok"), 0), "cpu")
+    _, tokenizer = engine.load_model(data.build_tiny_model(str(tmp_path / "tok"), 0), "cpu")
     shapes = dict(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, bos_token_id=None)
     for model in (LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                attention_dropout=0.5, **shapes)),
                   GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.5, embd_pdrop=0.5,
                                              attn_pdrop=0.5, **shapes))):
         if disable:
-            grpo.disable_dropout(model)
+            engine.disable_dropout(model)
         ids = torch.randint(3, 50, (4, 12), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            sampler = grpo.completion_logprobs(model.eval(), ids, torch.ones_like(ids), 6)[0]
-            update = grpo.completion_logprobs(model.train(), ids, torch.ones_like(ids), 6)[0]
+            sampler = engine.completion_logprobs(model.eval(), ids, torch.ones_like(ids), 6)[0]
+            update = engine.completion_logprobs(model.train(), ids, torch.ones_like(ids), 6)[0]
         assert torch.allclose(sampler, update, atol=1e-6) == disable, type(model).__name__
 
 
 def test_each_phase_is_timed_after_the_device_finishes_it(tmp_path, monkeypatch):
     """GPU kernels run asynchronously: t_sample, t_logprobs and t_update are each read by
-    grpo.clock, which waits for the device (on CUDA) before reading the time."""
+    runs.clock, which waits for the device (on CUDA) before reading the time."""
     ticks = iter(range(10**6))
     devices = []
-    monkeypatch.setattr(grpo, "clock", lambda device: devices.append(device.type) or next(ticks) * 10.0)
+    monkeypatch.setattr(runs, "clock", lambda device: devices.append(device.type) or next(ticks) * 10.0)
     grpo.train(grpo.parse_config(["--sft_steps=0", "--eval_size=0", "--prompts_per_step=2", "--group_size=2",
                                   "--max_new_tokens=4", "--max_steps=2", f"--out_dir={tmp_path}"]))
     rows = metrics(tmp_path)

@@ -1,0 +1,243 @@
+"""
+engine.py: the model as a sequence model, for grpo.py and r1.py: loading (dtype, attention, pad and
+stop tokens, dropout), a group's prompt prefilled once, sampling with a KV cache, the log-probs and
+entropy of completions, bf16 autocast. Nothing here knows about rewards or the GRPO objective.
+
+`Engine` is the interface the trainer calls (`engine.sample(...)`, `engine.logprobs(...)`); the
+functions below it are today's path, plain transformers forward calls. A faster decoder (a static
+KV cache, a compiled decode step) can sit behind the same two methods.
+"""
+import inspect
+
+import torch
+
+from runs import ConfigError, all_sum
+
+
+def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
+    """(model, tokenizer) from a hub name or local path, weights in `dtype`. The policy trains in
+    float32 (master weights, bf16 compute under autocast); bfloat16 is for frozen copies (the
+    reference model) and inference. A tokenizer without a pad token pads with EOS, which is safe:
+    masks count only the first EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attn_implementation).to(device)
+    except (OSError, ValueError, KeyError) as err:  # not found, offline, unknown architecture, bad files
+        raise ConfigError(f"model: {path}: {str(err).strip().splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model: {path}: the tokenizer has no EOS token, so completions could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def disable_dropout(model):
+    """Zero every dropout probability, in modules and in attention (TRL's disable_dropout): the
+    sampling and no-grad passes run in eval mode, so with dropout the update would score the
+    completions under another policy than the one that drew them."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):  # transformers' attention reads a float while training
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
+
+
+def stop_ids(model, tokenizer):
+    """Every token id that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return torch.tensor(sorted(ids), device=model.device)
+
+
+def unwrap(model):
+    """The transformers model inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+class Engine:
+    """Sampling and log-probs for a policy and the models that share its tokenizer (the reference,
+    the policy's training wrapper). bf16: run forward passes under bf16 autocast (the weights stay
+    as loaded). share_prompt: a group's G sequences share one forward pass over their prompt."""
+
+    def __init__(self, model, tokenizer, bf16=False, share_prompt=True):
+        self.model, self.tokenizer, self.bf16, self.share_prompt = model, tokenizer, bf16, share_prompt
+        self.eos_ids, self.pad_id = stop_ids(model, tokenizer), tokenizer.pad_token_id
+
+    def autocast(self):
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    @torch.no_grad()
+    def sample(self, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None,
+               return_entropy=False):
+        """Completions [B, T] of the policy for left-padded prompts [B, P] (see `sample`)."""
+        self.model.eval()
+        with self.autocast():
+            return sample(self.model, prompt_ids, prompt_mask, max_new_tokens, self.eos_ids, self.pad_id, temperature,
+                          top_p, uniforms, self.share_prompt, return_entropy)
+
+    def logprobs(self, ids, attention, num_completion, temperature=1.0, model=None, micro_batch_size=None,
+                 share_prompt=None):
+        """log-probs [B, C] of the last num_completion tokens of ids [B, L] under `model` (the
+        policy when None), with gradients unless micro_batch_size is given: then without, a
+        micro-batch at a time (the old policy's and the reference's log-probs). share_prompt:
+        None = the engine's setting (see completion_logprobs)."""
+        model = self.model if model is None else model
+        share = self.share_prompt if share_prompt is None else share_prompt
+        if micro_batch_size is None:
+            with self.autocast():
+                return completion_logprobs(model, ids, attention, num_completion, temperature, share, with_entropy=False)[0]
+        with torch.no_grad():
+            return torch.cat([self.logprobs(ids[i:i + micro_batch_size], attention[i:i + micro_batch_size],
+                                            num_completion, temperature, model, share_prompt=share)
+                              for i in range(0, len(ids), micro_batch_size)])
+
+
+# ----------------------------------------------------------------------------
+# today's path: transformers forward calls with the model's own KV cache
+
+
+ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def can_share_prompts(model):
+    """Whether a prompt's cache can be copied to other rows: every layer is attention, whose cache
+    is keys and values by row. Hybrid models (LFM2's convolutions, Qwen3-Next's linear attention)
+    keep running states that transformers updates in place; they run every row instead."""
+    config = getattr(unwrap(model), "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return set(getattr(config, "layer_types", None) or ATTENTION_LAYERS) <= ATTENTION_LAYERS
+
+
+def prefill_prompts(model, prompt_ids, prompt_mask, share=True):
+    """Run each distinct prompt of left-padded prompt_ids [B, P] once (a group's G rows share one
+    pass), then copy its KV cache and last logits to every row that has it (gradients flow back
+    through the copies); share=False, or a model whose cache cannot be copied, runs every row.
+    -> (logits [B, 1, V], the cache as a keyword argument for the next forward call)."""
+    from transformers import DynamicCache
+    both = torch.cat([prompt_ids, prompt_mask], 1)
+    share = share and can_share_prompts(model)
+    distinct, rows = torch.unique_consecutive(both, dim=0, return_inverse=True) if share else (both, None)
+    ids, mask = distinct.split(prompt_ids.size(1), 1)
+    # transformers 5 names the argument `cache`, 4.x `past_key_values`
+    name = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+    config = getattr(unwrap(model), "config", None)
+    # attention layers (full or sliding) get a cache from the config, in training mode too; a hybrid
+    # model builds its own, of the state classes its transformers version has
+    given = {name: DynamicCache(config=config)} if share and config is not None else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
+                use_cache=True, logits_to_keep=1, **given)
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None:  # e.g. FalconH1 under transformers 4.x, which only fills a cache it is given
+        import transformers
+        raise ConfigError(f"model: {type(unwrap(model)).__name__} returns no KV cache under transformers "
+                          f"{transformers.__version__}, so it cannot be sampled here (a newer transformers may)")
+    logits = out.logits
+    if rows is not None and len(distinct) < len(prompt_ids):
+        cache.batch_select_indices(rows)
+        logits = logits[rows]
+    return logits, {name: cache}
+
+
+def positions_of(mask):
+    """Position ids of a left-padded attention mask [B, L]: 0 at each row's first real token."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0, uniforms=None,
+           share_prompt=True, return_entropy=False):
+    """Sample completions for left-padded prompts [B, P] with a KV cache; temperature 0 is greedy.
+    uniforms [B, max_new_tokens] in [0, 1) pick the tokens (drawn here when None). Returns [B, T]
+    with T <= max_new_tokens (it stops once every row, on every rank, has an EOS); tokens after a
+    row's EOS are pad_id. share_prompt: repeated prompts are prefilled once (prefill_prompts).
+    return_entropy: also the entropy of softmax(logits / temperature) at each position [B, T],
+    the policy's entropy on its own samples, free here (mask it with completion_mask)."""
+    if uniforms is None:  # greedy decoding draws none, so that it leaves the random stream as it was
+        draw = torch.rand if temperature > 0 else torch.zeros
+        uniforms = draw(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
+    logits, cache = prefill_prompts(model, prompt_ids, prompt_mask, share_prompt)
+    logits = logits[:, -1]
+    mask, positions = prompt_mask, positions_of(prompt_mask)
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
+    tokens, entropies = [], []
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        token = pick_token(logits, temperature, top_p, uniforms[:, t])
+        if return_entropy:
+            entropies.append(torch.special.entr(torch.softmax(logits / temperature, -1)).sum(-1))
+        token = torch.where(done, pad_id, token)
+        tokens.append(token)
+        done |= torch.isin(token, eos_ids)
+        if t == max_new_tokens - 1:
+            break
+        # checked every 8 tokens, as each check waits for the device; ranks stop together (FSDP's gathers pair up)
+        if t % 8 == 7 and all_sum((~done).sum()).item() == 0:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                       use_cache=True, **cache).logits[:, -1]
+    tokens = torch.stack(tokens, 1)
+    return (tokens, torch.stack(entropies, 1)) if return_entropy else tokens
+
+
+def pick_token(logits, temperature, top_p, uniform):
+    """One token per row from logits [B, V]: argmax when temperature is 0, else a sample of
+    softmax(logits / temperature) restricted to the top_p nucleus, by inverse CDF: the first token
+    whose cumulative probability exceeds uniform [B] * total. As the uniforms are drawn per
+    completion, a completion does not depend on which rank or batch it is sampled in."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps the top token always
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+    cdf = probs.cumsum(-1)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return (cdf <= target).sum(-1).clamp(max=len(cdf[0]) - 1)  # never a token of probability 0
+
+
+def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, share_prompt=False,
+                        with_entropy=True):
+    """log pi(o_t | q, o_<t) / temperature-scaled, for the last num_completion tokens of
+    input_ids [B, L] (left-padded prompt + completion) -> logp [B, C] and entropy [B, C]
+    (detached; None unless with_entropy). Logits exist only at completion positions, and
+    log-softmax is taken a block of rows at a time (at most 2^24 logits: one row of a large
+    vocabulary, a whole batch of a small one), so the full-vocabulary log-probs of a large batch
+    are never held at once.
+    share_prompt: consecutive rows with the same prompt (a group) share one forward pass over it
+    (prefill_prompts); the same result, fewer FLOPs. Not under gradient checkpointing, which
+    keeps no KV cache. Whether to share is the caller's choice, not the data's, so that every rank
+    makes the same number of forward calls (FSDP gathers weights in each)."""
+    positions = positions_of(attention_mask)
+    prompt_len = input_ids.size(1) - num_completion
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules())
+    if share_prompt and not checkpointed and can_share_prompts(model):
+        first, cache = prefill_prompts(model, input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
+        rest = model(input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask, use_cache=True,
+                     position_ids=positions[:, prompt_len:], logits_to_keep=num_completion, **cache).logits
+        logits = torch.cat([first, rest[:, :-1]], 1)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       use_cache=False, logits_to_keep=num_completion + 1).logits[:, :-1]
+    targets = input_ids[:, -num_completion:]
+    logps, entropies = [], []
+    rows = max(1, (1 << 24) // (num_completion * logits.size(-1)))
+    for block, block_targets in zip(logits.split(rows), targets.split(rows)):
+        block = block.float() / temperature
+        lse = torch.logsumexp(block, -1)
+        logps.append(block.gather(-1, block_targets[..., None]).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.no_grad():
+                entropies.append(torch.special.entr(torch.softmax(block, -1)).sum(-1))
+    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
