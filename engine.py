@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from runs import ConfigError, all_sum
+from runs import ConfigError, every_rank_done
 
 
 def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
@@ -64,23 +64,44 @@ def unwrap(model):
 class Engine:
     """Sampling and log-probs for a policy and the models that share its tokenizer (the reference,
     the policy's training wrapper). bf16: run forward passes under bf16 autocast (the weights stay
-    as loaded). share_prompt: a group's G sequences share one forward pass over their prompt."""
+    as loaded). share_prompt: a group's G sequences share one forward pass over their prompt.
+    decoder: "static" samples with StaticDecoder where the model's family allows (compiled with
+    compile_decode), "hf" with transformers' forward and cache (`sample`); "auto" is static where
+    the family allows, except under FSDP, whose sharded layers only gather inside their forward."""
 
-    def __init__(self, model, tokenizer, bf16=False, share_prompt=True):
+    def __init__(self, model, tokenizer, bf16=False, share_prompt=True, decoder="hf", compile_decode=False):
         self.model, self.tokenizer, self.bf16, self.share_prompt = model, tokenizer, bf16, share_prompt
         self.eos_ids, self.pad_id = stop_ids(model, tokenizer), tokenizer.pad_token_id
+        why_not = StaticDecoder.unsupported(model, 0)
+        if decoder == "static" and why_not:
+            raise ConfigError(f"decoder: static decoding cannot run this model: {why_not}")
+        self.decoder = StaticDecoder(model, compile_decode) if decoder != "hf" and not why_not else None
+        self.why_not_static = why_not if decoder != "hf" else "decoder=hf"
+
+    def uses_static(self, length):
+        """Whether sampling `length` tokens (prompt + completion) takes the static decoder: not under
+        FSDP (its sharded layers gather their weights only inside their own forward), and not past
+        a sliding window."""
+        if self.decoder is None or any(hasattr(m, "reshard") for m in self.model.modules()):
+            return False
+        return StaticDecoder.unsupported(self.model, length) is None
 
     def autocast(self):
         return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.no_grad()
     def sample(self, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None,
-               return_entropy=False):
-        """Completions [B, T] of the policy for left-padded prompts [B, P] (see `sample`)."""
+               return_stats=False):
+        """Completions [B, T] of the policy for left-padded prompts [B, P] (see `sample`); with
+        return_stats also the sampler's log-prob of each token and the entropy, [B, T] each."""
         self.model.eval()
         with self.autocast():
+            if self.uses_static(prompt_ids.size(1) + max_new_tokens):
+                out = self.decoder.sample(prompt_ids, prompt_mask, max_new_tokens, self.eos_ids, self.pad_id,
+                                          temperature, top_p, uniforms, self.share_prompt)
+                return out if return_stats else out[0]
             return sample(self.model, prompt_ids, prompt_mask, max_new_tokens, self.eos_ids, self.pad_id, temperature,
-                          top_p, uniforms, self.share_prompt, return_entropy)
+                          top_p, uniforms, self.share_prompt, return_stats)
 
     def logprobs(self, ids, attention, num_completion, temperature=1.0, model=None, micro_batch_size=None,
                  share_prompt=None):
@@ -154,13 +175,13 @@ def positions_of(mask):
 
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0, uniforms=None,
-           share_prompt=True, return_entropy=False):
+           share_prompt=True, return_stats=False):
     """Sample completions for left-padded prompts [B, P] with a KV cache; temperature 0 is greedy.
     uniforms [B, max_new_tokens] in [0, 1) pick the tokens (drawn here when None). Returns [B, T]
     with T <= max_new_tokens (it stops once every row, on every rank, has an EOS); tokens after a
     row's EOS are pad_id. share_prompt: repeated prompts are prefilled once (prefill_prompts).
-    return_entropy: also the entropy of softmax(logits / temperature) at each position [B, T],
-    the policy's entropy on its own samples, free here (mask it with completion_mask)."""
+    return_stats: also the sampler's log-prob of each token and the entropy of softmax(logits /
+    temperature) at each position, both [B, T] and free here (mask them with completion_mask)."""
     if uniforms is None:  # greedy decoding draws none, so that it leaves the random stream as it was
         draw = torch.rand if temperature > 0 else torch.zeros
         uniforms = draw(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
@@ -168,26 +189,22 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temp
     logits = logits[:, -1]
     mask, positions = prompt_mask, positions_of(prompt_mask)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
-    tokens, entropies = [], []
+    tokens, logps, entropies = [], [], []
     for t in range(max_new_tokens):
-        logits = logits.float()
-        token = pick_token(logits, temperature, top_p, uniforms[:, t])
-        if return_entropy:
-            entropies.append(torch.special.entr(torch.softmax(logits / temperature, -1)).sum(-1))
+        token, logp, entropy = pick_and_score(logits.float(), temperature, top_p, uniforms[:, t])
         token = torch.where(done, pad_id, token)
-        tokens.append(token)
+        tokens.append(token), logps.append(logp), entropies.append(entropy)
         done |= torch.isin(token, eos_ids)
         if t == max_new_tokens - 1:
             break
-        # checked every 8 tokens, as each check waits for the device; ranks stop together (FSDP's gathers pair up)
-        if t % 8 == 7 and all_sum((~done).sum()).item() == 0:
+        if t % 8 == 7 and every_rank_done(done):  # checked every 8 tokens, as each check waits for the device
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         positions = positions[:, -1:] + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                        use_cache=True, **cache).logits[:, -1]
     tokens = torch.stack(tokens, 1)
-    return (tokens, torch.stack(entropies, 1)) if return_entropy else tokens
+    return (tokens, torch.stack(logps, 1), torch.stack(entropies, 1)) if return_stats else tokens
 
 
 def pick_token(logits, temperature, top_p, uniform):
@@ -241,3 +258,136 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
             with torch.no_grad():
                 entropies.append(torch.special.entr(torch.softmax(block, -1)).sum(-1))
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
+
+
+# ----------------------------------------------------------------------------
+# the fast path: a KV cache the engine owns, one decode step that picks its own token
+
+
+FAST_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def rotate_half(x):
+    first, second = x.chunk(2, -1)
+    return torch.cat([-second, first], -1)
+
+
+class StaticDecoder:
+    """Decoding with a preallocated KV cache for the Llama-shaped families (FAST_FAMILIES): every
+    row's keys and values live at the same cache slots (a left-padded prompt's pads are masked),
+    attention reads the cache with grouped-query heads as they are (no K/V copied per query
+    head), and one decode step embeds, attends, picks the next token from its uniform and records
+    that token's log-prob and the entropy, all on the device. It reuses the Hugging Face model's
+    own modules (projections, norms, MLP, rotary), so it always samples the current weights.
+    compile: torch.compile the decode step (on CUDA with CUDA graphs, "reduce-overhead"); prompts
+    are then left-padded to a multiple of `bucket` tokens so that a new prompt length does not
+    compile again."""
+
+    def __init__(self, model, compile=False, bucket=64):
+        self.model = unwrap(model)
+        self.body, self.bucket = self.model.model, bucket if compile else 1
+        self.step = self.decode_step
+        if compile:
+            mode = "reduce-overhead" if self.model.device.type == "cuda" else None
+            self.step = torch.compile(self.decode_step, mode=mode, dynamic=False)
+
+    @staticmethod
+    def unsupported(model, length):
+        """Why `model` cannot be decoded here for sequences of `length` tokens, or None."""
+        config = unwrap(model).config
+        if config.model_type not in FAST_FAMILIES:
+            return f"{config.model_type} is not one of {', '.join(FAST_FAMILIES)}"
+        window = getattr(config, "sliding_window", None)
+        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"])
+        if window and sliding and getattr(config, "use_sliding_window", True) and window < length:
+            return f"its sliding window ({window} tokens) is shorter than prompt + completion ({length})"
+        return None
+
+    def forward(self, ids, positions, mask, caches, slots):
+        """Logits [B, V] after the last of tokens ids [B, S] at positions [B, S], whose keys and
+        values are written at cache `slots` [S]; mask [B, 1, S, L]: the cache slots each query sees."""
+        B, S = ids.shape
+        x = self.body.embed_tokens(ids)
+        cos, sin = self.body.rotary_emb(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        for layer, (k_cache, v_cache) in zip(self.body.layers, caches):
+            attention, h = layer.self_attn, layer.input_layernorm(x)
+            q = attention.q_proj(h).view(B, S, -1, attention.head_dim)
+            k = attention.k_proj(h).view(B, S, -1, attention.head_dim)
+            if hasattr(attention, "q_norm"):  # Qwen3 normalises each head
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            v = attention.v_proj(h).view(B, S, -1, attention.head_dim).transpose(1, 2)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+            out = torch.nn.functional.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
+                                                                   attn_mask=mask, scale=attention.scaling,
+                                                                   enable_gqa=True)
+            x = x + attention.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(self.body.norm(x[:, -1]))
+
+    def decode_step(self, token, position, key_mask, slot, caches, uniform, temperature, top_p):
+        """One token for every row: the model's next-token logits after `token` [B] at `position`
+        [B], stored at cache `slot` [1] -> (next token [B], its log-prob [B] and the entropy [B]
+        of softmax(logits / temperature))."""
+        key_mask.index_fill_(1, slot, True)
+        logits = self.forward(token[:, None], position[:, None], key_mask[:, None, None, :], caches, slot).float()
+        return pick_and_score(logits, temperature, top_p, uniform)
+
+    @torch.no_grad()
+    def sample(self, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0,
+               uniforms=None, share_prompt=True):
+        """As `sample` (same tokens for the same uniforms), plus the sampler's log-prob of each
+        sampled token -> (tokens [B, T], logp [B, T], entropy [B, T])."""
+        if uniforms is None:
+            draw = torch.rand if temperature > 0 else torch.zeros
+            uniforms = draw(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
+        width = -(-prompt_ids.size(1) // self.bucket) * self.bucket  # left-pad to the bucket: one compile per bucket
+        prompt_ids = torch.nn.functional.pad(prompt_ids, (width - prompt_ids.size(1), 0), value=pad_id)
+        prompt_mask = torch.nn.functional.pad(prompt_mask, (width - prompt_mask.size(1), 0))
+        both = torch.cat([prompt_ids, prompt_mask], 1)
+        distinct, rows = torch.unique_consecutive(both, dim=0, return_inverse=True) if share_prompt else (both, None)
+        ids, mask = distinct.split(width, 1)
+        length, device = width + max_new_tokens, prompt_ids.device
+        caches = self.new_caches(len(ids), length, device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        seen = (mask.bool()[:, None, :] & causal) | torch.eye(width, dtype=torch.bool, device=device)  # pads see themselves
+        seen = torch.nn.functional.pad(seen, (0, max_new_tokens))[:, None]
+        slots = torch.arange(width, device=device)
+        logits = self.forward(ids, positions_of(mask), seen, caches, slots).float()
+        if rows is not None:
+            caches, logits = [(k[rows], v[rows]) for k, v in caches], logits[rows]
+        key_mask = torch.nn.functional.pad(prompt_mask.bool(), (0, max_new_tokens))
+        position = positions_of(prompt_mask)[:, -1]
+        done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+        token, logp, entropy = pick_and_score(logits, temperature, top_p, uniforms[:, 0])
+        tokens, logps, entropies = [], [], []
+        for t in range(max_new_tokens):
+            token = torch.where(done, pad_id, token)
+            tokens.append(token), logps.append(logp), entropies.append(entropy)
+            done |= torch.isin(token, eos_ids)
+            if t == max_new_tokens - 1 or (t % 8 == 7 and every_rank_done(done)):
+                break
+            position = position + 1
+            slot = torch.tensor([width + t], device=device)
+            token, logp, entropy = self.step(token, position, key_mask, slot, caches, uniforms[:, t + 1],
+                                             temperature, top_p)
+        return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1)
+
+    def new_caches(self, rows, length, device):
+        config, attention = self.model.config, self.body.layers[0].self_attn
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.model.dtype
+        shape = (rows, config.num_key_value_heads, length, attention.head_dim)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in self.body.layers]
+
+
+def pick_and_score(logits, temperature, top_p, uniform):
+    """pick_token, and the picked token's log-prob and the entropy under softmax(logits /
+    temperature) (temperature 0: the plain softmax) -> three [B] tensors."""
+    token = pick_token(logits, temperature, top_p, uniform)
+    scaled = logits / (temperature or 1.0)
+    entropy = torch.special.entr(torch.softmax(scaled, -1)).sum(-1)
+    return token, torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1), entropy

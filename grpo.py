@@ -23,6 +23,8 @@ Where it departs from or extends the paper (each one a flag, paper default first
     completion is the same on 1 or N ranks (torchrun: groups are split across ranks)
   - share_prompt: a group's G sequences share one forward pass over their prompt, whose KV
     cache is copied to each (sampling's prefill, the reference and update passes): same result
+  - sampling uses the engine's static KV cache where the family allows (decoder); the sampler's
+    own log-probs are compared with the trainer's each step, and tis_cap corrects for a gap
   - weights train in fp32 (dtype=bfloat16: bf16 compute over fp32 master weights, as AdamW's
     small steps round away in bf16); dropout is off (disable_dropout); the demo's schedule
     (cold start, lr 3e-4) applies to model="tiny" only, a pretrained model gets lr 1e-6
@@ -94,6 +96,8 @@ class Config:
     max_new_tokens: Optional[int] = None  # completion length cap; None = 32 for model="tiny", else 256 (DeepSeekMath: 1024)
     temperature: float = 1.0       # sampling temperature (DeepSeekMath: 1.0)
     top_p: float = 1.0             # nucleus sampling (DeepSeekMath: 1.0)
+    decoder: Literal["auto", "static", "hf"] = "auto"  # static: engine-owned KV cache (Llama, Qwen2/3, Mistral); auto: where it runs
+    compile_decode: Optional[bool] = None  # torch.compile the static decode step (CUDA graphs on CUDA); None = on CUDA
     max_prompt_tokens: int = 0     # longer prompts keep their last tokens; 0 = context - max_new_tokens
     prompt_overflow: Literal["truncate", "reject"] = "truncate"  # a prompt over max_prompt_tokens: cut (counted) | stop at start
     # rewards
@@ -110,6 +114,7 @@ class Config:
     num_iterations: int = 1        # mu: policy updates per batch of samples (DeepSeekMath: 1)
     ref_sync_every: int = 0        # steps between reference updates; 0 = fixed (DeepSeekMath iterative RL)
     ref_sync_alpha: float = 1.0    # ref <- alpha * theta + (1 - alpha) * ref; 1.0 = hard copy
+    tis_cap: float = 0.0           # truncated importance sampling: weigh tokens by min(pi_old / pi_sampler, cap); 0 = off
     mask_truncated: bool = False   # leave completions without EOS out of the loss (DAPO: True)
     drop_zero_std_groups: bool = False  # leave groups with equal rewards out (DAPO: True, resampled)
     # optimisation
@@ -287,12 +292,21 @@ def dapo_filters(mask, zero_std_groups, truncated, drop_zero_std_groups, mask_tr
     return mask * keep[:, None]
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, denominator):
-    """The GRPO objective for one micro-batch: clipped surrogate + beta * k3 KL, aggregated by
-    cfg.loss_type over `denominator` (loss_denominator of the whole batch). ref_logp is None when
-    beta = 0. Returns (loss, masked sums for logging, as tensors so that nothing waits for the
-    device until the step is logged)."""
+def truncated_is_weight(old_logp, sampler_logp, cap):
+    """Truncated importance sampling (TIS) for tokens drawn by a sampler that differs slightly from
+    the trained policy (another kernel, precision or batch shape): w = min(pi_old / pi_sampler, cap)
+    per token, [B, T] -> [B, T], detached; it multiplies the clipped surrogate (as TRL's
+    vllm_importance_sampling_correction does)."""
+    return torch.exp(old_logp - sampler_logp).clamp(max=cap).detach()
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, denominator, is_weight=None):
+    """The GRPO objective for one micro-batch: clipped surrogate (times is_weight, when given) +
+    beta * k3 KL, aggregated by cfg.loss_type over `denominator` (loss_denominator of the whole
+    batch). ref_logp is None when beta = 0. Returns (loss, masked sums for logging, as tensors so
+    that nothing waits for the device until the step is logged)."""
     per_token, clip_low, clip_high = clipped_surrogate(logp, old_logp, advantages, cfg.clip_eps_low, cfg.clip_eps_high)
+    per_token = per_token if is_weight is None else per_token * is_weight
     stats = {"clip_low": (clip_low * mask).sum(), "clip_high": (clip_high * mask).sum()}
     if cfg.beta > 0:
         kl = k3_kl(logp, ref_logp)
@@ -414,41 +428,52 @@ def score(texts, examples, lengths, reward_spec, cfg):
     return scores, failures, correct
 
 
-def accumulate_gradients(engine, model, ids, attention, num_completion, advantages, loss_mask, old_logp, ref_logp, cfg):
+def accumulate_gradients(engine, model, ids, attention, num_completion, advantages, loss_mask, old_logp, ref_logp, cfg,
+                         sampler_logp=None):
     """Backpropagate the whole batch's GRPO loss one micro-batch at a time; the gradient equals
     the full-batch one because every micro-batch is normalised by the whole batch's denominator,
     summed over ranks under torchrun. old_logp None means mu = 1: the detached current log-probs
-    stand in (ratio 1, same gradient). Returns this rank's summed loss and masked-token
-    statistics (tensors)."""
+    stand in (ratio 1, same gradient). sampler_logp: the sampler's own log-probs of the tokens,
+    for the sampler/trainer mismatch (logged) and, with tis_cap, its correction. Returns this
+    rank's summed loss and masked-token statistics (tensors)."""
     denominator = all_sum(loss_denominator(loss_mask, cfg.loss_type, cfg.max_new_tokens)).clamp(min=1)
-    sums = dict.fromkeys(("loss", "clip_low", "clip_high", "kl"), 0.0)
+    sums = dict.fromkeys(STATS, 0.0)
     for i in range(0, len(ids), cfg.micro_batch_size):
         rows = slice(i, i + cfg.micro_batch_size)
         with runs.sync_gradients(model, last=i + cfg.micro_batch_size >= len(ids)):
             logp = engine.logprobs(ids[rows], attention[rows], num_completion, cfg.temperature, model)
             old = logp.detach() if old_logp is None else old_logp[rows]
             ref = None if ref_logp is None else ref_logp[rows]
-            loss, stats = grpo_loss(logp, old, ref, advantages[rows], loss_mask[rows], cfg, denominator)
+            sampled = None if sampler_logp is None else sampler_logp[rows]
+            weight = truncated_is_weight(old, sampled, cfg.tis_cap) if cfg.tis_cap and sampled is not None else None
+            loss, stats = grpo_loss(logp, old, ref, advantages[rows], loss_mask[rows], cfg, denominator, weight)
             runs.backward(loss)
+        if sampled is not None:  # how far the sampler's log-probs are from the trainer's: |delta| and k3 KL
+            stats["mismatch_abs"] = ((old - sampled).abs() * loss_mask[rows]).sum()
+            delta = old - sampled  # k3 as expm1(d) - d: exact for the tiny d of the same model computed twice
+            stats["mismatch_kl"] = ((torch.expm1(delta) - delta) * loss_mask[rows]).sum()
         stats.update(loss=loss.detach())
         for key, value in stats.items():
             sums[key] += value
     return sums
 
 
+STATS = ("loss", "clip_low", "clip_high", "kl", "mismatch_abs", "mismatch_kl")  # summed over micro-batches
+
+
 def policy_update(engine, model, optimizer, ids, attention, num_completion, advantages, loss_mask, old_logp, ref_logp,
-                  cfg):
+                  cfg, sampler_logp=None):
     """mu = num_iterations AdamW steps on one batch, none when the loss sees no token on any rank.
     A step whose loss or gradient is not finite leaves weights and Adam as they were and ends the
     updates. -> (summed statistics, grad norm or None, updates made, skipped)."""
-    sums, grad_norm = dict.fromkeys(("loss", "clip_low", "clip_high", "kl"), 0.0), None
+    sums, grad_norm = dict.fromkeys(STATS, 0.0), None
     model.train()
     if all_sum(loss_mask.sum()).item() == 0:
         return sums, grad_norm, 0, False
     for update in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         stats = accumulate_gradients(engine, model, ids, attention, num_completion, advantages, loss_mask, old_logp,
-                                     ref_logp, cfg)
+                                     ref_logp, cfg, sampler_logp)
         norm = runs.clip_grad_norm(model, cfg.grad_clip)
         if not (math.isfinite(norm) and math.isfinite(all_sum(stats["loss"]))):
             optimizer.zero_grad(set_to_none=True)
@@ -479,6 +504,7 @@ def step_metrics(step, rewards, scores, reward_spec, correct, zero_std, lengths,
             "truncated_frac": truncated.mean().item(), "reflection_frac": total["reflecting"] / len(rewards),
             "kl": per_token["kl"] if with_kl else None, "clip_low_frac": per_token["clip_low"],
             "clip_high_frac": per_token["clip_high"], "entropy": total["entropy"] / total["tokens"],
+            "mismatch_abs": per_token["mismatch_abs"], "mismatch_kl": per_token["mismatch_kl"],
             "grad_norm": grad_norm, "updates": updates, "reward_errors": int(total["reward_errors"]),
             "skipped": skipped, "prompts_cut": int(total["prompts_cut"]),
             "tokens_per_sec": total["tokens"] / (times[3] - times[0]), "t_sample": times[1] - times[0], "t_logprobs": times[2] - times[1], "t_update": times[3] - times[2]}
@@ -526,7 +552,11 @@ def load_policy(path, cfg, device, dtype, examples):
     if cfg.disable_dropout:
         disable_dropout(model)
     bf16 = (device.type == "cuda" or cfg.dtype == "bfloat16") if cfg.bf16 is None else cfg.bf16
-    return model, Engine(model, tokenizer, bf16, cfg.share_prompt), data.resolve_prompt_limit(cfg, model, tokenizer, examples)
+    compile_decode = device.type == "cuda" if cfg.compile_decode is None else cfg.compile_decode
+    engine = Engine(model, tokenizer, bf16, cfg.share_prompt, cfg.decoder, compile_decode)
+    say(f"sampling: {'static KV cache' + (', compiled' if compile_decode else '') if engine.decoder else 'transformers'}"
+        + ("" if engine.decoder else f" ({engine.why_not_static})"))
+    return model, engine, data.resolve_prompt_limit(cfg, model, tokenizer, examples)
 
 
 def cold_start(train_model, model, engine, train_set, cfg):
@@ -617,8 +647,8 @@ def train(cfg):
             uniforms = my_share(torch.rand(cfg.prompts_per_step * G, cfg.max_new_tokens)).to(device)  # one stream, all ranks
             prompt_ids, prompt_mask, prompts_cut = data.encode_prompts(tokenizer, examples, cfg, device)
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-            completion_ids, entropies = engine.sample(prompt_ids, prompt_mask, cfg.max_new_tokens, cfg.temperature,
-                                                      cfg.top_p, uniforms, return_entropy=True)
+            completion_ids, sampler_logp, entropies = engine.sample(prompt_ids, prompt_mask, cfg.max_new_tokens,
+                                                                    cfg.temperature, cfg.top_p, uniforms, return_stats=True)
             mask = completion_mask(completion_ids, engine.eos_ids)
             truncated = ~torch.isin(completion_ids, engine.eos_ids).any(1)
             texts = data.decode(tokenizer, completion_ids, cfg.prefill)
@@ -643,7 +673,7 @@ def train(cfg):
 
             # 4. mu policy updates on this batch, then the schedule and the reference model
             update = policy_update(engine, train_model, optimizer, ids, attention, C, advantages, loss_mask, old_logp,
-                                   ref_logp, cfg)
+                                   ref_logp, cfg, sampler_logp)
             bad_steps, skipped_steps = (bad_steps + 1 if update[3] else 0), skipped_steps + update[3]
             lr = scheduler.get_last_lr()[0]
             scheduler.step()

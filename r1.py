@@ -14,7 +14,7 @@ Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra
   python r1.py sft --model=M --data_path=pairs.jsonl --out_dir=runs/sft   # SFT on {"prompt", "completion"} rows
   python r1.py sample --model=runs/rl --task=gsm8k --data_path=train.jsonl --output=kept.jsonl --samples=8
   python r1.py sft --model=STUDENT --data_path=kept.jsonl --out_dir=runs/student    # distillation, step 2
-  python r1.py recipe                  # CPU, about 6 minutes: R1-Zero and R1 on the tiny model, accuracy per phase
+  python r1.py recipe                  # CPU, about 5 minutes: R1-Zero and R1 on the tiny model, accuracy per phase
 """
 import collections
 import dataclasses

@@ -103,6 +103,12 @@ def clip_grad_norm(model, max_norm):
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
 
 
+def every_rank_done(done):
+    """Whether every row of `done` [B] bool is True on every rank (ranks stop decoding together,
+    as FSDP's weight gathers must pair up)."""
+    return all_sum((~done).sum()).item() == 0
+
+
 def any_rank(flags):
     """Whether `flags` (e.g. the signals received) is non-empty on any rank."""
     return all_sum(torch.tensor(len(flags))).item() > 0

@@ -74,6 +74,8 @@ def main(argv=None):
     parser.add_argument("--micro_batch_size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--decoder", default="auto", choices=("auto", "static", "hf"),
+                        help="sampling path (the engine's static KV cache, compiled on CUDA, or transformers')")
     args = parser.parse_args(argv)
     from transformers import Qwen2Config, Qwen2ForCausalLM
     device = torch.device(args.device)
@@ -83,7 +85,8 @@ def main(argv=None):
     model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=4096)).to(device)
     params = sum(p.numel() for p in model.parameters())
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    sampler = engine.Engine(model, types.SimpleNamespace(eos_token_id=0, pad_token_id=0), bf16=device.type == "cuda")
+    sampler = engine.Engine(model, types.SimpleNamespace(eos_token_id=0, pad_token_id=0), bf16=device.type == "cuda",
+                            decoder=args.decoder, compile_decode=device.type == "cuda")
     vocab, hidden, layers = shape["vocab_size"], shape["hidden_size"], shape["num_hidden_layers"]
     B, P, T = args.batch, args.prompt_tokens, args.new_tokens
     prompts = torch.randint(0, vocab, (B, P), device=device)
@@ -98,7 +101,8 @@ def main(argv=None):
     kv_per_token = layers * 2 * shape["num_key_value_heads"] * (hidden // shape["num_attention_heads"]) * 2  # bf16 K and V
     decode_bytes = sum(2 * params + B * kv_per_token * (P + t) for t in range(T))
     forward_flops = 2 * body * B * (P + T) + 2 * vocab * hidden * B * T + layers * B * 2 * (P + T) ** 2 * hidden
-    results = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "parameters": params, "device": str(device),
+    results = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "decoder": "static" if sampler.decoder else "hf",
+               "parameters": params, "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "batch": B, "prompt_tokens": P, "new_tokens": T,
                "copy_bandwidth_gb_s": bandwidth and bandwidth / 1e9, "bf16_matmul_tflop_s": flops_peak and flops_peak / 1e12}

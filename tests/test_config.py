@@ -97,6 +97,16 @@ def test_help_lists_every_key(capsys):
     assert stop.value.code == 0
     for field in grpo.dataclasses.fields(grpo.Config):
         assert f"--{field.name}=" in out
+    assert "{group | batch | none}" in out and "{arithmetic | countdown | gsm8k | jsonl}" in out
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--loss_type=ppo", "loss_type: 'ppo' is not one of grpo, dapo, dr_grpo"),
+    ("--task=mmlu", "task: 'mmlu' is not one of arithmetic, countdown, gsm8k, jsonl"),
+])
+def test_a_choice_is_checked_where_it_is_declared(capsys, arg, message):
+    code, err = run_main(capsys, arg)
+    assert code == 2 and err == f"grpo.py: error: {message}"
 
 
 def test_gsm8k_paths_validate(tmp_path):
@@ -109,6 +119,11 @@ def test_readme_documents_every_flag():
         readme = f.read()
     missing = [f.name for f in grpo.dataclasses.fields(grpo.Config) if f"| `{f.name}` |" not in readme]
     assert not missing
+    for f in grpo.dataclasses.fields(grpo.Config):  # a field's choices are declared once, on the field, and shown
+        allowed = configurator.choices(grpo.Config, f.name)
+        if allowed:
+            row = readme.split(f"| `{f.name}` |")[1].split("\n")[0]
+            assert " &#124; ".join(allowed) in row, f.name
 
 
 SHIPPED = sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".py"))

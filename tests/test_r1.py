@@ -141,7 +141,7 @@ def test_rejection_sampling_then_distillation_into_another_tokenizer(tmp_path, t
     monkeypatch.setattr(engine, "sample", scripted_sampler(tokenizer, per_prompt))
     kept = tmp_path / "kept.jsonl"
     assert r1.main(["sample", f"--model={tiny_dir}", f"--output={kept}", "--samples=4", "--sample_prompts=10",
-                    "--eval_batch_size=12", "--max_new_tokens=32"]) == 0
+                    "--eval_batch_size=12", "--max_new_tokens=32", "--decoder=hf"]) == 0  # the scripted path
     rows, report = read_rows(kept), read_rows(str(kept) + ".report.jsonl")
     assert len(rows) == 10 and all(r["completion"].endswith(f"<answer>{r['answer']}</answer>") for r in rows)
     assert len(report) == 10 and all(r["kept"] == 1 and r["total"] == 4 for r in report)

@@ -181,12 +181,12 @@ def test_sampled_entropy_is_the_mean_over_completion_tokens(tiny):
     ids = torch.tensor([tokenizer("12+34\n")["input_ids"]] * 3)
     eos = engine.stop_ids(model, tokenizer)
     u = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
-    tokens, entropy = engine.sample(model, ids, torch.ones_like(ids), 10, eos, tokenizer.pad_token_id, 0.7, 1.0, u,
-                                  return_entropy=True)
+    tokens, logp, entropy = engine.sample(model, ids, torch.ones_like(ids), 10, eos, tokenizer.pad_token_id, 0.7, 1.0, u,
+                                          return_stats=True)
     full = torch.cat([ids, tokens], 1)
-    with torch.no_grad():  # the same entropies from one pass over the sampled sequences
-        _, expected = engine.completion_logprobs(model, full, torch.ones_like(full), tokens.size(1), 0.7)
-    assert torch.allclose(entropy, expected, atol=1e-4)
+    with torch.no_grad():  # the same log-probs and entropies from one pass over the sampled sequences
+        expected_logp, expected = engine.completion_logprobs(model, full, torch.ones_like(full), tokens.size(1), 0.7)
+    assert torch.allclose(entropy, expected, atol=1e-4) and torch.allclose(logp, expected_logp, atol=1e-4)
 
 
 def test_demo_defaults_apply_to_the_demo_model_only(capsys, tmp_path):
