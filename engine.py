@@ -3,9 +3,10 @@ engine.py: the model as a sequence model, for grpo.py and r1.py: loading (dtype,
 stop tokens, dropout), a group's prompt prefilled once, sampling with a KV cache, the log-probs and
 entropy of completions, bf16 autocast. Nothing here knows about rewards or the GRPO objective.
 
-`Engine` is the interface the trainer calls (`engine.sample(...)`, `engine.logprobs(...)`); the
-functions below it are today's path, plain transformers forward calls. A faster decoder (a static
-KV cache, a compiled decode step) can sit behind the same two methods.
+`Engine` is the interface the trainer calls (`engine.sample(...)`, `engine.logprobs(...)`). Below
+it are two sampling paths that pick the same tokens from the same uniforms: transformers' forward
+with the model's own cache (any family; `sample`), and `StaticDecoder`, a KV cache the engine owns
+with one decode step that picks its own token (Llama, Qwen2, Qwen3, Mistral; compiled on CUDA).
 """
 import inspect
 
@@ -295,6 +296,8 @@ class StaticDecoder:
     def unsupported(model, length):
         """Why `model` cannot be decoded here for sequences of `length` tokens, or None."""
         config = unwrap(model).config
+        if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
+            return "torch < 2.5 has no grouped-query attention in scaled_dot_product_attention"
         if config.model_type not in FAST_FAMILIES:
             return f"{config.model_type} is not one of {', '.join(FAST_FAMILIES)}"
         window = getattr(config, "sliding_window", None)

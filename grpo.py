@@ -154,7 +154,7 @@ AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_
                 "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size", "max_bad_steps", "digits")
 NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
                 "warmup_steps", "sft_steps", "sft_examples", "eval_size", "eval_every", "log_samples_every",
-                "ref_sync_every", "overlong_buffer", "max_prompt_tokens", "eval_k")
+                "ref_sync_every", "overlong_buffer", "max_prompt_tokens", "eval_k", "tis_cap")
 
 
 def parse_config(argv, cls=Config):
