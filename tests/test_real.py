@@ -6,7 +6,6 @@ import pathlib
 import pytest
 import torch
 
-import configurator
 import data
 import engine
 import grpo
