@@ -135,7 +135,7 @@ class Config:
     eval_every: int = 0            # steps between evaluations during RL; 0 = before and after only
     eval_batch_size: int = 200     # questions per greedy sampling batch
     eval_k: int = 0                # sampled pass@k: k samples per question at `temperature`; 0 = greedy only
-    log_samples_every: int = 200   # steps between printed sample completions; 0 = never
+    log_samples_every: int = 200   # steps between sample completions printed and written to samples.jsonl; 0 = never
     save_every: int = 400          # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2      # checkpoints kept on disk
     wandb: bool = False            # log to Weights & Biases (needs the package)
@@ -507,7 +507,19 @@ def step_metrics(step, rewards, scores, reward_spec, correct, zero_std, lengths,
             "mismatch_abs": per_token["mismatch_abs"], "mismatch_kl": per_token["mismatch_kl"],
             "grad_norm": grad_norm, "updates": updates, "reward_errors": int(total["reward_errors"]),
             "skipped": skipped, "prompts_cut": int(total["prompts_cut"]),
-            "tokens_per_sec": total["tokens"] / (times[3] - times[0]), "t_sample": times[1] - times[0], "t_logprobs": times[2] - times[1], "t_update": times[3] - times[2]}
+            "tokens_per_sec": total["tokens"] / (times[3] - times[0]), "t_sample": times[1] - times[0],
+            "t_logprobs": times[2] - times[1], "t_update": times[3] - times[2]}
+
+
+def sample_rows(step, examples, texts, scores, reward_spec, rewards, advantages, lengths, truncated, G):
+    """samples.jsonl rows, one per question of this rank's share of the step: its G completions
+    with each reward, the weighted total, the advantage, the length in tokens and truncation."""
+    def completion(i):
+        return {"text": texts[i], "rewards": {name: float(scores[i, j]) for j, (name, _) in enumerate(reward_spec)},
+                "reward": float(rewards[i]), "advantage": float(advantages[i]), "length": int(lengths[i]),
+                "truncated": bool(truncated[i])}
+    return [{"step": step, "prompt": example["question"], "answer": example["answer"],
+             "completions": [completion(i) for i in range(g * G, (g + 1) * G)]} for g, example in enumerate(examples)]
 
 
 # ----------------------------------------------------------------------------
@@ -697,6 +709,9 @@ def train(cfg):
                 for g in range(min(2, len(examples))):
                     say(f"  [step {step + 1}] {examples[g]['question'][:200]!r} -> {texts[g * G][:300]!r} "
                         f"(reward {rewards[g * G]:.2f}, answer {examples[g]['answer']})", file=sys.stderr)
+                samples = sample_rows(step + 1, examples, texts, my_share(scores), reward_spec, my_share(rewards),
+                                      advantages, mask.sum(1), truncated, G)
+                runs.append_rows(os.path.join(run_dir, "samples.jsonl"), samples)
             signalled = runs.any_rank(signals)  # a signal to any rank stops them all
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signalled or bad_steps >= cfg.max_bad_steps:
                 runs.save_training(run_dir, step + 1, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints,

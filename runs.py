@@ -248,6 +248,14 @@ class MetricsLog:
             self.wandb.log(row, step=row["step"])
 
 
+def append_rows(path, rows):
+    """JSON lines appended to `path` by the main rank (a resumed run drops the rows past its
+    checkpoint, as for metrics.jsonl, and does those steps again)."""
+    if main_rank():
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -287,22 +295,26 @@ def save_checkpoint(run_dir, step, model, tokenizer, state, keep, model_state=No
 def open_resumed_run(run_dir, clean=True):
     """(trainer state, checkpoint directory) of the latest checkpoint. With clean, what a crashed
     run left after it is cleared away: half-written or newer checkpoints (`latest` never named
-    them) and metric rows past it, a torn last line included; those steps are simply done again."""
+    them) and metrics.jsonl / samples.jsonl rows past it, a torn last line included; those steps
+    are simply done again."""
     checkpoint = latest_checkpoint(run_dir)
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
     if clean:
         for name in os.listdir(run_dir):
             if name.startswith("checkpoint-") and (name.endswith(".tmp") or name > os.path.basename(checkpoint)):
                 shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-        path, kept = os.path.join(run_dir, "metrics.jsonl"), []
-        with contextlib.suppress(FileNotFoundError), open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= state["step"]:
-                        kept.append(line)
-                except json.JSONDecodeError:  # the line being written when the run died
-                    break
-        write_atomic(path, "".join(kept))
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path, kept = os.path.join(run_dir, name), []
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= state["step"]:
+                            kept.append(line)
+                    except json.JSONDecodeError:  # the line being written when the run died
+                        break
+            write_atomic(path, "".join(kept))
     return state, checkpoint
 
 

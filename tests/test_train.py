@@ -237,3 +237,39 @@ def test_each_phase_is_timed_after_the_device_finishes_it(tmp_path, monkeypatch)
     rows = metrics(tmp_path)
     assert devices == ["cpu"] * 6                       # three phase ends per step, each through clock
     assert all(r["t_logprobs"] == r["t_update"] == 10.0 for r in rows)
+
+
+def test_samples_log_holds_each_question_with_its_group(tmp_path):
+    """samples.jsonl every log_samples_every steps: each question of the step with its G
+    completions, each reward, the weighted total, the advantage (the group's (r - mean) / (std +
+    eps), recomputed here by hand), the length and whether it was truncated."""
+    grpo.train(grpo.parse_config([*FAST[:-3], "--rewards=accuracy:1,format:0.5,overlong:0.5", "--overlong_buffer=16",
+                                  "--log_samples_every=2", "--max_steps=4", "--sft_steps=10", f"--out_dir={tmp_path}"]))
+    with open(tmp_path / "samples.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [2] * 4 + [4] * 4 and all(len(r["completions"]) == 4 for r in rows)
+    for row in rows:
+        rewards = torch.tensor([c["reward"] for c in row["completions"]])
+        for c in row["completions"]:
+            parts = c["rewards"]
+            assert set(parts) == {"accuracy", "format", "overlong"} and 0 < c["length"] <= 20
+            assert c["reward"] == pytest.approx(parts["accuracy"] + 0.5 * parts["format"] + 0.5 * parts["overlong"], abs=1e-6)
+            assert not c["truncated"] or c["length"] == 20    # no EOS: the whole max_new_tokens
+        spread = rewards.std()
+        expected = (rewards - rewards.mean()) / (spread + 1e-4) if spread > 0 else torch.zeros(4)
+        assert torch.allclose(torch.tensor([c["advantage"] for c in row["completions"]]), expected, atol=1e-5)
+    json.loads(json.dumps(rows[0]))  # plain JSON: python -m json.tool reads each line
+
+
+def test_a_resumed_run_drops_the_sample_rows_past_its_checkpoint(tmp_path):
+    """As for metrics.jsonl: rows a crashed run wrote after its last checkpoint (and a torn last
+    line) are dropped when it resumes, and those steps are logged again, once."""
+    args = [*FAST[:-3], "--rewards=accuracy:1,format:0.5", "--log_samples_every=1", "--sft_steps=4", "--save_every=2",
+            f"--out_dir={tmp_path}"]
+    grpo.train(grpo.parse_config([*args, "--max_steps=2"]))
+    with open(tmp_path / "samples.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "prompt": "left by a crash"}) + "\n" + '{"step": 4, "pro')
+    grpo.train(grpo.parse_config([f"--resume={tmp_path}", "--max_steps=3"]))
+    with open(tmp_path / "samples.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4 and all("completions" in r for r in rows)
