@@ -101,7 +101,7 @@ class Config:
     max_prompt_tokens: int = 0     # longer prompts keep their last tokens; 0 = context - max_new_tokens
     prompt_overflow: Literal["truncate", "reject"] = "truncate"  # a prompt over max_prompt_tokens: cut (counted) | stop at start
     # rewards
-    rewards: str = "accuracy:1,format:0.5"  # name:weight from rewards.REWARDS (R1-Zero: accuracy + format)
+    rewards: str = "accuracy:1,format:0.5"  # name:weight from rewards.REWARDS, or FILE.py:FUNCTION:weight (R1-Zero: accuracy + format)
     overlong_buffer: int = 0       # L_cache of the overlong reward (DAPO: 4096 of 20480 tokens)
     language: str = "en"           # target script of the language reward (R1: the prompt's language)
     # objective

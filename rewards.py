@@ -9,8 +9,10 @@ REWARDS maps the names used in the config (`rewards="accuracy:1,format:0.5"`) to
 """
 import ast
 import functools
+import importlib
 import importlib.util
 import math
+import os
 import re
 import unicodedata
 from fractions import Fraction
@@ -318,12 +320,20 @@ REWARDS = {
 
 def parse_reward_spec(spec):
     """'accuracy:1,format:0.5' -> [("accuracy", 1.0), ("format", 0.5)]; a missing weight is 1.
-    Raises ValueError naming the bad part."""
+    A reward of your own is SOURCE:FUNCTION[:weight], SOURCE a .py file or an importable module:
+    'accuracy:1,my_rewards.py:brevity:0.2' loads brevity(completion, example) -> float from
+    my_rewards.py and registers it in REWARDS as "my_rewards.py:brevity". Raises ValueError
+    naming the bad part."""
     pairs = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, weight = part.partition(":")
+        fields = part.split(":")
+        custom = len(fields) == 3 or (len(fields) == 2 and fields[0] not in REWARDS and not is_number(fields[1]))
+        name, weight = (":".join(fields[:2]), fields[2:]) if custom else (fields[0], fields[1:])
+        weight = weight[0] if weight else ""
+        if custom and name not in REWARDS:
+            REWARDS[name] = load_reward(*fields[:2])
         if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r} (known: {', '.join(REWARDS)})")
+            raise ValueError(f"unknown reward {name!r} (known: {', '.join(REWARDS)}; or FILE.py:FUNCTION)")
         try:
             w = float(weight) if weight else 1.0
         except ValueError:
@@ -334,6 +344,35 @@ def parse_reward_spec(spec):
     if not pairs:
         raise ValueError("no reward given")
     return pairs
+
+
+def is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_reward(source, function):
+    """The function `function` of a .py file (a path) or of an importable module: a reward of
+    your own, (completion, example) -> float; example holds every field of your data row."""
+    try:
+        if source.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(f"reward_{abs(hash(source))}", source)
+            if spec is None or not os.path.isfile(source):
+                raise FileNotFoundError("no such file")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(source)
+    except Exception as err:  # a missing file or module, or one that fails to import
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load {source}: {why}") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ValueError(f"{source} has no function {function!r}")
+    return fn
 
 
 def safe_reward(fn, completion, example):

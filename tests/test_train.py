@@ -273,3 +273,30 @@ def test_a_resumed_run_drops_the_sample_rows_past_its_checkpoint(tmp_path):
     with open(tmp_path / "samples.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4 and all("completions" in r for r in rows)
+
+
+def test_a_reward_of_your_own_from_a_file(tmp_path, capsys):
+    """rewards="...,FILE.py:FUNCTION:weight" loads (completion, example) -> float from the user's
+    file; example carries every field of the JSONL row; a raise scores 0 and is counted; a bad
+    file or name stops the run in one line, exit 2, before any model loads."""
+    (tmp_path / "mine.py").write_text(
+        "def near_target(completion, example):\n    return -abs(len(completion) - example['target_len'])\n\n"
+        "def broken(completion, example):\n    raise RuntimeError('a bug in my reward')\n")
+    rows = [{"prompt": f"{a}+{b}", "answer": str(a + b), "target_len": 5} for a in range(10) for b in range(10)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"accuracy:1,{tmp_path}/mine.py:near_target:0.1,{tmp_path}/mine.py:broken:1"
+    grpo.train(grpo.parse_config(["--task=jsonl", f"--data_path={tmp_path}/data.jsonl", "--eval_size=10", "--sft_steps=0",
+                                  "--max_new_tokens=8", "--prompts_per_step=2", "--group_size=4", "--max_steps=2",
+                                  "--log_samples_every=1", f"--rewards={spec}", f"--out_dir={tmp_path}/run"]))
+    row = metrics(tmp_path / "run")[0]
+    assert row[f"reward_{tmp_path}/mine.py:broken"] == 0.0 and row["reward_errors"] == 8   # every completion, counted
+    with open(tmp_path / "run" / "samples.jsonl") as f:
+        completions = [c for line in f for c in json.loads(line)["completions"]]
+    assert all(c["rewards"][f"{tmp_path}/mine.py:near_target"] == -abs(len(c["text"]) - 5) for c in completions)
+    capsys.readouterr()
+    for bad, message in [(f"{tmp_path}/nope.py:f", f"cannot load {tmp_path}/nope.py: no such file"),
+                         (f"{tmp_path}/mine.py:gone", "has no function 'gone'")]:
+        assert grpo.main([f"--rewards=accuracy:1,{bad}", f"--out_dir={tmp_path}/bad"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("grpo.py: error: rewards: ") and message in err and "\n" not in err
+        assert not (tmp_path / "bad").exists()
