@@ -501,6 +501,8 @@ def step_metrics(step, rewards, scores, reward_spec, correct, zero_std, lengths,
             **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
             "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
             "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+            "completion_len_correct": mean_or_none(lengths[correct.to(lengths.device) > 0]),
+            "completion_len_wrong": mean_or_none(lengths[correct.to(lengths.device) <= 0]),
             "truncated_frac": truncated.mean().item(), "reflection_frac": total["reflecting"] / len(rewards),
             "kl": per_token["kl"] if with_kl else None, "clip_low_frac": per_token["clip_low"],
             "clip_high_frac": per_token["clip_high"], "entropy": total["entropy"] / total["tokens"],
@@ -509,6 +511,10 @@ def step_metrics(step, rewards, scores, reward_spec, correct, zero_std, lengths,
             "skipped": skipped, "prompts_cut": int(total["prompts_cut"]),
             "tokens_per_sec": total["tokens"] / (times[3] - times[0]), "t_sample": times[1] - times[0],
             "t_logprobs": times[2] - times[1], "t_update": times[3] - times[2]}
+
+
+def mean_or_none(values):
+    return values.mean().item() if len(values) else None
 
 
 def sample_rows(step, examples, texts, scores, reward_spec, rewards, advantages, lengths, truncated, G):
