@@ -183,29 +183,45 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temp
     row's EOS are pad_id. share_prompt: repeated prompts are prefilled once (prefill_prompts).
     return_stats: also the sampler's log-prob of each token and the entropy of softmax(logits /
     temperature) at each position, both [B, T] and free here (mask them with completion_mask)."""
-    if uniforms is None:  # greedy decoding draws none, so that it leaves the random stream as it was
-        draw = torch.rand if temperature > 0 else torch.zeros
-        uniforms = draw(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
+    uniforms = draw_uniforms(prompt_ids, max_new_tokens, temperature) if uniforms is None else uniforms
     logits, cache = prefill_prompts(model, prompt_ids, prompt_mask, share_prompt)
-    logits = logits[:, -1]
     mask, positions = prompt_mask, positions_of(prompt_mask)
-    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
-    tokens, logps, entropies = [], [], []
-    for t in range(max_new_tokens):
-        token, logp, entropy = pick_and_score(logits.float(), temperature, top_p, uniforms[:, t])
-        token = torch.where(done, pad_id, token)
-        tokens.append(token), logps.append(logp), entropies.append(entropy)
-        done |= torch.isin(token, eos_ids)
-        if t == max_new_tokens - 1:
-            break
-        if t % 8 == 7 and every_rank_done(done):  # checked every 8 tokens, as each check waits for the device
-            break
+
+    def advance(token, t):  # the model's next logits after `token`, and the next pick
+        nonlocal mask, positions
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         positions = positions[:, -1:] + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                        use_cache=True, **cache).logits[:, -1]
-    tokens = torch.stack(tokens, 1)
-    return (tokens, torch.stack(logps, 1), torch.stack(entropies, 1)) if return_stats else tokens
+        return pick_and_score(logits.float(), temperature, top_p, uniforms[:, t + 1])
+    first = pick_and_score(logits[:, -1].float(), temperature, top_p, uniforms[:, 0])
+    tokens, logps, entropies = decode_loop(first, advance, max_new_tokens, eos_ids, pad_id)
+    return (tokens, logps, entropies) if return_stats else tokens
+
+
+def draw_uniforms(prompt_ids, max_new_tokens, temperature):
+    """The uniforms [B, max_new_tokens] that pick the tokens; greedy decoding draws none (zeros),
+    so that it leaves the random stream as it was."""
+    draw = torch.rand if temperature > 0 else torch.zeros
+    return draw(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
+
+
+def decode_loop(first, advance, max_new_tokens, eos_ids, pad_id):
+    """The loop both sampling paths share. first: (token, log-prob, entropy), each [B], picked from
+    the prompt's last logits; advance(token, t) gives the same for position t + 1. Tokens after a
+    row's EOS are pad_id; it stops once every row, on every rank, has an EOS, checked every 8
+    tokens as each check waits for the device -> (tokens, log-probs, entropies), each [B, T]."""
+    token, logp, entropy = first
+    done = torch.zeros(len(token), dtype=torch.bool, device=token.device)
+    tokens, logps, entropies = [], [], []
+    for t in range(max_new_tokens):
+        token = torch.where(done, pad_id, token)
+        tokens.append(token), logps.append(logp), entropies.append(entropy)
+        done |= torch.isin(token, eos_ids)
+        if t == max_new_tokens - 1 or (t % 8 == 7 and every_rank_done(done)):
+            break
+        token, logp, entropy = advance(token, t)
+    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1)
 
 
 def pick_token(logits, temperature, top_p, uniform):
@@ -344,9 +360,7 @@ class StaticDecoder:
                uniforms=None, share_prompt=True):
         """As `sample` (same tokens for the same uniforms), plus the sampler's log-prob of each
         sampled token -> (tokens [B, T], logp [B, T], entropy [B, T])."""
-        if uniforms is None:
-            draw = torch.rand if temperature > 0 else torch.zeros
-            uniforms = draw(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
+        uniforms = draw_uniforms(prompt_ids, max_new_tokens, temperature) if uniforms is None else uniforms
         width = -(-prompt_ids.size(1) // self.bucket) * self.bucket  # left-pad to the bucket: one compile per bucket
         prompt_ids = torch.nn.functional.pad(prompt_ids, (width - prompt_ids.size(1), 0), value=pad_id)
         prompt_mask = torch.nn.functional.pad(prompt_mask, (width - prompt_mask.size(1), 0))
@@ -364,20 +378,14 @@ class StaticDecoder:
             caches, logits = [(k[rows], v[rows]) for k, v in caches], logits[rows]
         key_mask = torch.nn.functional.pad(prompt_mask.bool(), (0, max_new_tokens))
         position = positions_of(prompt_mask)[:, -1]
-        done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
-        token, logp, entropy = pick_and_score(logits, temperature, top_p, uniforms[:, 0])
-        tokens, logps, entropies = [], [], []
-        for t in range(max_new_tokens):
-            token = torch.where(done, pad_id, token)
-            tokens.append(token), logps.append(logp), entropies.append(entropy)
-            done |= torch.isin(token, eos_ids)
-            if t == max_new_tokens - 1 or (t % 8 == 7 and every_rank_done(done)):
-                break
+
+        def advance(token, t):
+            nonlocal position
             position = position + 1
             slot = torch.tensor([width + t], device=device)
-            token, logp, entropy = self.step(token, position, key_mask, slot, caches, uniforms[:, t + 1],
-                                             temperature, top_p)
-        return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1)
+            return self.step(token, position, key_mask, slot, caches, uniforms[:, t + 1], temperature, top_p)
+        first = pick_and_score(logits, temperature, top_p, uniforms[:, 0])
+        return decode_loop(first, advance, max_new_tokens, eos_ids, pad_id)
 
     def new_caches(self, rows, length, device):
         config, attention = self.model.config, self.body.layers[0].self_attn
