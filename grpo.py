@@ -629,11 +629,8 @@ def train(cfg):
     # bf16): resumed from the latest checkpoint, or loaded (built for "tiny") and cold-started
     if cfg.resume:
         state, checkpoint = runs.open_resumed_run(run_dir, clean=runs.main_rank())
-        init_path = state["init_model"]
-        model, engine, cfg = load_policy(checkpoint, cfg, device, "float32", train_set + test_set)
-    else:
-        init_path = initial_model(cfg)
-        model, engine, cfg = load_policy(init_path, cfg, device, "float32", train_set + test_set)
+    init_path = state["init_model"] if state else initial_model(cfg)
+    model, engine, cfg = load_policy(checkpoint if state else init_path, cfg, device, "float32", train_set + test_set)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_model = runs.distribute(model, cfg, device)  # DDP's wrapper, or `model` itself sharded by FSDP
