@@ -9,6 +9,7 @@ with the model's own cache (any family; `sample`), and `StaticDecoder`, a KV cac
 with one decode step that picks its own token (Llama, Qwen2, Qwen3, Mistral; compiled on CUDA).
 """
 import inspect
+import warnings
 
 import torch
 
@@ -45,6 +46,56 @@ def disable_dropout(model):
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
     return model
+
+
+def add_lora(model, rank, alpha, dropout, target_modules, adapter=None):
+    """LoRA adapters on `model`'s linear layers, in place (peft): the model's own forward then
+    computes W x + (alpha / rank) B A x with W frozen and only A, B trainable, so the engine's
+    sampling and log-prob paths need no change. target_modules: "all-linear" (every linear layer
+    but the output head) or comma-separated module names. adapter: a saved adapter folder to go
+    on from (a resumed run). -> the PeftModel (for WithoutAdapters, saving and merged_weights)."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("lora_rank: LoRA needs the peft package (pip install peft)") from None
+    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft reads an attribute that transformers 5 renamed
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        try:
+            lora = (peft.PeftModel.from_pretrained(model, adapter, is_trainable=True) if adapter else
+                    peft.get_peft_model(model, config))
+        except ValueError as err:  # no module of that name
+            raise ConfigError(f"lora_target_modules: {str(err).strip().splitlines()[0]}") from None
+    if not any(p.requires_grad for p in model.parameters()):  # never a silent run that trains nothing
+        raise ConfigError(f"lora_target_modules: {target_modules!r} leaves no trainable parameter in the model")
+    return lora
+
+
+class WithoutAdapters(torch.nn.Module):
+    """The frozen base under a LoRA policy, as a model of its own: the policy's forward with the
+    adapters switched off. It is GRPO's reference model without a second copy of the weights."""
+
+    def __init__(self, lora):
+        super().__init__()
+        self.module, self.lora = lora.get_base_model(), [lora]  # `module`: unwrap() finds the model
+
+    def forward(self, **kwargs):
+        with self.lora[0].disable_adapter():
+            return self.module(**kwargs)
+
+
+@torch.no_grad()
+def merged_weights(lora):
+    """The base model's state dict under its own parameter names with every adapter folded in,
+    W + (alpha / rank) B A: what plain from_pretrained loads as the adapted model."""
+    base, adapter = lora.get_base_model(), lora.active_adapter
+    state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items() if ".lora_" not in key}
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            weight = module.base_layer.weight
+            state[f"{name}.weight"] = weight + module.get_delta_weight(adapter).to(weight.dtype)
+    return state
 
 
 def stop_ids(model, tokenizer):
@@ -105,16 +156,18 @@ class Engine:
                           top_p, uniforms, self.share_prompt, return_stats)
 
     def logprobs(self, ids, attention, num_completion, temperature=1.0, model=None, micro_batch_size=None,
-                 share_prompt=None):
+                 share_prompt=None, with_entropy=False):
         """log-probs [B, C] of the last num_completion tokens of ids [B, L] under `model` (the
         policy when None), with gradients unless micro_batch_size is given: then without, a
         micro-batch at a time (the old policy's and the reference's log-probs). share_prompt:
-        None = the engine's setting (see completion_logprobs)."""
+        None = the engine's setting (see completion_logprobs). with_entropy: (log-probs, entropy
+        [B, C]), both with gradients (for an entropy bonus)."""
         model = self.model if model is None else model
         share = self.share_prompt if share_prompt is None else share_prompt
         if micro_batch_size is None:
             with self.autocast():
-                return completion_logprobs(model, ids, attention, num_completion, temperature, share, with_entropy=False)[0]
+                out = completion_logprobs(model, ids, attention, num_completion, temperature, share, with_entropy)
+            return out if with_entropy else out[0]
         with torch.no_grad():
             return torch.cat([self.logprobs(ids[i:i + micro_batch_size], attention[i:i + micro_batch_size],
                                             num_completion, temperature, model, share_prompt=share)
@@ -245,7 +298,7 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
                         with_entropy=True):
     """log pi(o_t | q, o_<t) / temperature-scaled, for the last num_completion tokens of
     input_ids [B, L] (left-padded prompt + completion) -> logp [B, C] and entropy [B, C]
-    (detached; None unless with_entropy). Logits exist only at completion positions, and
+    (None unless with_entropy; both carry gradients where grad is enabled). Logits exist only at completion positions, and
     log-softmax is taken a block of rows at a time (at most 2^24 logits: one row of a large
     vocabulary, a whole batch of a small one), so the full-vocabulary log-probs of a large batch
     are never held at once.
@@ -271,9 +324,8 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
         block = block.float() / temperature
         lse = torch.logsumexp(block, -1)
         logps.append(block.gather(-1, block_targets[..., None]).squeeze(-1) - lse)
-        if with_entropy:
-            with torch.no_grad():
-                entropies.append(torch.special.entr(torch.softmax(block, -1)).sum(-1))
+        if with_entropy:  # H = logsumexp - E_p[logit]: differentiable, and finite where p underflows to 0
+            entropies.append(lse - (torch.softmax(block, -1) * block).sum(-1))
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 

@@ -15,6 +15,8 @@ Where it departs from or extends the paper (each one a flag, paper default first
   - loss_type=grpo|dapo|dr_grpo      per-sequence mean (paper), token mean (DAPO), constant
                                       (completions sampled x max_new_tokens, filtered or not, as TRL)
   - clip_eps_high                     DAPO's clip-higher (arXiv 2503.14476) when > clip_eps_low
+  - newer objectives, each a flag:    importance_sampling_level=sequence (GSPO), loss_type=cispo
+    (CISPO), advantage=rloo|reinforce_pp (RLOO, REINFORCE++), delta (INTELLECT-2), entropy_coef
   - mask_truncated, drop_zero_std_groups, the overlong reward: DAPO's other three changes
   - log-probs are taken at the sampling temperature, so the ratio compares the sampled policy
   - sft_steps: a short cold-start SFT on worked solutions before RL (DeepSeek-R1's phase 1);
@@ -57,7 +59,7 @@ import data
 import rewards as R
 import runs
 from configurator import ConfigError, parse_args
-from engine import Engine, disable_dropout, load_model
+from engine import Engine, WithoutAdapters, add_lora, disable_dropout, load_model, merged_weights
 from runs import Stop, all_sum, barrier, gather, my_share, say
 
 # ----------------------------------------------------------------------------
@@ -105,18 +107,28 @@ class Config:
     overlong_buffer: int = 0       # L_cache of the overlong reward (DAPO: 4096 of 20480 tokens)
     language: str = "en"           # target script of the language reward (R1: the prompt's language)
     # objective
-    scale_rewards: Literal["group", "batch", "none"] = "group"  # std that divides advantages (Dr. GRPO: none)
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"  # baseline: group mean | leave-one-out (RLOO) | group mean, batch-whitened (REINFORCE++)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # std that divides grpo/rloo advantages (Dr. GRPO, RLOO: none)
     adv_eps: float = 1e-4          # eps in (r - mean) / (std + eps)
-    clip_eps_low: float = 0.2      # ratio clipped below at 1 - eps_low (DeepSeekMath: 0.2)
-    clip_eps_high: Optional[float] = None  # above at 1 + eps_high; None = eps_low (DAPO: 0.28)
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # ratio per token | per sequence (GSPO: clip 3e-4/4e-4)
+    clip_eps_low: float = 0.2      # ratio clipped below at 1 - eps_low (DeepSeekMath: 0.2; GSPO: 3e-4)
+    clip_eps_high: Optional[float] = None  # above at 1 + eps_high; None = eps_low (DAPO: 0.28; GSPO: 4e-4)
+    delta: float = 0.0             # cap of the unclipped ratio, binding for A < 0; 0 = off (INTELLECT-2: 4)
     beta: float = 0.04             # k3 KL coefficient; 0 loads no reference model (DeepSeekMath: 0.04)
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"  # per-sequence mean | token mean (DAPO) | constant (Dr. GRPO)
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "cispo"] = "grpo"  # per-sequence mean | token mean (DAPO) | constant (Dr. GRPO) | CISPO, token mean
+    cispo_cap: float = 5.0         # loss_type=cispo: the detached importance weight is capped here (ScaleRL: 5; TRL: epsilon_high)
+    entropy_coef: float = 0.0      # entropy bonus: minus coef x mean token entropy; 0 = off (DeepSeekMath: none)
     num_iterations: int = 1        # mu: policy updates per batch of samples (DeepSeekMath: 1)
     ref_sync_every: int = 0        # steps between reference updates; 0 = fixed (DeepSeekMath iterative RL)
     ref_sync_alpha: float = 1.0    # ref <- alpha * theta + (1 - alpha) * ref; 1.0 = hard copy
     tis_cap: float = 0.0           # truncated importance sampling: weigh tokens by min(pi_old / pi_sampler, cap); 0 = off
     mask_truncated: bool = False   # leave completions without EOS out of the loss (DAPO: True)
     drop_zero_std_groups: bool = False  # leave groups with equal rewards out (DAPO: True, resampled)
+    # LoRA (needs peft): adapters on a frozen base
+    lora_rank: int = 0             # rank r of the adapters; 0 = train every weight (LoRA, arXiv 2106.09685: 1-64)
+    lora_alpha: float = 32.0       # the adapters' update is scaled by alpha / rank (peft's default: 8)
+    lora_dropout: float = 0.0      # dropout on the adapters' input; > 0 needs disable_dropout=False
+    lora_target_modules: str = "all-linear"  # all-linear (every linear layer but the head), or names: q_proj,v_proj
     # optimisation
     lr: Optional[float] = None     # AdamW peak learning rate; None = 3e-4 for model="tiny", else 1e-6 (DeepSeekMath: 1e-6 for 7B)
     warmup_steps: int = 10         # linear warmup, then cosine decay
@@ -154,7 +166,8 @@ AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_
                 "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size", "max_bad_steps", "digits")
 NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
                 "warmup_steps", "sft_steps", "sft_examples", "eval_size", "eval_every", "log_samples_every",
-                "ref_sync_every", "overlong_buffer", "max_prompt_tokens", "eval_k", "tis_cap")
+                "ref_sync_every", "overlong_buffer", "max_prompt_tokens", "eval_k", "tis_cap", "delta",
+                "entropy_coef", "lora_rank")
 
 
 def parse_config(argv, cls=Config):
@@ -173,11 +186,23 @@ def validate(cfg):
     checked when the config is parsed)."""
     ranks, gpus = int(os.environ.get("WORLD_SIZE", "1")), runs.cuda_devices()
     hub_hint = "" if runs.installed("datasets") else " (hub datasets need the `datasets` package)"
+    high = cfg.clip_eps_low if cfg.clip_eps_high is None else cfg.clip_eps_high
     checks = [(getattr(cfg, k) >= 1, f"{k}: must be at least 1") for k in AT_LEAST_ONE]
     checks += [(getattr(cfg, k) >= 0, f"{k}: must not be negative") for k in NON_NEGATIVE]
     checks += [
         (cfg.group_size >= 2, "group_size: must be at least 2 (advantages compare completions within a group)"),
         (cfg.clip_eps_low < 1, "clip_eps_low: must be below 1 (the ratio is clipped at 1 - clip_eps_low)"),
+        (not cfg.delta or cfg.delta > 1 + high, f"delta: {cfg.delta} must exceed 1 + clip_eps_high ({1 + high:g}), or be 0 (off)"),
+        (not cfg.delta or cfg.loss_type != "cispo", "delta: caps the clipped objective's ratio; loss_type=cispo has none"),
+        (cfg.cispo_cap > 0, "cispo_cap: must be positive"),
+        (not cfg.lora_rank or runs.installed("peft"), "lora_rank: LoRA needs the peft package (pip install peft)"),
+        (not cfg.lora_rank or cfg.sharding == "ddp", "lora_rank: LoRA runs with sharding=ddp (an adapter is small)"),
+        (not cfg.lora_rank or not cfg.ref_sync_every, "ref_sync_every: with LoRA the reference is the base model "
+                                                      "with adapters off, which cannot move; use 0"),
+        (cfg.lora_alpha > 0, "lora_alpha: must be positive"),
+        (0 <= cfg.lora_dropout < 1, "lora_dropout: must be in [0, 1)"),
+        (not cfg.lora_dropout or not cfg.disable_dropout, "lora_dropout: dropout needs disable_dropout=False "
+                                                          "(the update would score another policy than sampled)"),
         (cfg.temperature > 0, "temperature: must be positive"),
         (cfg.digits <= 3, "digits: at most 3 (every pair of operands is enumerated)"),
         (0 < cfg.top_p <= 1, "top_p: must be in (0, 1]"),
@@ -216,13 +241,23 @@ def validate(cfg):
 # the math: pure functions on tensors
 
 
-def group_advantages(rewards, group_size, scale="group", eps=1e-4):
-    """A_i = (r_i - mean_group(r)) / (std + eps) for rewards [N] of N/G consecutive groups -> [N].
-    scale: group = std of the group (DeepSeekMath), batch = std of all N, none = no division
-    (Dr. GRPO). A group whose rewards are all equal gets exactly 0, never NaN."""
+def group_advantages(rewards, group_size, scale="group", eps=1e-4, kind="grpo"):
+    """Advantages [N] from rewards [N] of N/G consecutive groups of G completions.
+    kind: grpo   A_i = (r_i - mean_group(r)) / (std + eps)                       (DeepSeekMath)
+          rloo   A_i = r_i - mean of the group's other G-1 rewards, / (std + eps)  (RLOO, arXiv 2402.14740)
+          reinforce_pp  B_i = r_i - mean_group(r), then whitened over the whole batch:
+                 A_i = (B_i - mean(B)) / (std(B) + eps)       (REINFORCE++ with baseline, arXiv 2501.03262)
+    scale (grpo and rloo): group = std of the group, batch = std of all N rewards, none = no
+    division (Dr. GRPO; RLOO's paper). std is unbiased. A group whose rewards are all equal gets
+    exactly 0, never NaN."""
     r = rewards.view(-1, group_size)
-    advantages = r - r.mean(1, keepdim=True)
-    if scale == "group":
+    if kind == "rloo":
+        advantages = r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    else:
+        advantages = r - r.mean(1, keepdim=True)
+    if kind == "reinforce_pp":
+        advantages = (advantages - advantages.mean()) / (advantages.std() + eps)
+    elif scale == "group":
         advantages = advantages / (r.std(1, keepdim=True) + eps)
     elif scale == "batch":
         advantages = advantages / (rewards.std() + eps)
@@ -245,24 +280,48 @@ def k3_kl(logp, ref_logp):
     return torch.exp(delta) - delta - 1
 
 
-def clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high):
+def importance_log_ratio(logp, old_logp, mask, level="token"):
+    """log rho [B, T] of logp, old_logp [B, T] over the completion tokens in mask [B, T].
+    token:    log rho_t = logp_t - old_logp_t                        (PPO, GRPO)
+    sequence: log s_i = (1/|o_i|) sum_t (logp_t - old_logp_t), the log of the geometric mean of
+              the token ratios, the same for every token of the row (GSPO, arXiv 2507.18071 eq. 7)."""
+    log_ratio = logp - old_logp
+    if level == "sequence":
+        mean = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+        log_ratio = mean.expand_as(log_ratio)
+    return log_ratio
+
+
+def clipped_surrogate(log_ratio, advantages, eps_low, eps_high, delta=0.0):
     """Per-token PPO loss -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho =
-    exp(logp - old_logp); logp, old_logp [B, T], advantages [B]. Also returns where the clip is
-    active: low (rho < 1 - eps_low, A < 0) and high (rho > 1 + eps_high, A > 0), both [B, T] bool."""
-    ratio = torch.exp(logp - old_logp)
+    exp(log_ratio) [B, T], advantages [B]. delta > 0 also caps the unclipped term: min(rho, delta) * A,
+    which only binds for A < 0 (INTELLECT-2's two-sided clip, arXiv 2505.07291). Also returns where
+    the clip is active: low (rho < 1 - eps_low, A < 0) and high (rho > 1 + eps_high, A > 0), [B, T] bool."""
+    ratio = torch.exp(log_ratio)
     adv = advantages[:, None]
-    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    unclipped = ratio.clamp(max=delta) if delta else ratio
+    loss = -torch.min(unclipped * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     return loss, (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
+
+
+def cispo_surrogate(logp, log_ratio, advantages, cap):
+    """CISPO's per-token loss -sg(min(rho, cap)) * A * logp (MiniMax-M1, arXiv 2506.13585): the
+    importance weight is clipped and detached, not the update, so every token keeps a gradient.
+    logp, log_ratio [B, T], advantages [B] -> (loss, no low clip, capped: rho > cap), [B, T] each."""
+    ratio = torch.exp(log_ratio)
+    loss = -ratio.clamp(max=cap).detach() * advantages[:, None] * logp
+    return loss, torch.zeros_like(ratio, dtype=torch.bool), ratio > cap
 
 
 def loss_denominator(loss_mask, loss_type, max_new_tokens):
     """What a loss type divides the summed per-token loss by, counted on loss_mask [N, T] (this
     rank's rows; sum it over ranks): grpo, the completions in the loss; dapo, their tokens;
     dr_grpo, every completion sampled times max_new_tokens, a constant that does not move when
-    DAPO's filters leave completions out (as TRL's dr_grpo: batch rows x max_completion_length)."""
+    DAPO's filters leave completions out (as TRL's dr_grpo: batch rows x max_completion_length);
+    cispo, the tokens (as dapo)."""
     if loss_type == "grpo":
         return (loss_mask.sum(1) > 0).sum()
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return loss_mask.sum()
     return torch.tensor(len(loss_mask) * max_new_tokens, device=loss_mask.device)
 
@@ -272,7 +331,7 @@ def aggregate_loss(per_token, mask, loss_type, denominator):
     (loss_denominator, summed over micro-batches and ranks), so summing this over micro-batches
     gives exactly the full-batch loss:
       grpo:    sum_i (1/|o_i|) sum_t l_it / completions in the loss   (DeepSeekMath eq. 3)
-      dapo:    sum_i sum_t l_it / tokens in the loss                   (DAPO token-level loss)
+      dapo, cispo: sum_i sum_t l_it / tokens in the loss               (DAPO token-level loss)
       dr_grpo: sum_i sum_t l_it / (completions sampled * max_new_tokens)  (Dr. GRPO)"""
     masked = per_token * mask
     if loss_type == "grpo":
@@ -300,19 +359,31 @@ def truncated_is_weight(old_logp, sampler_logp, cap):
     return torch.exp(old_logp - sampler_logp).clamp(max=cap).detach()
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, denominator, is_weight=None):
-    """The GRPO objective for one micro-batch: clipped surrogate (times is_weight, when given) +
-    beta * k3 KL, aggregated by cfg.loss_type over `denominator` (loss_denominator of the whole
-    batch). ref_logp is None when beta = 0. Returns (loss, masked sums for logging, as tensors so
-    that nothing waits for the device until the step is logged)."""
-    per_token, clip_low, clip_high = clipped_surrogate(logp, old_logp, advantages, cfg.clip_eps_low, cfg.clip_eps_high)
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, denominator, is_weight=None, entropy=None,
+              loss_tokens=1):
+    """The objective for one micro-batch: the policy term (the clipped surrogate, or CISPO's with
+    loss_type=cispo) on the ratio at cfg.importance_sampling_level, times is_weight when given,
+    + beta * k3 KL, aggregated by cfg.loss_type over `denominator` (loss_denominator of the whole
+    batch); with entropy [B, T] (entropy_coef > 0), minus entropy_coef * the mean entropy over the
+    whole batch's loss_tokens, the same bonus whatever the loss type (as TRL). ref_logp is None
+    when beta = 0. Returns (loss, masked sums for logging, as tensors so that nothing waits for
+    the device until the step is logged)."""
+    log_ratio = importance_log_ratio(logp, old_logp, mask, cfg.importance_sampling_level)
+    if cfg.loss_type == "cispo":
+        per_token, clip_low, clip_high = cispo_surrogate(logp, log_ratio, advantages, cfg.cispo_cap)
+    else:
+        per_token, clip_low, clip_high = clipped_surrogate(log_ratio, advantages, cfg.clip_eps_low,
+                                                           cfg.clip_eps_high, cfg.delta)
     per_token = per_token if is_weight is None else per_token * is_weight
     stats = {"clip_low": (clip_low * mask).sum(), "clip_high": (clip_high * mask).sum()}
     if cfg.beta > 0:
         kl = k3_kl(logp, ref_logp)
         per_token = per_token + cfg.beta * kl
         stats["kl"] = (kl.detach() * mask).sum()
-    return aggregate_loss(per_token, mask, cfg.loss_type, denominator), stats
+    loss = aggregate_loss(per_token, mask, cfg.loss_type, denominator)
+    if entropy is not None:
+        loss = loss - cfg.entropy_coef * (entropy * mask).sum() / loss_tokens
+    return loss, stats
 
 
 def lr_factor(step, warmup_steps, total_steps, min_ratio):
@@ -379,6 +450,7 @@ def sft(model, engine, examples, cfg, steps, lr, warmup_steps=0, min_lr_ratio=1.
                "tokens": int(tokens)}
         if on_step:
             on_step(step + 1, row, optimizer)
+    model.zero_grad(set_to_none=True)  # no stale gradient in the memory, or in a later norm (LoRA's frozen base)
 
 
 @torch.no_grad()
@@ -437,16 +509,20 @@ def accumulate_gradients(engine, model, ids, attention, num_completion, advantag
     for the sampler/trainer mismatch (logged) and, with tis_cap, its correction. Returns this
     rank's summed loss and masked-token statistics (tensors)."""
     denominator = all_sum(loss_denominator(loss_mask, cfg.loss_type, cfg.max_new_tokens)).clamp(min=1)
+    loss_tokens = all_sum(loss_mask.sum()).clamp(min=1)
     sums = dict.fromkeys(STATS, 0.0)
     for i in range(0, len(ids), cfg.micro_batch_size):
         rows = slice(i, i + cfg.micro_batch_size)
         with runs.sync_gradients(model, last=i + cfg.micro_batch_size >= len(ids)):
-            logp = engine.logprobs(ids[rows], attention[rows], num_completion, cfg.temperature, model)
+            out = engine.logprobs(ids[rows], attention[rows], num_completion, cfg.temperature, model,
+                                  with_entropy=cfg.entropy_coef > 0)
+            logp, entropy = out if cfg.entropy_coef else (out, None)
             old = logp.detach() if old_logp is None else old_logp[rows]
             ref = None if ref_logp is None else ref_logp[rows]
             sampled = None if sampler_logp is None else sampler_logp[rows]
             weight = truncated_is_weight(old, sampled, cfg.tis_cap) if cfg.tis_cap and sampled is not None else None
-            loss, stats = grpo_loss(logp, old, ref, advantages[rows], loss_mask[rows], cfg, denominator, weight)
+            loss, stats = grpo_loss(logp, old, ref, advantages[rows], loss_mask[rows], cfg, denominator, weight,
+                                    entropy, loss_tokens)
             runs.backward(loss)
         if sampled is not None:  # how far the sampler's log-probs are from the trainer's: |delta| and k3 KL
             stats["mismatch_abs"] = ((old - sampled).abs() * loss_mask[rows]).sum()
@@ -630,14 +706,22 @@ def train(cfg):
     if cfg.resume:
         state, checkpoint = runs.open_resumed_run(run_dir, clean=runs.main_rank())
     init_path = state["init_model"] if state else initial_model(cfg)
-    model, engine, cfg = load_policy(checkpoint if state else init_path, cfg, device, "float32", train_set + test_set)
+    policy_path = checkpoint if state and not cfg.lora_rank else init_path  # LoRA: the base, then the adapter
+    model, engine, cfg = load_policy(policy_path, cfg, device, "float32", train_set + test_set)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_model = runs.distribute(model, cfg, device)  # DDP's wrapper, or `model` itself sharded by FSDP
     if not cfg.resume and cfg.sft_steps:
         init_path = cold_start(train_model, model, engine, train_set, cfg)
-    ref_model = load_reference(init_path, state, cfg, device) if cfg.beta > 0 else None  # beta = 0: none at all
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+    lora = None
+    if cfg.lora_rank:  # adapters on the (cold-started) base, in place: the engine samples through them
+        lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                        os.path.join(checkpoint, "adapter") if state else None)
+        train_model = runs.distribute(model, cfg, device)  # DDP again, over the adapters' parameters
+    ref_model = None  # beta = 0: none at all; LoRA: the base itself, adapters off
+    if cfg.beta > 0:
+        ref_model = WithoutAdapters(lora) if lora else load_reference(init_path, state, cfg, device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
@@ -673,7 +757,7 @@ def train(cfg):
             scores, failures, correct = score(texts, examples, mask.sum(1), reward_spec, cfg)
             scores, correct = gather(scores), gather(correct)  # every rank sees the whole step from here on
             rewards = scores @ weights
-            advantages = my_share(group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps)).to(device)
+            advantages = my_share(group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps, cfg.advantage)).to(device)
             zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1)
             loss_mask = dapo_filters(mask, my_share(zero_std).to(device), truncated, cfg.drop_zero_std_groups,
                                      cfg.mask_truncated)
@@ -718,7 +802,8 @@ def train(cfg):
             signalled = runs.any_rank(signals)  # a signal to any rank stops them all
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signalled or bad_steps >= cfg.max_bad_steps:
                 runs.save_training(run_dir, step + 1, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints,
-                                   ref_model if cfg.ref_sync_every > 0 else None, init_model=init_path,
+                                   ref_model if cfg.ref_sync_every > 0 else None, lora,
+                                   merged_weights(lora) if lora else None, init_model=init_path,
                                    eval_before=before, bad_steps=(bad_steps, skipped_steps), config=dataclasses.asdict(cfg))
             if signalled:
                 number = signals[0] if signals else signal.SIGTERM

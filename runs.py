@@ -205,17 +205,19 @@ def save_model(path, model, tokenizer):
     barrier()
 
 
-def save_training(run_dir, step, model, tokenizer, optimizer, scheduler, keep, ref_model=None, **fields):
+def save_training(run_dir, step, model, tokenizer, optimizer, scheduler, keep, ref_model=None, adapter=None,
+                  merged=None, **fields):
     """A checkpoint of a training run after `step`: the model, and what resuming needs (optimizer,
-    schedule, random streams, a reference model that moves, and `fields`). Every rank calls it;
-    the main rank writes (save_checkpoint). restore_training reads it back."""
+    schedule, random streams, a reference model that moves, and `fields`). With LoRA, `adapter`
+    (the PeftModel) is saved in adapter/ and `merged` (its merged weights) as the model. Every
+    rank calls it; the main rank writes (save_checkpoint). restore_training reads it back."""
     state = {"step": step, "optimizer": full_state(model, optimizer), "scheduler": scheduler.state_dict(),
              "rng": rng_state(), **fields}
     if ref_model is not None:
         state["ref_model"] = full_state(ref_model) or ref_model.state_dict()
-    weights = full_state(model)
+    weights = full_state(model) if merged is None else merged
     if main_rank():
-        save_checkpoint(run_dir, step, model, tokenizer, state, keep, weights)
+        save_checkpoint(run_dir, step, model, tokenizer, state, keep, weights, adapter)
     barrier()
 
 
@@ -262,22 +264,24 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(run_dir, step, model, tokenizer, state, keep, model_state=None):
-    """Write checkpoint-STEP/ (HF model + tokenizer + trainer_state.pt) under a temporary name and
-    rename it; hard-link its model files into run_dir itself, so that from_pretrained(run_dir) loads
-    the newest model; only then point `latest` at it, and prune. A crash at any moment leaves
-    `latest` naming a complete checkpoint and run_dir holding a complete model. model_state: the
-    weights gathered by full_state under FSDP."""
+def save_checkpoint(run_dir, step, model, tokenizer, state, keep, model_state=None, adapter=None):
+    """Write checkpoint-STEP/ (HF model + tokenizer + trainer_state.pt, and a LoRA adapter in
+    adapter/) under a temporary name and rename it; hard-link its model files into run_dir itself,
+    so that from_pretrained(run_dir) loads the newest model; only then point `latest` at it, and
+    prune. A crash at any moment leaves `latest` naming a complete checkpoint and run_dir holding a
+    complete model. model_state: the weights to save (FSDP's gathered ones, LoRA's merged ones)."""
     name = f"checkpoint-{step:06d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
     if not os.path.isdir(final):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            adapter.save_pretrained(os.path.join(tmp, "adapter"))
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         os.replace(tmp, final)
     for file in sorted(os.listdir(final)):  # each file replaced whole: the run directory always holds one model
-        if file != "trainer_state.pt":
+        if file != "trainer_state.pt" and os.path.isfile(os.path.join(final, file)):
             link = os.path.join(run_dir, file + ".tmp")
             with contextlib.suppress(FileNotFoundError):
                 os.remove(link)

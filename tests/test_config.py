@@ -40,7 +40,7 @@ def test_defaults_file_then_command_line(tmp_path):
     (["--clip_eps_low=-0.1"], "clip_eps_low: must not be negative"),
     (["--clip_eps_high=-0.1"], "clip_eps_high: must not be negative"),
     (["--beta=-1"], "beta: must not be negative"),
-    (["--loss_type=ppo"], "loss_type: 'ppo' is not one of grpo, dapo, dr_grpo"),
+    (["--loss_type=ppo"], "loss_type: 'ppo' is not one of grpo, dapo, dr_grpo, cispo"),
     (["--scale_rewards=mean"], "scale_rewards: 'mean' is not one of group, batch, none"),
     (["--rewards=accuracy,speling"], "rewards: unknown reward 'speling'"),
     (["--task=gsm8k"], "data_path: task gsm8k needs a JSONL file"),
@@ -101,7 +101,7 @@ def test_help_lists_every_key(capsys):
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--loss_type=ppo", "loss_type: 'ppo' is not one of grpo, dapo, dr_grpo"),
+    ("--loss_type=ppo", "loss_type: 'ppo' is not one of grpo, dapo, dr_grpo, cispo"),
     ("--task=mmlu", "task: 'mmlu' is not one of arithmetic, countdown, gsm8k, jsonl"),
 ])
 def test_a_choice_is_checked_where_it_is_declared(capsys, arg, message):

@@ -84,6 +84,24 @@ def test_a_run_resumes_on_another_number_of_ranks_and_sharding(tmp_path, one_pro
     assert_same_run(one_process, run_dir)
 
 
+@pytest.mark.skipif(not runs.installed("peft"), reason="LoRA needs peft")
+def test_two_ranks_train_the_same_lora_adapters_as_one_process(tmp_path):
+    """DDP over the adapters alone (after a full-weight cold start): the same steps and the same
+    merged model as one process, whose reference is the cold-started base with adapters off."""
+    args = [a for a in ARGS if not a.startswith("--ref_sync")] + ["--lora_rank=4", "--lora_alpha=16", "--lr=1e-2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    launch(args + [f"--out_dir={one}"])
+    launch(args + [f"--out_dir={two}"], ranks=2)
+    (weights_one, rows_one), (weights_two, rows_two) = run_outputs(one), run_outputs(two)
+    for ours, theirs in zip(rows_two, rows_one):
+        assert ours["reward_mean"] == theirs["reward_mean"]
+        for key in ("loss", "kl", "grad_norm"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), key
+    assert all(r["grad_norm"] > 0 for r in rows_one) and rows_one[-1]["kl"] > 0
+    assert max((weights_two[k] - weights_one[k]).abs().max().item() for k in weights_one) < 1e-4
+    assert os.path.isfile(os.path.join(two, "checkpoint-000003", "adapter", "adapter_model.safetensors"))
+
+
 def test_batch_sizes_must_divide_among_ranks(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(grpo.ConfigError, match="prompts_per_step: 8 does not divide among 3 ranks"):
