@@ -220,3 +220,19 @@ def test_the_same_loss_and_gradient_as_trl(case):
     assert torch.allclose(grad, trl_grad, rtol=1e-5, atol=1e-7)
     if ours.get("entropy_coef"):
         assert torch.allclose(entropy_grad, trl_entropy_grad, rtol=1e-5, atol=1e-8)
+
+
+# ---- end to end
+
+@pytest.mark.parametrize("flags", [
+    ["--importance_sampling_level=sequence", "--clip_eps_low=3e-4", "--clip_eps_high=4e-4", "--advantage=rloo",
+     "--scale_rewards=none"],
+    ["--loss_type=cispo", "--advantage=reinforce_pp", "--entropy_coef=0.01"],
+    ["--delta=4", "--entropy_coef=0.01", "--loss_type=dapo"],
+])
+def test_the_newer_objectives_train(tmp_path, flags):
+    from test_train import FAST, metrics
+    grpo.train(grpo.parse_config(FAST + ["--max_steps=2", "--num_iterations=2", "--lr=1e-3", *flags,
+                                         f"--out_dir={tmp_path}"]))
+    rows = metrics(tmp_path)
+    assert all(r["updates"] == 2 and r["grad_norm"] > 0 and math.isfinite(r["loss"]) for r in rows)
