@@ -702,12 +702,14 @@ def train(cfg):
     reward_spec = R.parse_reward_spec(cfg.rewards)
     weights = torch.tensor([w for _, w in reward_spec])
     # the policy, trained in float32 whatever dtype says (AdamW's small steps would round away in
-    # bf16): resumed from the latest checkpoint, or loaded (built for "tiny") and cold-started
+    # bf16): resumed from the latest checkpoint, or loaded (built for "tiny") and cold-started;
+    # LoRA's frozen base loads in dtype and gets the adapters (fp32, peft's default)
     if cfg.resume:
         state, checkpoint = runs.open_resumed_run(run_dir, clean=runs.main_rank())
     init_path = state["init_model"] if state else initial_model(cfg)
     policy_path = checkpoint if state and not cfg.lora_rank else init_path  # LoRA: the base, then the adapter
-    model, engine, cfg = load_policy(policy_path, cfg, device, "float32", train_set + test_set)
+    frozen = cfg.lora_rank and (state or not cfg.sft_steps)  # a LoRA base that no cold start trains: in dtype
+    model, engine, cfg = load_policy(policy_path, cfg, device, cfg.dtype if frozen else "float32", train_set + test_set)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_model = runs.distribute(model, cfg, device)  # DDP's wrapper, or `model` itself sharded by FSDP

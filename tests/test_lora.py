@@ -137,3 +137,25 @@ def test_without_peft_lora_stops_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # and the engine's own guard, for callers that skip validation
     with pytest.raises(grpo.ConfigError, match="LoRA needs the peft package"):
         engine.add_lora(torch.nn.Linear(2, 2), 4, 8.0, 0.0, "all-linear")
+
+
+def test_a_bf16_base_under_fp32_adapters(tmp_path, monkeypatch):
+    """dtype=bfloat16 with LoRA: the frozen base loads in bf16 (it never takes an AdamW step), the
+    adapters stay fp32 and train, and the merged model saves and loads."""
+    seen = {}
+    real = engine.add_lora
+
+    def spy(model, *args):
+        lora = real(model, *args)
+        seen.update({n: p.dtype for n, p in model.named_parameters()})
+        return lora
+    monkeypatch.setattr(grpo, "add_lora", spy)
+    run = tmp_path / "run"
+    grpo.train(grpo.parse_config(LORA + ["--sft_steps=0", "--dtype=bfloat16", "--max_steps=2", f"--out_dir={run}"]))
+    assert {d for n, d in seen.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in seen.items() if "lora_" not in n} == {torch.bfloat16}
+    assert all(r["grad_norm"] > 0 for r in metrics(run))
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(run)
+    base = AutoModelForCausalLM.from_pretrained(run / "tiny")
+    assert any((a.float() - b.float()).abs().max() > 0 for a, b in zip(plain.parameters(), base.parameters()))
