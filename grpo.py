@@ -36,6 +36,7 @@ Commands:
   python grpo.py --config configs/gsm8k_qwen.py    # one GPU (bf16 autocast on CUDA)
   torchrun --nproc_per_node=8 grpo.py --config configs/gsm8k_qwen.py   # 8 GPUs, DDP (--sharding=fsdp shards)
   python grpo.py --config configs/NAME.py --max_steps=100 --lr=1e-6   # overrides follow the file
+  python grpo.py --config configs/gsm8k_qwen.py --lora_rank=16 --dtype=bfloat16   # LoRA on a bf16 base (peft)
   python grpo.py --resume=runs/default             # continue from the latest checkpoint
   python grpo.py --config configs/gsm8k_qwen.py --model=runs/gsm8k_qwen --eval_only=True --eval_k=8
   python grpo.py --help                            # every flag with its default and paper value
@@ -559,51 +560,6 @@ def policy_update(engine, model, optimizer, ids, attention, num_completion, adva
     return sums, grad_norm, cfg.num_iterations, False
 
 
-def step_metrics(step, rewards, scores, reward_spec, correct, zero_std, lengths, truncated, counts, update, with_kl,
-                 times):
-    """The metrics row of one step. rewards, scores, correct, zero_std: the whole step's; lengths,
-    truncated, counts (sums) and update (policy_update's result): this rank's, brought together
-    by one all-reduce. Quantities of the update are per loss token and update, and null when no
-    update was made (no token in the loss, or a skipped step). times: the clock at the start and
-    after sampling, log-probs and the update."""
-    sums, grad_norm, updates, skipped = update
-    names = [*sums, *counts]
-    values = [torch.as_tensor(v, dtype=torch.float32).to(lengths.device) for v in [*sums.values(), *counts.values()]]
-    total = dict(zip(names, all_sum(torch.stack(values)).tolist()))
-    lengths, truncated = gather(lengths.float()), gather(truncated.float())
-    per_token = {k: total[k] / (max(1.0, total["loss_tokens"]) * updates) if updates else None for k in sums}
-    return {"step": step, "loss": total["loss"] / updates if updates else None,
-            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-            **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
-            "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
-            "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
-            "completion_len_correct": mean_or_none(lengths[correct.to(lengths.device) > 0]),
-            "completion_len_wrong": mean_or_none(lengths[correct.to(lengths.device) <= 0]),
-            "truncated_frac": truncated.mean().item(), "reflection_frac": total["reflecting"] / len(rewards),
-            "kl": per_token["kl"] if with_kl else None, "clip_low_frac": per_token["clip_low"],
-            "clip_high_frac": per_token["clip_high"], "entropy": total["entropy"] / total["tokens"],
-            "mismatch_abs": per_token["mismatch_abs"], "mismatch_kl": per_token["mismatch_kl"],
-            "grad_norm": grad_norm, "updates": updates, "reward_errors": int(total["reward_errors"]),
-            "skipped": skipped, "prompts_cut": int(total["prompts_cut"]),
-            "tokens_per_sec": total["tokens"] / (times[3] - times[0]), "t_sample": times[1] - times[0],
-            "t_logprobs": times[2] - times[1], "t_update": times[3] - times[2]}
-
-
-def mean_or_none(values):
-    return values.mean().item() if len(values) else None
-
-
-def sample_rows(step, examples, texts, scores, reward_spec, rewards, advantages, lengths, truncated, G):
-    """samples.jsonl rows, one per question of this rank's share of the step: its G completions
-    with each reward, the weighted total, the advantage, the length in tokens and truncation."""
-    def completion(i):
-        return {"text": texts[i], "rewards": {name: float(scores[i, j]) for j, (name, _) in enumerate(reward_spec)},
-                "reward": float(rewards[i]), "advantage": float(advantages[i]), "length": int(lengths[i]),
-                "truncated": bool(truncated[i])}
-    return [{"step": step, "prompt": example["question"], "answer": example["answer"],
-             "completions": [completion(i) for i in range(g * G, (g + 1) * G)]} for g, example in enumerate(examples)]
-
-
 # ----------------------------------------------------------------------------
 # setup shared by training and evaluation
 
@@ -786,8 +742,8 @@ def train(cfg):
             # 5. log, evaluate, checkpoint
             counts = {"loss_tokens": loss_mask.sum(), "tokens": mask.sum(), "entropy": (entropies * mask).sum(),
                       "reward_errors": failures, "prompts_cut": prompts_cut, "reflecting": sum(map(R.reflects, texts))}
-            row = step_metrics(step + 1, rewards, scores, reward_spec, correct, zero_std, mask.sum(1), truncated,
-                               counts, update, ref_model is not None, (t0, t1, t2, t3))
+            row = runs.step_metrics(step + 1, rewards, scores, reward_spec, correct, zero_std, mask.sum(1), truncated,
+                                    counts, update, ref_model is not None, (t0, t1, t2, t3))
             row.update(lr=lr, ref_synced=synced, skipped_total=skipped_steps)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row.update({f"eval_{k}": v for k, v in evaluate(engine, test_set, cfg).items()})
@@ -798,8 +754,8 @@ def train(cfg):
                 for g in range(min(2, len(examples))):
                     say(f"  [step {step + 1}] {examples[g]['question'][:200]!r} -> {texts[g * G][:300]!r} "
                         f"(reward {rewards[g * G]:.2f}, answer {examples[g]['answer']})", file=sys.stderr)
-                samples = sample_rows(step + 1, examples, texts, my_share(scores), reward_spec, my_share(rewards),
-                                      advantages, mask.sum(1), truncated, G)
+                samples = runs.sample_rows(step + 1, examples, texts, my_share(scores), reward_spec, my_share(rewards),
+                                           advantages, mask.sum(1), truncated, G)
                 runs.append_rows(os.path.join(run_dir, "samples.jsonl"), samples)
             signalled = runs.any_rank(signals)  # a signal to any rank stops them all
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signalled or bad_steps >= cfg.max_bad_steps:

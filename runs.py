@@ -1,7 +1,8 @@
 """
 runs.py: what a training run needs besides the algorithm: torchrun's process group and
 collectives, DDP/FSDP wrapping and whole-model state for saving, a run directory written so that
-a crash never leaves it unusable (checkpoints, resume), random-number state, signals, progress.
+a crash never leaves it unusable (checkpoints, resume), the metrics row and the samples log,
+random-number state, signals, progress.
 grpo.py and r1.py import these; none of them changes what is computed.
 """
 import contextlib
@@ -226,6 +227,51 @@ def restore_training(state, model, optimizer, scheduler):
     load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(state["rng"])
+
+
+def step_metrics(step, rewards, scores, reward_spec, correct, zero_std, lengths, truncated, counts, update, with_kl,
+                 times):
+    """The metrics row of one step. rewards, scores, correct, zero_std: the whole step's; lengths,
+    truncated, counts (sums) and update (policy_update's result): this rank's, brought together
+    by one all-reduce. Quantities of the update are per loss token and update, and null when no
+    update was made (no token in the loss, or a skipped step). times: the clock at the start and
+    after sampling, log-probs and the update."""
+    sums, grad_norm, updates, skipped = update
+    names = [*sums, *counts]
+    values = [torch.as_tensor(v, dtype=torch.float32).to(lengths.device) for v in [*sums.values(), *counts.values()]]
+    total = dict(zip(names, all_sum(torch.stack(values)).tolist()))
+    lengths, truncated = gather(lengths.float()), gather(truncated.float())
+    per_token = {k: total[k] / (max(1.0, total["loss_tokens"]) * updates) if updates else None for k in sums}
+    return {"step": step, "loss": total["loss"] / updates if updates else None,
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+            **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
+            "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
+            "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+            "completion_len_correct": mean_or_none(lengths[correct.to(lengths.device) > 0]),
+            "completion_len_wrong": mean_or_none(lengths[correct.to(lengths.device) <= 0]),
+            "truncated_frac": truncated.mean().item(), "reflection_frac": total["reflecting"] / len(rewards),
+            "kl": per_token["kl"] if with_kl else None, "clip_low_frac": per_token["clip_low"],
+            "clip_high_frac": per_token["clip_high"], "entropy": total["entropy"] / total["tokens"],
+            "mismatch_abs": per_token["mismatch_abs"], "mismatch_kl": per_token["mismatch_kl"],
+            "grad_norm": grad_norm, "updates": updates, "reward_errors": int(total["reward_errors"]),
+            "skipped": skipped, "prompts_cut": int(total["prompts_cut"]),
+            "tokens_per_sec": total["tokens"] / (times[3] - times[0]), "t_sample": times[1] - times[0],
+            "t_logprobs": times[2] - times[1], "t_update": times[3] - times[2]}
+
+
+def mean_or_none(values):
+    return values.mean().item() if len(values) else None
+
+
+def sample_rows(step, examples, texts, scores, reward_spec, rewards, advantages, lengths, truncated, G):
+    """samples.jsonl rows, one per question of this rank's share of the step: its G completions
+    with each reward, the weighted total, the advantage, the length in tokens and truncation."""
+    def completion(i):
+        return {"text": texts[i], "rewards": {name: float(scores[i, j]) for j, (name, _) in enumerate(reward_spec)},
+                "reward": float(rewards[i]), "advantage": float(advantages[i]), "length": int(lengths[i]),
+                "truncated": bool(truncated[i])}
+    return [{"step": step, "prompt": example["question"], "answer": example["answer"],
+             "completions": [completion(i) for i in range(g * G, (g + 1) * G)]} for g, example in enumerate(examples)]
 
 
 class MetricsLog:
