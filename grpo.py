@@ -285,7 +285,7 @@ def importance_log_ratio(logp, old_logp, mask, level="token"):
     """log rho [B, T] of logp, old_logp [B, T] over the completion tokens in mask [B, T].
     token:    log rho_t = logp_t - old_logp_t                        (PPO, GRPO)
     sequence: log s_i = (1/|o_i|) sum_t (logp_t - old_logp_t), the log of the geometric mean of
-              the token ratios, the same for every token of the row (GSPO, arXiv 2507.18071 eq. 7)."""
+              the token ratios, the same for every token of the row (GSPO, arXiv 2507.18071)."""
     log_ratio = logp - old_logp
     if level == "sequence":
         mean = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
