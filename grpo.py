@@ -116,9 +116,9 @@ class Config:
     clip_eps_high: Optional[float] = None  # above at 1 + eps_high; None = eps_low (DAPO: 0.28; GSPO: 4e-4)
     delta: float = 0.0             # cap of the unclipped ratio, binding for A < 0; 0 = off (INTELLECT-2: 4)
     beta: float = 0.04             # k3 KL coefficient; 0 loads no reference model (DeepSeekMath: 0.04)
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "cispo"] = "grpo"  # per-sequence mean | token mean (DAPO) | constant (Dr. GRPO) | CISPO, token mean
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "cispo"] = "grpo"  # per-sequence mean | token mean (DAPO) | constant (Dr. GRPO) | CISPO (MiniMax-M1)
     cispo_cap: float = 5.0         # loss_type=cispo: the detached importance weight is capped here (ScaleRL: 5; TRL: epsilon_high)
-    entropy_coef: float = 0.0      # entropy bonus: minus coef x mean token entropy; 0 = off (DeepSeekMath: none)
+    entropy_coef: float = 0.0      # entropy bonus: minus coef x mean token entropy; 0 = off (PPO's bonus; DeepSeekMath: none)
     num_iterations: int = 1        # mu: policy updates per batch of samples (DeepSeekMath: 1)
     ref_sync_every: int = 0        # steps between reference updates; 0 = fixed (DeepSeekMath iterative RL)
     ref_sync_alpha: float = 1.0    # ref <- alpha * theta + (1 - alpha) * ref; 1.0 = hard copy
