@@ -187,13 +187,13 @@ def validate(cfg):
     checked when the config is parsed)."""
     ranks, gpus = int(os.environ.get("WORLD_SIZE", "1")), runs.cuda_devices()
     hub_hint = "" if runs.installed("datasets") else " (hub datasets need the `datasets` package)"
-    high = cfg.clip_eps_low if cfg.clip_eps_high is None else cfg.clip_eps_high
     checks = [(getattr(cfg, k) >= 1, f"{k}: must be at least 1") for k in AT_LEAST_ONE]
     checks += [(getattr(cfg, k) >= 0, f"{k}: must not be negative") for k in NON_NEGATIVE]
     checks += [
         (cfg.group_size >= 2, "group_size: must be at least 2 (advantages compare completions within a group)"),
         (cfg.clip_eps_low < 1, "clip_eps_low: must be below 1 (the ratio is clipped at 1 - clip_eps_low)"),
-        (not cfg.delta or cfg.delta > 1 + high, f"delta: {cfg.delta} must exceed 1 + clip_eps_high ({1 + high:g}), or be 0 (off)"),
+        (not cfg.delta or cfg.delta > 1 + cfg.clip_eps_high,
+         f"delta: {cfg.delta} must exceed 1 + clip_eps_high ({1 + cfg.clip_eps_high:g}), or be 0 (off)"),
         (not cfg.delta or cfg.loss_type != "cispo", "delta: caps the clipped objective's ratio; loss_type=cispo has none"),
         (cfg.cispo_cap > 0, "cispo_cap: must be positive"),
         (not cfg.lora_rank or runs.installed("peft"), "lora_rank: LoRA needs the peft package (pip install peft)"),
@@ -510,7 +510,7 @@ def accumulate_gradients(engine, model, ids, attention, num_completion, advantag
     for the sampler/trainer mismatch (logged) and, with tis_cap, its correction. Returns this
     rank's summed loss and masked-token statistics (tensors)."""
     denominator = all_sum(loss_denominator(loss_mask, cfg.loss_type, cfg.max_new_tokens)).clamp(min=1)
-    loss_tokens = all_sum(loss_mask.sum()).clamp(min=1)
+    loss_tokens = all_sum(loss_mask.sum()).clamp(min=1) if cfg.entropy_coef else None  # the bonus's mean
     sums = dict.fromkeys(STATS, 0.0)
     for i in range(0, len(ids), cfg.micro_batch_size):
         rows = slice(i, i + cfg.micro_batch_size)
@@ -526,8 +526,8 @@ def accumulate_gradients(engine, model, ids, attention, num_completion, advantag
                                     entropy, loss_tokens)
             runs.backward(loss)
         if sampled is not None:  # how far the sampler's log-probs are from the trainer's: |delta| and k3 KL
-            stats["mismatch_abs"] = ((old - sampled).abs() * loss_mask[rows]).sum()
             delta = old - sampled  # k3 as expm1(d) - d: exact for the tiny d of the same model computed twice
+            stats["mismatch_abs"] = (delta.abs() * loss_mask[rows]).sum()
             stats["mismatch_kl"] = ((torch.expm1(delta) - delta) * loss_mask[rows]).sum()
         stats.update(loss=loss.detach())
         for key, value in stats.items():
@@ -664,18 +664,20 @@ def train(cfg):
         state, checkpoint = runs.open_resumed_run(run_dir, clean=runs.main_rank())
     init_path = state["init_model"] if state else initial_model(cfg)
     policy_path = checkpoint if state and not cfg.lora_rank else init_path  # LoRA: the base, then the adapter
-    frozen = cfg.lora_rank and (state or not cfg.sft_steps)  # a LoRA base that no cold start trains: in dtype
+    cold = not state and cfg.sft_steps > 0
+    frozen = cfg.lora_rank and not cold  # a LoRA base that no cold start trains: in dtype
     model, engine, cfg = load_policy(policy_path, cfg, device, cfg.dtype if frozen else "float32", train_set + test_set)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    train_model = runs.distribute(model, cfg, device)  # DDP's wrapper, or `model` itself sharded by FSDP
-    if not cfg.resume and cfg.sft_steps:
+    # DDP's wrapper, or `model` itself sharded by FSDP; under LoRA only a cold start trains every weight
+    train_model = runs.distribute(model, cfg, device) if cold or not cfg.lora_rank else model
+    if cold:
         init_path = cold_start(train_model, model, engine, train_set, cfg)
     lora = None
     if cfg.lora_rank:  # adapters on the (cold-started) base, in place: the engine samples through them
         lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                         os.path.join(checkpoint, "adapter") if state else None)
-        train_model = runs.distribute(model, cfg, device)  # DDP again, over the adapters' parameters
+        train_model = runs.distribute(model, cfg, device)  # DDP over the adapters' parameters
     ref_model = None  # beta = 0: none at all; LoRA: the base itself, adapters off
     if cfg.beta > 0:
         ref_model = WithoutAdapters(lora) if lora else load_reference(init_path, state, cfg, device)
@@ -761,7 +763,7 @@ def train(cfg):
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signalled or bad_steps >= cfg.max_bad_steps:
                 runs.save_training(run_dir, step + 1, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints,
                                    ref_model if cfg.ref_sync_every > 0 else None, lora,
-                                   merged_weights(lora) if lora else None, init_model=init_path,
+                                   lora and (lambda: merged_weights(lora)), init_model=init_path,
                                    eval_before=before, bad_steps=(bad_steps, skipped_steps), config=dataclasses.asdict(cfg))
             if signalled:
                 number = signals[0] if signals else signal.SIGTERM

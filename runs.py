@@ -210,15 +210,16 @@ def save_training(run_dir, step, model, tokenizer, optimizer, scheduler, keep, r
                   merged=None, **fields):
     """A checkpoint of a training run after `step`: the model, and what resuming needs (optimizer,
     schedule, random streams, a reference model that moves, and `fields`). With LoRA, `adapter`
-    (the PeftModel) is saved in adapter/ and `merged` (its merged weights) as the model. Every
-    rank calls it; the main rank writes (save_checkpoint). restore_training reads it back."""
+    (the PeftModel) is saved in adapter/ and merged() (its merged weights, built on the main rank
+    only) as the model. Every rank calls it; the main rank writes (save_checkpoint).
+    restore_training reads it back."""
     state = {"step": step, "optimizer": full_state(model, optimizer), "scheduler": scheduler.state_dict(),
              "rng": rng_state(), **fields}
     if ref_model is not None:
         state["ref_model"] = full_state(ref_model) or ref_model.state_dict()
-    weights = full_state(model) if merged is None else merged
+    weights = full_state(model) if merged is None else None
     if main_rank():
-        save_checkpoint(run_dir, step, model, tokenizer, state, keep, weights, adapter)
+        save_checkpoint(run_dir, step, model, tokenizer, state, keep, weights if merged is None else merged(), adapter)
     barrier()
 
 
