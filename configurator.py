@@ -13,6 +13,7 @@ import difflib
 import inspect
 import itertools
 import json
+import math
 import os
 import sys
 import typing
@@ -53,6 +54,11 @@ def coerce(cls, key, value, from_text):
         value = tuple(value)
     if type(value) is not kind:
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    numbers = value if kind is tuple else (value,)
+    if any(type(v) is float and not math.isfinite(v) for v in numbers):  # 1e999 reads as inf
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    if any(type(v) is int and not -2**63 <= v < 2**63 for v in numbers):
+        raise ConfigError(f"{key}: {value} does not fit in 64 bits")
     return value
 
 
@@ -63,16 +69,29 @@ def check_key(cls, key, where=""):
         raise ConfigError(f"{where}unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 
+def read_text(path):
+    """The text of a UTF-8 file; anything else raises ConfigError naming the file and line."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text") from None
+
+
 def read_config_file(cls, path):
     """{key: value} from a file of `key = literal` lines (a docstring and comments allowed)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-    except OSError as err:
-        raise ConfigError(f"{path}: {err.strerror}") from None
+        tree = ast.parse(read_text(path), path)
     except SyntaxError as err:
         raise ConfigError(f"{path}:{err.lineno}: {err.msg}") from None
-    values = {}
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    values, lines = {}, {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node is tree.body[0]:
             continue
@@ -80,16 +99,20 @@ def read_config_file(cls, path):
             raise ConfigError(f"{path}:{node.lineno}: only `key = value` lines are allowed")
         key, where = node.targets[0].id, f"{path}:{node.lineno}: "
         check_key(cls, key, where)
+        if key in lines:
+            raise ConfigError(f"{where}{key} is set twice (lines {lines[key]} and {node.lineno})")
         try:
-            values[key] = coerce(cls, key, ast.literal_eval(node.value), from_text=False)
-        except ValueError as err:  # a non-literal, or a ConfigError from coerce
+            values[key], lines[key] = coerce(cls, key, ast.literal_eval(node.value), from_text=False), node.lineno
+        except (ValueError, RecursionError) as err:  # a non-literal, or a ConfigError from coerce
             raise ConfigError(where + (str(err) if isinstance(err, ConfigError) else f"{key}: not a literal")) from None
     return values
 
 
-def parse_args(cls, argv, saved_config_name):
+def parse_args(cls, argv, saved_config=None, fixed=()):
     """An instance of the dataclass `cls` from [--config FILE] [--key=value ...]. With
-    --resume=DIR the run's saved config (DIR/saved_config_name) replaces defaults and file."""
+    --resume=DIR, saved_config(DIR) -> (the run's saved {key: value}, the file it came from)
+    replaces defaults and file; an override may not change a key of `fixed` (what a resumed
+    checkpoint cannot honour)."""
     if argv and argv[0] == "--config":
         argv = ["--config=" + (argv[1] if len(argv) > 1 else "")] + list(argv[2:])
     values, overrides = {}, {}
@@ -106,11 +129,20 @@ def parse_args(cls, argv, saved_config_name):
             check_key(cls, key)
             overrides[key] = coerce(cls, key, text, from_text=True)
     if overrides.get("resume"):
-        path = os.path.join(overrides["resume"], saved_config_name)
-        if not os.path.isfile(path):
-            raise ConfigError(f"resume: {path} not found")
-        with open(path) as f:
-            values = {k: coerce(cls, k, v, from_text=False) for k, v in json.load(f).items()}
+        if values:
+            raise ConfigError("config: a resumed run keeps its saved config; give changes as --key=value")
+        saved, source = saved_config(overrides["resume"])
+        values = {}
+        for key, value in saved.items():
+            check_key(cls, key, f"{source}: ")
+            try:
+                values[key] = coerce(cls, key, value, from_text=False)
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
+        for key in fixed:
+            if key in overrides and key in values and overrides[key] != values[key]:
+                raise ConfigError(f"{key}: the run was trained with {key}={values[key]!r}; its checkpoint cannot "
+                                  f"continue with {overrides[key]!r} (start a new run in another out_dir)")
     return cls(**{**values, **overrides})
 
 

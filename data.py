@@ -9,6 +9,7 @@ disjoint (train, test) lists are made, which reward judges an answer right, whet
 import dataclasses
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -103,20 +104,35 @@ def countdown_task(seed, n_train, n_test):
 # tasks from files
 
 def read_jsonl(path):
-    """Yield (line number, dict) for each non-blank line; a bad line raises DataError naming it."""
+    """Yield (line number, dict) for each non-blank line; a bad line (not UTF-8, not JSON, nested
+    too deeply, a key twice, no object) raises DataError naming it."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            except (ValueError, RecursionError) as err:  # a key twice; too deep; a number too long
+                raise DataError(f"{path}:{lineno}: {err if isinstance(err, ValueError) else 'nested too deeply'}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, row
+
+
+def unique_keys(pairs):
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise ValueError(f"key {twice!r} appears twice")
+    return dict(pairs)
 
 
 def require_text(row, key, path, lineno):
@@ -138,11 +154,16 @@ def gsm8k_example(row, path, lineno):
 
 
 def jsonl_example(row, path, lineno):
-    """A generic row {"prompt": ..., "answer": ...}; extra fields are kept for custom rewards."""
+    """A generic row {"prompt": ..., "answer": ...}; the answer is a non-empty string or a finite
+    number (a list is written as a string: "1,2,3"); extra fields are kept for custom rewards."""
     example = dict(row, question=require_text(row, "prompt", path, lineno), source=f"{path}:{lineno}")
+    answer = row.get("answer")
     if "answer" not in row:
         raise DataError(f"{path}:{lineno}: missing field 'answer'")
-    example["answer"] = str(row["answer"])
+    number = type(answer) in (int, float) and math.isfinite(answer)
+    if not (number or isinstance(answer, str) and answer.strip()):
+        raise DataError(f"{path}:{lineno}: 'answer' must be a non-empty string or a finite number, not {json.dumps(answer)}")
+    example["answer"] = str(answer)
     return example
 
 
@@ -174,12 +195,12 @@ def load_file(path, make_example, split="train"):
 
 
 def file_task(make_example):
-    """A task read from data_path (JSONL or a hub dataset): the test split is eval_data_path's, or
-    the first eval_size rows of data_path when none is given."""
+    """A task read from data_path (JSONL or a hub dataset): the test split is the first eval_size
+    rows of eval_data_path, or of data_path when none is given (then held out from training)."""
     def load(seed, data_path, eval_data_path, eval_size, digits):
         train = load_file(data_path, make_example)
         if eval_data_path:
-            return train, load_file(eval_data_path, make_example, split="test")
+            return train, load_file(eval_data_path, make_example, split="test")[:eval_size]
         if len(train) <= eval_size:
             raise DataError(f"{data_path}: {len(train)} examples, not enough to hold out eval_size={eval_size}")
         return train[eval_size:], train[:eval_size]
