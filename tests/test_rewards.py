@@ -226,7 +226,7 @@ def test_safe_reward_turns_errors_and_nan_into_zero():
                                   "<answer>" + "(" * 5000 + "</answer>", "1" * 100_000])
 def test_every_reward_survives_adversarial_text(text):
     example = {"answer": "3", "numbers": [1, 2], "target": 3, "completion_tokens": 5, "max_new_tokens": 8}
-    for fn in R.REWARDS.values():
+    for fn in R.BUILTIN:  # not the rewards of your own that other tests registered
         with hang_guard():
             assert math.isfinite(fn(text, example))
 
@@ -308,6 +308,8 @@ def test_every_reward_returns_a_finite_float_and_never_runs_code(text, numbers, 
                "max_new_tokens": 512, "overlong_buffer": 64, "language": "en"}
     with no_model_text_run():
         for name, fn in R.REWARDS.items():
+            if fn not in R.BUILTIN:  # a reward of your own that another test registered
+                continue
             value = fn(text, example)
             assert type(value) is float and math.isfinite(value), name
 
