@@ -50,7 +50,6 @@ import re
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -73,7 +72,7 @@ class Config:
     model: str = "tiny"            # hub name or local path; "tiny" builds a ~1M-param Llama locally
     task: Literal[tuple(data.TASKS)] = "arithmetic"  # the task (data.TASKS); gsm8k and jsonl read data_path
     data_path: str = ""            # training JSONL (or hub dataset) for gsm8k / jsonl
-    eval_data_path: str = ""       # held-out JSONL; "" holds out the first eval_size rows of data_path
+    eval_data_path: str = ""       # held-out JSONL (its first eval_size rows); "" holds out data_path's first eval_size
     template: Literal[data.TEMPLATES] = "plain"  # prompt template (R1-Zero: r1zero)
     system_prompt: Optional[str] = None  # chat: the system message; None = R1's format instruction, "" = none
     prefill: str = ""              # text the answer starts with, after the prompt (R1: "<think>"); rewards see it
@@ -165,6 +164,9 @@ class Config:
 MODEL_DEFAULTS = {"sft_steps": (150, 0), "sft_lr": (1e-3, 1e-5), "max_new_tokens": (32, 256), "lr": (3e-4, 1e-6)}
 AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "num_iterations",
                 "eval_batch_size", "save_every", "keep_checkpoints", "sft_batch_size", "max_bad_steps", "digits")
+# what a resumed checkpoint cannot honour: the model it started from, the cold start it had, its adapters
+RESUME_FIXED = ("model", "seed", "sft_steps", "sft_examples", "sft_batch_size", "sft_lr", "lora_rank", "lora_alpha",
+                "lora_dropout", "lora_target_modules")
 NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_lr", "weight_decay", "grad_clip",
                 "warmup_steps", "sft_steps", "sft_examples", "eval_size", "eval_every", "log_samples_every",
                 "ref_sync_every", "overlong_buffer", "max_prompt_tokens", "eval_k", "tis_cap", "delta",
@@ -173,7 +175,9 @@ NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "lr", "sft_l
 
 def parse_config(argv, cls=Config):
     """defaults -> --config FILE -> --key=value (or --resume=DIR: that run's config), validated."""
-    cfg = parse_args(cls, argv, "train_config.json")
+    cfg = parse_args(cls, argv, runs.saved_config, RESUME_FIXED)
+    if cfg.resume and any(arg.startswith("--out_dir=") for arg in argv) and cfg.out_dir != cfg.resume:
+        raise ConfigError("out_dir: a resumed run continues in its own directory, --resume's; leave out --out_dir")
     if cfg.resume:
         cfg.out_dir = cfg.resume
     if cfg.clip_eps_high is None:
@@ -205,6 +209,10 @@ def validate(cfg):
         (not cfg.lora_dropout or not cfg.disable_dropout, "lora_dropout: dropout needs disable_dropout=False "
                                                           "(the update would score another policy than sampled)"),
         (cfg.temperature > 0, "temperature: must be positive"),
+        (0 <= cfg.seed < 2**32, f"seed: {cfg.seed} is not in [0, 2^32 - 1]"),
+        (not runs.unwritable(cfg.out_dir), f"out_dir: {cfg.out_dir}: {runs.unwritable(cfg.out_dir)}"),
+        (not (cfg.resume and cfg.eval_only), "eval_only: evaluate a run with --model=RUN_DIR --eval_only=True, "
+                                             "not with --resume"),
         (cfg.digits <= 3, "digits: at most 3 (every pair of operands is enumerated)"),
         (0 < cfg.top_p <= 1, "top_p: must be in (0, 1]"),
         (0 < cfg.ref_sync_alpha <= 1, "ref_sync_alpha: must be in (0, 1]"),
@@ -395,6 +403,12 @@ def lr_factor(step, warmup_steps, total_steps, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 @torch.no_grad()
 def sync_reference(ref_model, model, alpha):
     """ref <- alpha * theta + (1 - alpha) * ref, parameter by parameter (alpha = 1: hard copy)."""
@@ -434,7 +448,6 @@ def sft(model, engine, examples, cfg, steps, lr, warmup_steps=0, min_lr_ratio=1.
     a non-finite gradient leaves the weights as they were. Under torchrun each rank takes its share
     of every batch. on_step(step, metrics row, optimizer) runs after each step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, steps, min_lr_ratio))
     rng = random.Random(cfg.seed)
     model.train()
     for step in range(steps):
@@ -443,10 +456,9 @@ def sft(model, engine, examples, cfg, steps, lr, warmup_steps=0, min_lr_ratio=1.
         optimizer.zero_grad(set_to_none=True)
         runs.backward(loss)
         grad_norm = runs.clip_grad_norm(model, cfg.grad_clip)
-        lr_now = scheduler.get_last_lr()[0]
+        lr_now = set_lr(optimizer, lr * lr_factor(step, warmup_steps, steps, min_lr_ratio))
         if math.isfinite(grad_norm):
             optimizer.step()
-        scheduler.step()
         row = {"step": step + 1, "loss": all_sum(loss.detach()).item(), "lr": lr_now, "grad_norm": grad_norm,
                "tokens": int(tokens)}
         if on_step:
@@ -565,8 +577,8 @@ def policy_update(engine, model, optimizer, ids, attention, num_completion, adva
 
 
 def start(cfg):
-    """Join torchrun's group, load the task, make the run directory, print (and, when training,
-    save) the resolved config, seed the random streams -> (device, train set, test set)."""
+    """Join torchrun's group, load the task, make the run directory, print the resolved config,
+    seed the random streams -> (device, train set, test set)."""
     from transformers.utils import logging
     logging.disable_progress_bar()  # one progress bar is enough: ours
     device = runs.init_distributed(cfg)
@@ -578,8 +590,7 @@ def start(cfg):
     kind = "the tiny demo" if cfg.model == "tiny" else "a pretrained model"
     marks = {k: f"  # the default for {kind}" for k, pair in MODEL_DEFAULTS.items() if getattr(cfg, k) == pair[cfg.model != "tiny"]}
     say("config:\n" + "\n".join(f"  {k} = {v!r}{marks.get(k, '')}" for k, v in dataclasses.asdict(cfg).items()))
-    if runs.main_rank() and not cfg.eval_only:  # an evaluation must not replace the config a run resumes from
-        runs.write_atomic(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    say(f"data: {len(train_set)} training questions, {len(test_set)} held out")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -660,12 +671,15 @@ def train(cfg):
     # the policy, trained in float32 whatever dtype says (AdamW's small steps would round away in
     # bf16): resumed from the latest checkpoint, or loaded (built for "tiny") and cold-started;
     # LoRA's frozen base loads in dtype and gets the adapters (fp32, peft's default)
-    if cfg.resume:
-        state, checkpoint = runs.open_resumed_run(run_dir, clean=runs.main_rank())
-    init_path = state["init_model"] if state else initial_model(cfg)
+    if cfg.resume:  # read only: the run directory changes once every check below has passed
+        state, checkpoint, note = runs.open_resumed_run(run_dir)
+        if note:
+            say(note, file=sys.stderr)
+    init_path = runs.init_model(run_dir, state) if state else initial_model(cfg)
     policy_path = checkpoint if state and not cfg.lora_rank else init_path  # LoRA: the base, then the adapter
     cold = not state and cfg.sft_steps > 0
     frozen = cfg.lora_rank and not cold  # a LoRA base that no cold start trains: in dtype
+    saved_cfg = dataclasses.asdict(cfg)  # as given, before the prompt limit is fitted to the model
     model, engine, cfg = load_policy(policy_path, cfg, device, cfg.dtype if frozen else "float32", train_set + test_set)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -683,13 +697,12 @@ def train(cfg):
         ref_model = WithoutAdapters(lora) if lora else load_reference(init_path, state, cfg, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))  # skipped steps: the schedule goes on
     train_model = torch.compile(train_model, dynamic=True) if cfg.compile else train_model
-    metrics = runs.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), cfg, fresh=not state)
     if state:
-        runs.restore_training(state, model, optimizer, scheduler)
+        runs.restore_training(state, model, optimizer)
+    runs.begin_run(run_dir, saved_cfg, (checkpoint, state["step"]) if state else None)  # every check has passed
+    log = runs.RunLog(run_dir, cfg, fresh=not state)
+    if state:
         start_step, before, (bad_steps, skipped_steps) = state["step"], state["eval_before"], state["bad_steps"]
     else:
         start_step, bad_steps, skipped_steps = 0, 0, 0
@@ -701,7 +714,7 @@ def train(cfg):
     with runs.stop_signals() as signals:
         for step in range(start_step, cfg.max_steps):
             # 1. sample G completions for each of this rank's questions
-            t0 = time.perf_counter()
+            t0 = runs.clock(device)
             examples = my_share(data.step_examples(train_set, step, cfg.prompts_per_step, cfg.seed))
             uniforms = my_share(torch.rand(cfg.prompts_per_step * G, cfg.max_new_tokens)).to(device)  # one stream, all ranks
             prompt_ids, prompt_mask, prompts_cut = data.encode_prompts(tokenizer, examples, cfg, device)
@@ -716,6 +729,7 @@ def train(cfg):
             # 2. rewards, group-relative advantages, and which completions the loss sees
             scores, failures, correct = score(texts, examples, mask.sum(1), reward_spec, cfg)
             scores, correct = gather(scores), gather(correct)  # every rank sees the whole step from here on
+            t2 = runs.clock(device)
             rewards = scores @ weights
             advantages = my_share(group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps, cfg.advantage)).to(device)
             zero_std = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1)
@@ -728,28 +742,27 @@ def train(cfg):
             C, M = completion_ids.size(1), cfg.micro_batch_size
             old_logp = engine.logprobs(ids, attention, C, cfg.temperature, train_model, M) if cfg.num_iterations > 1 else None
             ref_logp = engine.logprobs(ids, attention, C, cfg.temperature, ref_model, M) if ref_model is not None else None
-            t2 = runs.clock(device)
+            t3 = runs.clock(device)
 
-            # 4. mu policy updates on this batch, then the schedule and the reference model
+            # 4. mu policy updates on this batch at the step's learning rate, then the reference model
+            lr = set_lr(optimizer, cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
             update = policy_update(engine, train_model, optimizer, ids, attention, C, advantages, loss_mask, old_logp,
                                    ref_logp, cfg, sampler_logp)
             bad_steps, skipped_steps = (bad_steps + 1 if update[3] else 0), skipped_steps + update[3]
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
             synced = ref_model is not None and cfg.ref_sync_every > 0 and (step + 1) % cfg.ref_sync_every == 0
             if synced:
                 sync_reference(ref_model, model, cfg.ref_sync_alpha)
-            t3 = runs.clock(device)
+            t4 = runs.clock(device)
 
             # 5. log, evaluate, checkpoint
             counts = {"loss_tokens": loss_mask.sum(), "tokens": mask.sum(), "entropy": (entropies * mask).sum(),
                       "reward_errors": failures, "prompts_cut": prompts_cut, "reflecting": sum(map(R.reflects, texts))}
             row = runs.step_metrics(step + 1, rewards, scores, reward_spec, correct, zero_std, mask.sum(1), truncated,
-                                    counts, update, ref_model is not None, (t0, t1, t2, t3))
+                                    counts, update, ref_model is not None, (t0, t1, t2, t3, t4))
             row.update(lr=lr, ref_synced=synced, skipped_total=skipped_steps)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row.update({f"eval_{k}": v for k, v in evaluate(engine, test_set, cfg).items()})
-            metrics.write(row)
+            log.write(row)
             show(step + 1, cfg.max_steps, f"reward {row['reward_mean']:.2f} acc {row['accuracy']:.2f} "
                                           f"len {row['completion_len_mean']:.1f}")
             if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
@@ -758,13 +771,13 @@ def train(cfg):
                         f"(reward {rewards[g * G]:.2f}, answer {examples[g]['answer']})", file=sys.stderr)
                 samples = runs.sample_rows(step + 1, examples, texts, my_share(scores), reward_spec, my_share(rewards),
                                            advantages, mask.sum(1), truncated, G)
-                runs.append_rows(os.path.join(run_dir, "samples.jsonl"), samples)
+                log.samples(samples)
             signalled = runs.any_rank(signals)  # a signal to any rank stops them all
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signalled or bad_steps >= cfg.max_bad_steps:
-                runs.save_training(run_dir, step + 1, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints,
+                runs.save_training(run_dir, step + 1, model, tokenizer, optimizer, cfg.keep_checkpoints,
                                    ref_model if cfg.ref_sync_every > 0 else None, lora,
-                                   lora and (lambda: merged_weights(lora)), init_model=init_path,
-                                   eval_before=before, bad_steps=(bad_steps, skipped_steps), config=dataclasses.asdict(cfg))
+                                   lora and (lambda: merged_weights(lora)), **runs.init_model_fields(run_dir, init_path),
+                                   eval_before=before, bad_steps=(bad_steps, skipped_steps), config=saved_cfg)
             if signalled:
                 number = signals[0] if signals else signal.SIGTERM
                 raise Stop(f"stopped by {signal.Signals(number).name} after step {step + 1}, checkpoint saved; "
@@ -799,7 +812,10 @@ def train(cfg):
 def main(argv):
     def run():
         cfg = parse_config(argv)
-        evaluate_only(cfg) if cfg.eval_only else train(cfg)
+        if cfg.eval_only:
+            return evaluate_only(cfg)
+        with runs.interrupts_say_how_to_go_on(cfg.out_dir):
+            train(cfg)
     return runs.cli("grpo.py", run)
 
 

@@ -93,7 +93,7 @@ def sft(cfg):
     path = data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
     model, engine, cfg = grpo.load_policy(path, cfg, device, "float32", pairs)  # fp32 master weights
     before = grpo.evaluate(engine, test_set, cfg) if test_set else {}
-    metrics, show = runs.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), cfg, fresh=True), runs.Progress("sft")
+    metrics, show = runs.RunLog(cfg.out_dir, cfg, fresh=True), runs.Progress("sft")
 
     def on_step(step, row, optimizer):
         metrics.write(row)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -20,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from configurator import ConfigError
+from configurator import ConfigError, read_text
 
 # ----------------------------------------------------------------------------
 # torchrun: one process per device. Ranks split each step's groups between them and agree on
@@ -206,15 +207,14 @@ def save_model(path, model, tokenizer):
     barrier()
 
 
-def save_training(run_dir, step, model, tokenizer, optimizer, scheduler, keep, ref_model=None, adapter=None,
-                  merged=None, **fields):
+def save_training(run_dir, step, model, tokenizer, optimizer, keep, ref_model=None, adapter=None, merged=None,
+                  **fields):
     """A checkpoint of a training run after `step`: the model, and what resuming needs (optimizer,
-    schedule, random streams, a reference model that moves, and `fields`). With LoRA, `adapter`
-    (the PeftModel) is saved in adapter/ and merged() (its merged weights, built on the main rank
-    only) as the model. Every rank calls it; the main rank writes (save_checkpoint).
-    restore_training reads it back."""
-    state = {"step": step, "optimizer": full_state(model, optimizer), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), **fields}
+    random streams, a reference model that moves, and `fields`; the learning rate is a function of
+    the step). With LoRA, `adapter` (the PeftModel) is saved in adapter/ and merged() (its merged
+    weights, built on the main rank only) as the model. Every rank calls it; the main rank writes
+    (save_checkpoint). restore_training reads it back."""
+    state = {"step": step, "optimizer": full_state(model, optimizer), "rng": rng_state(), **fields}
     if ref_model is not None:
         state["ref_model"] = full_state(ref_model) or ref_model.state_dict()
     weights = full_state(model) if merged is None else None
@@ -223,10 +223,13 @@ def save_training(run_dir, step, model, tokenizer, optimizer, scheduler, keep, r
     barrier()
 
 
-def restore_training(state, model, optimizer, scheduler):
-    """Put back what save_training saved of the optimizer, the schedule and the random streams."""
+def restore_training(state, model, optimizer):
+    """Put back what save_training saved of the optimizer and the random streams. The optimizer's
+    settings stay those of this run's config (a resume may lower the lr or change the betas)."""
+    settings = [{k: group[k] for k in ("lr", "betas", "weight_decay")} for group in optimizer.param_groups]
     load_optimizer_state(model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
     restore_rng(state["rng"])
 
 
@@ -236,7 +239,7 @@ def step_metrics(step, rewards, scores, reward_spec, correct, zero_std, lengths,
     truncated, counts (sums) and update (policy_update's result): this rank's, brought together
     by one all-reduce. Quantities of the update are per loss token and update, and null when no
     update was made (no token in the loss, or a skipped step). times: the clock at the start and
-    after sampling, log-probs and the update."""
+    after each of PHASES."""
     sums, grad_norm, updates, skipped = update
     names = [*sums, *counts]
     values = [torch.as_tensor(v, dtype=torch.float32).to(lengths.device) for v in [*sums.values(), *counts.values()]]
@@ -256,8 +259,11 @@ def step_metrics(step, rewards, scores, reward_spec, correct, zero_std, lengths,
             "mismatch_abs": per_token["mismatch_abs"], "mismatch_kl": per_token["mismatch_kl"],
             "grad_norm": grad_norm, "updates": updates, "reward_errors": int(total["reward_errors"]),
             "skipped": skipped, "prompts_cut": int(total["prompts_cut"]),
-            "tokens_per_sec": total["tokens"] / (times[3] - times[0]), "t_sample": times[1] - times[0],
-            "t_logprobs": times[2] - times[1], "t_update": times[3] - times[2]}
+            "tokens_per_sec": total["tokens"] / (times[-1] - times[0]),
+            **{f"t_{phase}": end - begin for phase, begin, end in zip(PHASES, times, times[1:])}}
+
+
+PHASES = ("sample", "rewards", "logprobs", "update")  # a step's parts, timed in this order
 
 
 def mean_or_none(values):
@@ -275,14 +281,16 @@ def sample_rows(step, examples, texts, scores, reward_spec, rewards, advantages,
              "completions": [completion(i) for i in range(g * G, (g + 1) * G)]} for g, example in enumerate(examples)]
 
 
-class MetricsLog:
-    """metrics.jsonl, a JSON row per step (and Weights & Biases with cfg.wandb), on the main rank.
-    fresh: a new run starts it empty; a resumed run appends to it."""
+class RunLog:
+    """metrics.jsonl (a JSON row per step, and Weights & Biases with cfg.wandb) and samples.jsonl
+    (rows of completions), on the main rank. fresh: a new run starts both empty, whatever an
+    earlier attempt in the directory left; a resumed run appends (open_resumed_run cut them)."""
 
-    def __init__(self, path, cfg, fresh):
-        self.path, self.wandb = path, None
+    def __init__(self, run_dir, cfg, fresh):
+        (self.path, self.samples_path), self.wandb = (os.path.join(run_dir, name) for name in LOGS), None
         if main_rank() and fresh:
-            write_atomic(path, "")
+            for path in (self.path, self.samples_path):
+                write_atomic(path, "")
         if main_rank() and cfg.wandb:
             import dataclasses
             import wandb
@@ -296,19 +304,26 @@ class MetricsLog:
         if self.wandb:
             self.wandb.log(row, step=row["step"])
 
+    def samples(self, rows):
+        if main_rank():
+            with open(self.samples_path, "a") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
 
-def append_rows(path, rows):
-    """JSON lines appended to `path` by the main rank (a resumed run drops the rows past its
-    checkpoint, as for metrics.jsonl, and does those steps again)."""
-    if main_rank():
-        with open(path, "a") as f:
-            f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+LOGS = ("metrics.jsonl", "samples.jsonl")  # rows with a "step", cut back to the checkpoint on resume
 
 
 def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+CHECKPOINT = re.compile(r"checkpoint-\d{6}")  # checkpoint-STEP; with a suffix (.tmp, .damaged) it is none
+
+
+def checkpoint_names(run_dir):
+    return sorted(n for n in os.listdir(run_dir) if CHECKPOINT.fullmatch(n) and os.path.isdir(os.path.join(run_dir, n)))
 
 
 def save_checkpoint(run_dir, step, model, tokenizer, state, keep, model_state=None, adapter=None):
@@ -327,54 +342,180 @@ def save_checkpoint(run_dir, step, model, tokenizer, state, keep, model_state=No
             adapter.save_pretrained(os.path.join(tmp, "adapter"))
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         os.replace(tmp, final)
-    for file in sorted(os.listdir(final)):  # each file replaced whole: the run directory always holds one model
-        if file != "trainer_state.pt" and os.path.isfile(os.path.join(final, file)):
+    link_model(run_dir, final)
+    write_atomic(os.path.join(run_dir, "latest"), name)
+    for old in checkpoint_names(run_dir)[:-keep]:
+        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+
+
+def link_model(run_dir, checkpoint):
+    """Hard-link (or copy) the checkpoint's model files into run_dir, each replacing its old one whole."""
+    for file in sorted(os.listdir(checkpoint)):
+        if file != "trainer_state.pt" and os.path.isfile(os.path.join(checkpoint, file)):
             link = os.path.join(run_dir, file + ".tmp")
             with contextlib.suppress(FileNotFoundError):
                 os.remove(link)
             try:
-                os.link(os.path.join(final, file), link)
+                os.link(os.path.join(checkpoint, file), link)
             except OSError:  # no hard links on this file system
-                shutil.copyfile(os.path.join(final, file), link)
+                shutil.copyfile(os.path.join(checkpoint, file), link)
             os.replace(link, os.path.join(run_dir, file))
-    write_atomic(os.path.join(run_dir, "latest"), name)
-    checkpoints = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
-    for old in checkpoints[:-keep]:
-        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
 
 
-def open_resumed_run(run_dir, clean=True):
-    """(trainer state, checkpoint directory) of the latest checkpoint. With clean, what a crashed
-    run left after it is cleared away: half-written or newer checkpoints (`latest` never named
-    them) and metrics.jsonl / samples.jsonl rows past it, a torn last line included; those steps
-    are simply done again."""
-    checkpoint = latest_checkpoint(run_dir)
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
-    if clean:
-        for name in os.listdir(run_dir):
-            if name.startswith("checkpoint-") and (name.endswith(".tmp") or name > os.path.basename(checkpoint)):
-                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            path, kept = os.path.join(run_dir, name), []
-            if not os.path.isfile(path):
-                continue
-            with open(path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["step"] <= state["step"]:
-                            kept.append(line)
-                    except json.JSONDecodeError:  # the line being written when the run died
-                        break
-            write_atomic(path, "".join(kept))
-    return state, checkpoint
+def read_checkpoint(path):
+    """(the trainer state of the checkpoint at `path`, None), or (None, what is wrong with it):
+    its trainer_state.pt, config.json and every safetensors file must read."""
+    from safetensors import safe_open
+    if not os.path.isdir(path):
+        return None, "is missing"
+    weights = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files if f.endswith(".safetensors")]
+    if not weights:
+        return None, "holds no model weights"
+    try:
+        json.loads(read_text(os.path.join(path, "config.json")))
+        for file in weights:
+            with safe_open(file, "pt"):
+                pass
+    except Exception as err:  # a file missing, truncated or garbled
+        return None, f"has a damaged model ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+    try:
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    except FileNotFoundError:
+        return None, "has no trainer_state.pt"
+    except Exception:
+        return None, "has a damaged trainer_state.pt"
+    return (state, None) if isinstance(state, dict) and "step" in state else (None, "has a damaged trainer_state.pt")
 
 
-def latest_checkpoint(run_dir):
-    path = os.path.join(run_dir, "latest")
-    if not os.path.isfile(path):
-        raise ConfigError(f"resume: {run_dir} holds no checkpoint")
-    with open(path) as f:
-        return os.path.join(run_dir, f.read().strip())
+def open_resumed_run(run_dir):
+    """(trainer state, checkpoint directory, note) to resume from: the checkpoint `latest` names,
+    or when `latest` or that checkpoint is damaged or gone, the newest intact one, with a note
+    saying so in one line (else None). Reads only; commit_resume changes the directory, once every
+    other check has passed."""
+    path, names = os.path.join(run_dir, "latest"), checkpoint_names(run_dir)
+    named = read_text(path).strip() if os.path.isfile(path) else None
+    if named is None and not names:
+        raise ConfigError(f"resume: {run_dir} holds no checkpoint to resume from (a run saves one every save_every "
+                          "steps and when it stops); run it again without --resume")
+    if named is None:
+        why = f"{path} is missing"
+    elif not CHECKPOINT.fullmatch(named):
+        why = f"{path} names {named!r}, no checkpoint of this run"
+    else:
+        state, problem = read_checkpoint(os.path.join(run_dir, named))
+        if state is not None:
+            return state, os.path.join(run_dir, named), None
+        why = f"{named}, the latest checkpoint, {problem}"
+    for name in reversed(names):
+        state, _ = read_checkpoint(os.path.join(run_dir, name)) if name != named else (None, None)
+        if state is not None:
+            return state, os.path.join(run_dir, name), f"resume: {why}; resuming from {name}, the newest intact one"
+    raise ConfigError(f"resume: {why}, and {run_dir} holds no other intact checkpoint; start anew in another out_dir")
+
+
+def begin_run(run_dir, config, resumed=None):
+    """The run directory's first change, made once every check has passed: a resumed run, with
+    resumed = (its checkpoint, step), cleared back to that checkpoint (commit_resume), and the
+    config (a dict) saved as train_config.json."""
+    if main_rank():
+        if resumed:
+            commit_resume(run_dir, *resumed)
+        write_atomic(os.path.join(run_dir, "train_config.json"), json.dumps(config, indent=1))
+    barrier()
+
+
+def commit_resume(run_dir, checkpoint, step):
+    """Clear away what a crashed or damaged run left after the checkpoint it resumes from:
+    half-written checkpoints and newer ones (`latest` never named them, or they are damaged: kept
+    as NAME.damaged), rows of metrics.jsonl / samples.jsonl past `step` (a torn last line
+    included); `latest` and the run directory's model then name that checkpoint. Those steps are
+    simply done again."""
+    chosen = os.path.basename(checkpoint)
+    named = read_text(os.path.join(run_dir, "latest")).strip() if os.path.isfile(os.path.join(run_dir, "latest")) else ""
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if name.startswith("checkpoint-") and name.endswith(".tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif CHECKPOINT.fullmatch(name) and name > chosen and name == named:
+            os.replace(path, unused_name(path + ".damaged"))
+        elif CHECKPOINT.fullmatch(name) and name > chosen:
+            shutil.rmtree(path, ignore_errors=True)
+    if named != chosen:
+        link_model(run_dir, checkpoint)
+        write_atomic(os.path.join(run_dir, "latest"), chosen)
+    for name in LOGS:
+        path, kept = os.path.join(run_dir, name), []
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line.decode())
+                except (ValueError, KeyError, TypeError):  # the line being written when the run died
+                    break
+        write_atomic(path, "".join(kept))
+
+
+def init_model_fields(run_dir, path):
+    """The checkpoint's record of the model RL started from (the reference's source): its path,
+    and where it lies inside run_dir (tiny/, cold_start/) that part, so that a moved run resumes."""
+    inside = os.path.isdir(path) and not os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir)).startswith("..")
+    return {"init_model": path, "init_model_in_run": os.path.relpath(path, run_dir) if inside else None}
+
+
+def init_model(run_dir, state):
+    """The path of the model RL started from, for a run resumed from `state` (init_model_fields)."""
+    inside = state.get("init_model_in_run")
+    return os.path.join(run_dir, inside) if inside else state["init_model"]
+
+
+def unused_name(path):
+    return next(f"{path}{i or ''}" for i in range(1000) if not os.path.exists(f"{path}{i or ''}"))
+
+
+def saved_config(run_dir):
+    """(the config a run saved, the file it came from): its train_config.json, or when that is
+    damaged (not UTF-8, not JSON, no JSON object) the config its checkpoint holds, said in one line."""
+    path = os.path.join(run_dir, "train_config.json")
+    if not os.path.isdir(run_dir) or not os.path.exists(path):
+        raise ConfigError(f"resume: {path} not found")
+    try:
+        with open(path, "rb") as f:
+            saved = json.loads(f.read().decode("utf-8"))
+        problem = None if isinstance(saved, dict) else "holds no JSON object"
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    except (ValueError, RecursionError) as err:
+        problem = f"is not valid JSON ({getattr(err, 'msg', 'nested too deeply')})"
+    if problem is None:
+        return saved, path
+    try:
+        state, checkpoint, _ = open_resumed_run(run_dir)
+    except ConfigError:
+        state = None
+    if not state or not isinstance(state.get("config"), dict):
+        raise ConfigError(f"resume: {path} {problem}, and no checkpoint holds a copy; restore it or start anew")
+    say(f"resume: {path} {problem}; using the config saved in {os.path.basename(checkpoint)}", file=sys.stderr)
+    return state["config"], os.path.join(checkpoint, "trainer_state.pt")
+
+
+def unwritable(path):
+    """Why a run directory cannot be made or written at `path`, or None."""
+    existing = os.path.abspath(path)
+    while True:  # the nearest part of the path that exists
+        try:
+            os.stat(existing)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            existing = os.path.dirname(existing)
+        except OSError as err:
+            return f"{existing}: {err.strerror}"
+    if not os.path.isdir(existing):
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def rng_state():
@@ -423,8 +564,8 @@ def cli(prog, run):
         barrier()
         say(f"{prog}: {stop}", file=sys.stderr)
         return stop.exit_code
-    except KeyboardInterrupt:  # checkpoints are renamed into place whole, so the latest is intact
-        say(f"\n{prog}: interrupted; continue with --resume=OUT_DIR from its latest checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:
+        say(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
     finally:
         leave_distributed()
@@ -447,6 +588,20 @@ class Stop(Exception):
     def __init__(self, message, exit_code):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def interrupts_say_how_to_go_on(run_dir):
+    """A Ctrl-C outside the loop's own handling (loading, the cold start, evaluation) ends with a
+    line that is true of run_dir: resume from its latest checkpoint, or there is none yet.
+    Checkpoints are renamed into place whole, so the latest one is intact."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if os.path.isfile(os.path.join(run_dir, "latest")):
+            raise Stop(f"interrupted; continue with --resume={run_dir} from its latest checkpoint", 130) from None
+        raise Stop("interrupted before the first checkpoint, so nothing was saved to resume; "
+                   "run the same command again to start over", 130) from None
 
 
 @contextlib.contextmanager

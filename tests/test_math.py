@@ -158,7 +158,7 @@ def test_lengths_of_right_and_wrong_completions_by_hand():
         counts = {"loss_tokens": 0.0, "tokens": 24.0, "entropy": 0.0, "reward_errors": 0, "prompts_cut": 0, "reflecting": 0}
         return runs.step_metrics(1, torch.tensor(correct), torch.tensor(correct)[:, None], [("accuracy", 1.0)],
                                  torch.tensor(correct), torch.tensor([False, False]), torch.tensor([3, 5, 7, 9]),
-                                 torch.zeros(4, dtype=torch.bool), counts, update, False, (0.0, 1.0, 2.0, 3.0))
+                                 torch.zeros(4, dtype=torch.bool), counts, update, False, (0.0, 1.0, 1.5, 2.0, 3.0))
     mixed = row([1.0, 0.0, 1.0, 0.0])
     assert mixed["completion_len_correct"] == 5.0 and mixed["completion_len_wrong"] == 7.0
     none_right = row([0.0, 0.0, 0.0, 0.0])

@@ -19,7 +19,7 @@ from conftest import ROOT
 # a tiny run where every step has a learning signal (a length reward) and saves cheaply
 ARGS = ["--sft_steps=0", "--eval_size=0", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=12",
         "--rewards=overlong:1,format:1", "--overlong_buffer=12", "--log_samples_every=0", "--warmup_steps=0"]
-TIMINGS = {"t_sample", "t_logprobs", "t_update", "tokens_per_sec"}
+TIMINGS = {"t_sample", "t_rewards", "t_logprobs", "t_update", "tokens_per_sec"}
 
 # runs grpo.main, but SIGKILLs itself just before the Nth call of one function made after the
 # run's first checkpoint exists: a crash at an exact point of a checkpoint write
@@ -59,7 +59,7 @@ def reference(tmp_path_factory):
 
 def assert_checkpoint_loads(run):
     from transformers import AutoModelForCausalLM
-    checkpoint = runs.latest_checkpoint(str(run))
+    checkpoint = runs.open_resumed_run(str(run))[1]
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
     AutoModelForCausalLM.from_pretrained(checkpoint)
     AutoModelForCausalLM.from_pretrained(run)

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM as AutoModel
 # has groups with unequal rewards and really updates the policy
 FAST = ["--sft_steps=60", "--eval_size=16", "--prompts_per_step=4", "--group_size=4", "--max_new_tokens=20",
         "--log_samples_every=0", "--rewards=accuracy:1,format:0.5,overlong:0.5", "--overlong_buffer=16"]
-TIMINGS = {"t_sample", "t_logprobs", "t_update", "tokens_per_sec"}
+TIMINGS = {"t_sample", "t_rewards", "t_logprobs", "t_update", "tokens_per_sec"}
 ROW_KEYS = {"step", "lr", "loss", "reward_mean", "reward_std", "reward_accuracy", "reward_format", "accuracy",
             "zero_std_frac", "completion_len_mean", "completion_len_max", "truncated_frac", "kl", "clip_low_frac",
             "clip_high_frac", "entropy", "grad_norm", "updates", "reward_errors", "ref_synced", "reflection_frac"} | TIMINGS
@@ -227,16 +227,16 @@ def test_dropout_is_off_in_the_policy_by_default(tmp_path, disable):
 
 
 def test_each_phase_is_timed_after_the_device_finishes_it(tmp_path, monkeypatch):
-    """GPU kernels run asynchronously: t_sample, t_logprobs and t_update are each read by
-    runs.clock, which waits for the device (on CUDA) before reading the time."""
+    """GPU kernels run asynchronously: t_sample, t_rewards, t_logprobs and t_update are each read
+    by runs.clock, which waits for the device (on CUDA) before reading the time."""
     ticks = iter(range(10**6))
     devices = []
     monkeypatch.setattr(runs, "clock", lambda device: devices.append(device.type) or next(ticks) * 10.0)
     grpo.train(grpo.parse_config(["--sft_steps=0", "--eval_size=0", "--prompts_per_step=2", "--group_size=2",
                                   "--max_new_tokens=4", "--max_steps=2", f"--out_dir={tmp_path}"]))
     rows = metrics(tmp_path)
-    assert devices == ["cpu"] * 6                       # three phase ends per step, each through clock
-    assert all(r["t_logprobs"] == r["t_update"] == 10.0 for r in rows)
+    assert devices == ["cpu"] * 10                      # a step's start and its four phases' ends, each through clock
+    assert all(r["t_rewards"] == r["t_logprobs"] == r["t_update"] == 10.0 for r in rows)
 
 
 def test_samples_log_holds_each_question_with_its_group(tmp_path):
