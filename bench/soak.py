@@ -54,7 +54,7 @@ def main(extra):
     tenths = []
     for k in range(10):
         lo, hi = k * total // 10, (k + 1) * total // 10
-        step_s = statistics.median(r["t_sample"] + r["t_logprobs"] + r["t_update"] for r in rows[lo:hi])
+        step_s = statistics.median(r["t_sample"] + r["t_rewards"] + r["t_logprobs"] + r["t_update"] for r in rows[lo:hi])
         rss = [m for done, m in samples if lo < done <= hi]
         tenths.append((step_s, max(rss) if rss else float("nan")))
         print(f"{lo + 1:>6}-{hi:<6} {step_s:>14.4f} {tenths[-1][1]:>9.1f}")

@@ -120,9 +120,9 @@ def run_grpo(model, steps, max_new_tokens, out_dir, device, **overrides):
     assert grpo.main(argv) == 0
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [{"step_time": r["t_sample"] + r["t_logprobs"] + r["t_update"], "sample": r["t_sample"],
-             "logprobs": r["t_logprobs"], "update": r["t_update"], "reward": r["reward_mean"],
-             "tokens": r["tokens_per_sec"] * (r["t_sample"] + r["t_logprobs"] + r["t_update"])} for r in rows]
+    step_time = [r["t_sample"] + r["t_rewards"] + r["t_logprobs"] + r["t_update"] for r in rows]
+    return [{"step_time": t, "sample": r["t_sample"], "logprobs": r["t_logprobs"], "update": r["t_update"],
+             "reward": r["reward_mean"], "tokens": r["tokens_per_sec"] * t} for r, t in zip(rows, step_time)]
 
 
 def run_trl(model, steps, max_new_tokens, out_dir, device, **overrides):

@@ -365,12 +365,11 @@ def test_no_intact_checkpoint_is_one_line_and_changes_nothing(capsys, run, how):
     assert snapshot(run) == before
 
 
-def test_a_moved_run_directory_resumes(capsys, run, runs_made, tmp_path):
-    moved = tmp_path / "moved"
-    shutil.copytree(run, moved)              # the copy's models (tiny/) are its own, not the original's
-    shutil.rmtree(run)
-    assert main(capsys, f"--resume={moved}", "--max_steps=3")[0] == 0
-    assert rows(moved) == rows(runs_made / "three")
+def test_a_moved_run_directory_resumes(capsys, runs_made, tmp_path):
+    grpo.train(grpo.parse_config(ARGS + ["--max_steps=2", f"--out_dir={tmp_path / 'first'}"]))
+    os.rename(tmp_path / "first", tmp_path / "moved")      # its tiny/ moves with it
+    assert main(capsys, f"--resume={tmp_path / 'moved'}", "--max_steps=3")[0] == 0
+    assert rows(tmp_path / "moved") == rows(runs_made / "three")
 
 
 def test_no_checkpoint_at_all(capsys, tmp_path):
