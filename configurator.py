@@ -66,7 +66,8 @@ def check_key(cls, key, where=""):
     names = [f.name for f in dataclasses.fields(cls)]
     if key not in names:
         hint = difflib.get_close_matches(key, names, 1)
-        raise ConfigError(f"{where}unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        raise ConfigError(f"{where}unknown config key '{key}'"
+                          + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 
 def read_text(path):
@@ -95,16 +96,19 @@ def read_config_file(cls, path):
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node is tree.body[0]:
             continue
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
             raise ConfigError(f"{path}:{node.lineno}: only `key = value` lines are allowed")
         key, where = node.targets[0].id, f"{path}:{node.lineno}: "
         check_key(cls, key, where)
         if key in lines:
             raise ConfigError(f"{where}{key} is set twice (lines {lines[key]} and {node.lineno})")
         try:
-            values[key], lines[key] = coerce(cls, key, ast.literal_eval(node.value), from_text=False), node.lineno
+            values[key], lines[key] = (coerce(cls, key, ast.literal_eval(node.value), from_text=False),
+                                       node.lineno)
         except (ValueError, RecursionError) as err:  # a non-literal, or a ConfigError from coerce
-            raise ConfigError(where + (str(err) if isinstance(err, ConfigError) else f"{key}: not a literal")) from None
+            raise ConfigError(where + (str(err) if isinstance(err, ConfigError)
+                                       else f"{key}: not a literal")) from None
     return values
 
 
@@ -141,17 +145,28 @@ def parse_args(cls, argv, saved_config=None, fixed=()):
                 raise ConfigError(f"{source}: {err}") from None
         for key in fixed:
             if key in overrides and key in values and overrides[key] != values[key]:
-                raise ConfigError(f"{key}: the run was trained with {key}={values[key]!r}; its checkpoint cannot "
+                raise ConfigError(f"{key}: the run was trained with {key}={values[key]!r}; "
+                                  "its checkpoint cannot "
                                   f"continue with {overrides[key]!r} (start a new run in another out_dir)")
     return cls(**{**values, **overrides})
 
 
+def fields_in_order(cfg):
+    """(name, value) of every field of the dataclass instance `cfg`, its own class's first, then
+    those of the classes it gathers, in their order (the order --help shows)."""
+    names = [name for c in type(cfg).__mro__ if dataclasses.is_dataclass(c)
+             for name in vars(c).get("__annotations__", {})]
+    return [(name, getattr(cfg, name)) for name in dict.fromkeys(names)]
+
+
 def help_text(cls):
-    """Every field with its default and its comment, read from the dataclass's source."""
+    """Every field with its default and its comment, read from the dataclasses' sources: the
+    class's own fields first, then those of the classes it gathers."""
     lines = [f"usage: python {os.path.basename(sys.argv[0])} [--config FILE] [--key=value ...]", ""]
-    sources = [inspect.getsource(c).splitlines()[1:] for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c)]
+    sources = [inspect.getsource(c).splitlines()[1:] for c in cls.__mro__ if dataclasses.is_dataclass(c)]
     fields = [line.strip() for source in sources
-              for line in itertools.takewhile(lambda line: not line.strip().startswith(("def ", "@")), source)]
+              for line in itertools.takewhile(lambda line: not line.strip().startswith(("def ", "@")),
+                                              source)]
     for line in fields:  # each class's fields end where its methods begin
         if line.startswith("#"):
             lines.append(line)

@@ -1,4 +1,4 @@
-"""Prompt templates and tasks for GRPO.
+"""Tasks for GRPO: prompt templates, the tasks, tokenising, and a policy's held-out score.
 
 A task's examples are dicts with `question` (the text the template wraps) and `answer` (the
 ground truth the rewards compare against); `solution` is a worked completion in the think/answer
@@ -8,16 +8,20 @@ disjoint (train, test) lists are made, which reward judges an answer right, whet
 """
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
 import random
 import re
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 
+import runs
 from configurator import ConfigError
+from rewards import REWARDS, format_reward, safe_reward
 
 # DeepSeek-R1-Zero's template (R1 paper, Table 1); the model continues after "Assistant:".
 R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -44,7 +48,8 @@ def render_prompt(example, template, tokenizer=None, system_prompt=None, prefill
     if template == "plain":
         return question + "\n" + prefill
     system = R1_SYSTEM if system_prompt is None else system_prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    messages = (([{"role": "system", "content": system}] if system else [])
+                + [{"role": "user", "content": question}])
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
 
 
@@ -121,7 +126,8 @@ def read_jsonl(path):
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             except (ValueError, RecursionError) as err:  # a key twice; too deep; a number too long
-                raise DataError(f"{path}:{lineno}: {err if isinstance(err, ValueError) else 'nested too deeply'}") from None
+                raise DataError(f"{path}:{lineno}: "
+                                f"{err if isinstance(err, ValueError) else 'nested too deeply'}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, row
@@ -162,7 +168,8 @@ def jsonl_example(row, path, lineno):
         raise DataError(f"{path}:{lineno}: missing field 'answer'")
     number = type(answer) in (int, float) and math.isfinite(answer)
     if not (number or isinstance(answer, str) and answer.strip()):
-        raise DataError(f"{path}:{lineno}: 'answer' must be a non-empty string or a finite number, not {json.dumps(answer)}")
+        raise DataError(f"{path}:{lineno}: 'answer' must be a non-empty string or a finite number, "
+                        f"not {json.dumps(answer)}")
     example["answer"] = str(answer)
     return example
 
@@ -180,9 +187,11 @@ def hub_rows(name, split):
     import datasets
     name, _, config = name.partition(":")
     try:
-        rows = datasets.load_dataset(name, config or ("main" if name == "openai/gsm8k" else None), split=split)
+        rows = datasets.load_dataset(name, config or ("main" if name == "openai/gsm8k" else None),
+                                     split=split)
     except Exception as err:  # offline, no such dataset or split
-        raise DataError(f"{name}: cannot load split {split!r} through datasets ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{name}: cannot load split {split!r} through datasets "
+                        f"({str(err).splitlines()[0]})") from None
     return enumerate(rows, 1)
 
 
@@ -202,7 +211,8 @@ def file_task(make_example):
         if eval_data_path:
             return train, load_file(eval_data_path, make_example, split="test")[:eval_size]
         if len(train) <= eval_size:
-            raise DataError(f"{data_path}: {len(train)} examples, not enough to hold out eval_size={eval_size}")
+            raise DataError(f"{data_path}: {len(train)} examples, "
+                            f"not enough to hold out eval_size={eval_size}")
         return train[eval_size:], train[:eval_size]
     return load
 
@@ -220,12 +230,13 @@ def countdown_split(seed, data_path, eval_data_path, eval_size, digits):
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    load: object            # (seed, data_path, eval_data_path, eval_size, digits) -> (train, test) example lists
-    correct: str            # the reward of rewards.REWARDS that judges an answer right (accuracy metric, r1.py sample)
+    load: object  # (seed, data_path, eval_data_path, eval_size, digits) -> (train, test) example lists
+    correct: str  # the reward of rewards.REWARDS that judges an answer right (accuracy metric, r1.py sample)
     needs_file: bool = False  # reads data_path (and eval_data_path)
 
 
-# every task: adding one is adding a line here (and a reward to rewards.REWARDS if it judges answers its own way)
+# every task: adding one is adding a line here (and a reward to rewards.REWARDS if it judges
+# answers its own way)
 TASKS = {
     "arithmetic": Task(arithmetic_split, "accuracy"),
     "countdown": Task(countdown_split, "countdown"),
@@ -237,6 +248,30 @@ TASKS = {
 def load_task(task, seed, data_path="", eval_data_path="", eval_size=200, digits=2):
     """(train, test) example lists of a task of TASKS."""
     return TASKS[task].load(seed, data_path, eval_data_path, eval_size, digits)
+
+
+@dataclasses.dataclass
+class DataOptions:
+    # the task and its prompts (data.py)
+    task: Literal[tuple(TASKS)] = "arithmetic"  # data.TASKS; gsm8k and jsonl read data_path
+    data_path: str = ""            # training JSONL (or hub dataset) for gsm8k / jsonl
+    eval_data_path: str = ""       # held-out JSONL (its first eval_size rows); "" = data_path's first
+    digits: int = 2                # arithmetic: digits per operand
+    template: Literal[TEMPLATES] = "plain"  # prompt template (R1-Zero: r1zero)
+    system_prompt: Optional[str] = None  # chat: the system message; None = R1's instruction, "" = none
+    prefill: str = ""              # the answer's opening, after the prompt (R1: "<think>"); rewards see it
+    max_prompt_tokens: int = 0     # longer prompts keep their last tokens; 0 = context - max_new_tokens
+    prompt_overflow: Literal["truncate", "reject"] = "truncate"  # a longer prompt: cut (counted) | refused
+
+    def checks(self):
+        hub = "" if importlib.util.find_spec("datasets") else " (hub datasets need the `datasets` package)"
+        files = [(key, getattr(self, key)) for key in ("data_path", "eval_data_path") if getattr(self, key)]
+        return [(not TASKS[self.task].needs_file or self.data_path,
+                 f"data_path: task {self.task} needs a JSONL file"),
+                *[(os.path.isfile(path) or is_hub_dataset(path), f"{key}: {path}: no such file{hub}")
+                  for key, path in files],
+                (1 <= self.digits <= 3, "digits: from 1 to 3 (every pair of operands is enumerated)"),
+                (self.max_prompt_tokens >= 0, "max_prompt_tokens: must not be negative")]
 
 
 # ----------------------------------------------------------------------------
@@ -262,8 +297,18 @@ def epoch_order(seed, epoch, size):
 # the demo's model
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def initial_model(cfg):
+    """cfg.model's path; "tiny" is first built into the run directory (by the main rank)."""
+    path = os.path.join(cfg.out_dir, "tiny") if cfg.model == "tiny" else cfg.model
+    if cfg.model == "tiny" and runs.main_rank():
+        build_tiny_model(path, cfg.seed)
+    runs.barrier()
+    return path
 
 
 def build_tiny_model(path, seed, arch="llama", chat=False):
@@ -272,7 +317,8 @@ def build_tiny_model(path, seed, arch="llama", chat=False):
     chat=True the tokenizer gets a Qwen-style chat template, <|im_end|> as its EOS, and the model
     stops at <|im_end|> or <|endoftext|>, like Qwen's instruct models."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                              Qwen2ForCausalLM)
     specials = ["<pad>", "<eos>", "<unk>"] + (["<|im_start|>", "<|im_end|>", "<|endoftext|>"] if chat else [])
     tags = ["<think>", "</think>", "<answer>", "</answer>"]
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -281,7 +327,8 @@ def build_tiny_model(path, seed, arch="llama", chat=False):
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     eos = "<|im_end|>" if chat else "<eos>"
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token=eos, unk_token="<unk>",
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token=eos,
+                                        unk_token="<unk>",
                                         additional_special_tokens=specials[3:] if chat else None)
     tokenizer.add_tokens(tags)  # matched whole, before the character split
     if chat:
@@ -324,9 +371,18 @@ def encode_prompts(tokenizer, examples, cfg, device):
     return ids, mask, cut
 
 
+def completion_mask(completion_ids, eos_ids):
+    """1 for tokens up to and including each row's first EOS, 0 after it ([B, T] -> [B, T] float).
+    Only the first EOS counts, so padding after it is never mistaken for text, even when the
+    pad token is the EOS token. A row without EOS (truncated) is all ones."""
+    is_eos = torch.isin(completion_ids, eos_ids).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).float()
+
+
 def encode_completions(tokenizer, completions, device):
     """Texts -> [B, T] ids, each ending in EOS, right-padded with pad_id."""
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in completions]
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for text in completions]
     width = max(map(len, rows))
     return torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows], device=device)
 
@@ -359,6 +415,47 @@ def resolve_prompt_limit(cfg, model, tokenizer, examples):
     if cfg.prompt_overflow == "reject":  # measured exactly as encode_prompts will cut them
         for i, ids in enumerate(prompt_token_ids(tokenizer, examples, cfg)):
             if len(ids) > cfg.max_prompt_tokens:
-                raise ConfigError(f"prompt_overflow: {examples[i].get('source', f'example {i}')}: a prompt of {len(ids)} "
-                                  f"tokens, over max_prompt_tokens={cfg.max_prompt_tokens}; prompt_overflow=truncate cuts such prompts")
+                raise ConfigError(f"prompt_overflow: {examples[i].get('source', f'example {i}')}: "
+                                  f"a prompt of {len(ids)} "
+                                  f"tokens, over max_prompt_tokens={cfg.max_prompt_tokens}; "
+                                  "prompt_overflow=truncate cuts such prompts")
     return cfg
+
+
+# ----------------------------------------------------------------------------
+# how a policy does on a task's held-out questions
+
+
+def correctness(task):
+    """The reward that judges an answer right under `task` (TASKS): the `accuracy` metric."""
+    return REWARDS[TASKS[task].correct]
+
+
+@torch.no_grad()
+def evaluate(engine, examples, cfg):
+    """Held-out metrics of the policy (engine.Engine): greedy pass@1 `accuracy`, `format`
+    compliance and mean completion `length` (tokens); with eval_k > 0 also `pass_at_k` (some of k
+    samples at `temperature` is correct) and `sampled_accuracy` (the mean over those samples)."""
+    correct, k, T = correctness(cfg.task), cfg.eval_k, cfg.max_new_tokens
+    names = ["accuracy", "format", "length"] + (["pass_at_k", "sampled_accuracy"] if k else [])
+    # the same number of batches on every rank; repeats do not count
+    shard, counted = runs.padded_share(examples)
+    totals = torch.zeros(len(names))
+    for start in range(0, len(shard), cfg.eval_batch_size):
+        chunk = shard[start:start + cfg.eval_batch_size]
+        ids, mask, _ = encode_prompts(engine.tokenizer, chunk, cfg, engine.model.device)
+        out = engine.sample(ids, mask, T, temperature=0).tokens
+        texts = decode(engine.tokenizer, out, cfg.prefill)
+        row = [[safe_reward(correct, t, e)[0], format_reward(t, e)] for t, e in zip(texts, chunk)]
+        row = torch.cat([torch.tensor(row),
+                         completion_mask(out, engine.eos_ids).sum(1, keepdim=True).cpu()], 1)
+        if k:
+            uniforms = runs.my_share(torch.rand(runs.world_size() * len(chunk) * k, T)).to(ids.device)
+            out = engine.sample(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), T, cfg.temperature,
+                                cfg.top_p, uniforms).tokens
+            texts = decode(engine.tokenizer, out, cfg.prefill)
+            hits = torch.tensor([safe_reward(correct, t, chunk[i // k])[0]
+                                 for i, t in enumerate(texts)]).view(-1, k)
+            row = torch.cat([row, (hits.max(1).values > 0).float()[:, None], hits.mean(1, keepdim=True)], 1)
+        totals += row[:max(0, counted - start)].sum(0)
+    return dict(zip(names, (runs.all_sum(totals) / max(1, len(examples))).tolist()))

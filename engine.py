@@ -10,10 +10,64 @@ with one decode step that picks its own token (Llama, Qwen2, Qwen3, Mistral; com
 """
 import inspect
 import warnings
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional
 
 import torch
 
-from runs import ConfigError, every_rank_done
+import runs
+from runs import ConfigError, distribute, every_rank_done, say
+
+
+@dataclass
+class EngineOptions:
+    # the engine: precision, attention, sampling and log-prob passes (engine.py)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the policy trains in fp32 either way; bf16: compute
+    bf16: Optional[bool] = None    # bf16 autocast over fp32 weights; None = on CUDA, or with dtype=bfloat16
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # the last needs flash-attn
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    decoder: Literal["auto", "static", "hf"] = "auto"  # static: the engine's KV cache (Llama, Qwen, Mistral)
+    compile_decode: Optional[bool] = None  # torch.compile the static decode step; None = on CUDA
+    share_prompt: bool = True      # a group's G sequences share one pass over their prompt (same result)
+    disable_dropout: bool = True   # dropout off: the update sees the policy that sampled (TRL: the same)
+    compile: bool = False          # torch.compile the log-prob forward (no gain measured, ~100 s to compile)
+
+    def checks(self):
+        return [(self.dtype != "bfloat16" or self.bf16 is not False,
+                 "bf16: dtype=bfloat16 computes in bf16; bf16=False contradicts it"),
+                (self.attn_implementation != "flash_attention_2" or runs.installed("flash_attn"),
+                 "attn_implementation: flash_attention_2 needs the flash-attn package")]
+
+
+@dataclass
+class LoraOptions:
+    # LoRA (needs peft; engine.py): adapters on a frozen base
+    lora_rank: int = 0             # rank r of the adapters; 0 = train every weight (arXiv 2106.09685: 1-64)
+    lora_alpha: float = 32.0       # the adapters' update is scaled by alpha / rank (peft's default: 8)
+    lora_dropout: float = 0.0      # dropout on the adapters' input; > 0 needs disable_dropout=False
+    lora_target_modules: str = "all-linear"  # all-linear (every linear layer but the head), or q_proj,v_proj
+
+    def checks(self):
+        off = not self.lora_rank
+        return [(self.lora_rank >= 0, "lora_rank: must not be negative"),
+                (off or runs.installed("peft"), "lora_rank: LoRA needs the peft package (pip install peft)"),
+                (off or self.sharding == "ddp",
+                 "lora_rank: LoRA runs with sharding=ddp (an adapter is small)"),
+                (off or not self.ref_sync_every,
+                 "ref_sync_every: with LoRA the reference is the base model with "
+                 "adapters off, which cannot move; use 0"),
+                (self.lora_alpha > 0, "lora_alpha: must be positive"),
+                (0 <= self.lora_dropout < 1, "lora_dropout: must be in [0, 1)"),
+                (not self.lora_dropout or not self.disable_dropout,
+                 "lora_dropout: dropout needs disable_dropout=False (the update would score another policy)")]
+
+
+class Sampled(NamedTuple):
+    """Completions [B, T] (pad after each row's first stop token) with the sampler's log-prob of
+    each token and the entropy at each position, [B, T] each (mask them with completion_mask)."""
+    tokens: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
 
 
 def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
@@ -22,6 +76,8 @@ def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
     reference model) and inference. A tokenizer without a pad token pads with EOS, which is safe:
     masks count only the first EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # one progress bar is enough: ours
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
@@ -48,18 +104,21 @@ def disable_dropout(model):
     return model
 
 
-def add_lora(model, rank, alpha, dropout, target_modules, adapter=None):
+def add_lora(model, options, adapter=None):
     """LoRA adapters on `model`'s linear layers, in place (peft): the model's own forward then
     computes W x + (alpha / rank) B A x with W frozen and only A, B trainable, so the engine's
-    sampling and log-prob paths need no change. target_modules: "all-linear" (every linear layer
-    but the output head) or comma-separated module names. adapter: a saved adapter folder to go
-    on from (a resumed run). -> the PeftModel (for WithoutAdapters, saving and merged_weights)."""
+    sampling and log-prob paths need no change. options: LoraOptions (lora_target_modules:
+    "all-linear", every linear layer but the output head, or comma-separated module names).
+    adapter: a saved adapter folder to go on from (a resumed run). -> the PeftModel (for
+    WithoutAdapters, saving and merged_weights)."""
     try:
         import peft
     except ImportError:
         raise ConfigError("lora_rank: LoRA needs the peft package (pip install peft)") from None
-    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    names = options.lora_target_modules
+    targets = names if names == "all-linear" else [t.strip() for t in names.split(",")]
+    config = peft.LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha,
+                             lora_dropout=options.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft reads an attribute that transformers 5 renamed
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
         try:
@@ -68,7 +127,7 @@ def add_lora(model, rank, alpha, dropout, target_modules, adapter=None):
         except ValueError as err:  # no module of that name
             raise ConfigError(f"lora_target_modules: {str(err).strip().splitlines()[0]}") from None
     if not any(p.requires_grad for p in model.parameters()):  # never a silent run that trains nothing
-        raise ConfigError(f"lora_target_modules: {target_modules!r} leaves no trainable parameter in the model")
+        raise ConfigError(f"lora_target_modules: {names!r} leaves no trainable parameter in the model")
     return lora
 
 
@@ -90,7 +149,8 @@ def merged_weights(lora):
     """The base model's state dict under its own parameter names with every adapter folded in,
     W + (alpha / rank) B A: what plain from_pretrained loads as the adapted model."""
     base, adapter = lora.get_base_model(), lora.active_adapter
-    state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items() if ".lora_" not in key}
+    state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items()
+             if ".lora_" not in key}
     for name, module in base.named_modules():
         if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
             weight = module.base_layer.weight
@@ -142,36 +202,57 @@ class Engine:
         return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.no_grad()
-    def sample(self, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None,
-               return_stats=False):
-        """Completions [B, T] of the policy for left-padded prompts [B, P] (see `sample`); with
-        return_stats also the sampler's log-prob of each token and the entropy, [B, T] each."""
+    def sample(self, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None):
+        """Sampled completions of the policy for left-padded prompts [B, P] (see `sample`)."""
+        how = Sampling(max_new_tokens, self.eos_ids, self.pad_id, temperature, top_p, uniforms,
+                       self.share_prompt)
         self.model.eval()
         with self.autocast():
             if self.uses_static(prompt_ids.size(1) + max_new_tokens):
-                out = self.decoder.sample(prompt_ids, prompt_mask, max_new_tokens, self.eos_ids, self.pad_id,
-                                          temperature, top_p, uniforms, self.share_prompt)
-                return out if return_stats else out[0]
-            return sample(self.model, prompt_ids, prompt_mask, max_new_tokens, self.eos_ids, self.pad_id, temperature,
-                          top_p, uniforms, self.share_prompt, return_stats)
+                return self.decoder.sample(prompt_ids, prompt_mask, how)
+            return sample(self.model, prompt_ids, prompt_mask, how)
 
-    def logprobs(self, ids, attention, num_completion, temperature=1.0, model=None, micro_batch_size=None,
-                 share_prompt=None, with_entropy=False):
-        """log-probs [B, C] of the last num_completion tokens of ids [B, L] under `model` (the
-        policy when None), with gradients unless micro_batch_size is given: then without, a
-        micro-batch at a time (the old policy's and the reference's log-probs). share_prompt:
-        None = the engine's setting (see completion_logprobs). with_entropy: (log-probs, entropy
-        [B, C]), both with gradients (for an entropy bonus)."""
-        model = self.model if model is None else model
-        share = self.share_prompt if share_prompt is None else share_prompt
-        if micro_batch_size is None:
-            with self.autocast():
-                out = completion_logprobs(model, ids, attention, num_completion, temperature, share, with_entropy)
-            return out if with_entropy else out[0]
-        with torch.no_grad():
-            return torch.cat([self.logprobs(ids[i:i + micro_batch_size], attention[i:i + micro_batch_size],
-                                            num_completion, temperature, model, share_prompt=share)
-                              for i in range(0, len(ids), micro_batch_size)])
+    def logprobs(self, ids, attention, num_completion, temperature=1.0, model=None, with_entropy=False):
+        """(log-probs [B, C] of the last num_completion tokens of ids [B, L] under `model` (the
+        policy when None), with gradients; and with_entropy the entropy [B, C], else None)."""
+        with self.autocast():
+            return completion_logprobs(self.model if model is None else model, ids, attention, num_completion,
+                                       temperature, self.share_prompt, with_entropy)
+
+    @torch.no_grad()
+    def logprobs_no_grad(self, ids, attention, num_completion, temperature, model, micro_batch_size):
+        """log-probs [B, C] as `logprobs`, without gradients, a micro-batch at a time: the old
+        policy's and the reference's."""
+        return torch.cat([self.logprobs(ids[i:i + micro_batch_size], attention[i:i + micro_batch_size],
+                                        num_completion, temperature, model)[0]
+                          for i in range(0, len(ids), micro_batch_size)])
+
+
+def open_reference(path, options, device, weights=None):
+    """The frozen reference model in options.dtype (bf16 halves its memory): RL's starting point at
+    `path`, or with `weights` (a resumed run's synced copy) those; sharded as the policy is."""
+    model = load_model(path, device, options.dtype,
+                       options.attn_implementation)[0].eval().requires_grad_(False)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return distribute(model, options, device, trainable=False)
+
+
+def open_policy(path, options, device, dtype):
+    """The policy (weights in dtype) and its Engine, as `options` (EngineOptions) ask: dropout off
+    (disable_dropout), gradient checkpointing, bf16 autocast by default on CUDA and with
+    dtype=bfloat16 on any device, the static decoder compiled on CUDA. Says which sampler runs."""
+    model, tokenizer = load_model(path, device, dtype, options.attn_implementation)
+    if options.disable_dropout:
+        disable_dropout(model)
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bf16 = (device.type == "cuda" or options.dtype == "bfloat16") if options.bf16 is None else options.bf16
+    compile_decode = device.type == "cuda" if options.compile_decode is None else options.compile_decode
+    engine = Engine(model, tokenizer, bf16, options.share_prompt, options.decoder, compile_decode)
+    say("sampling: " + (f"static KV cache{', compiled' if compile_decode else ''}" if engine.decoder else
+                        f"transformers ({engine.why_not_static})"))
+    return model, engine
 
 
 # ----------------------------------------------------------------------------
@@ -214,7 +295,8 @@ def prefill_prompts(model, prompt_ids, prompt_mask, share=True):
     if cache is None:  # e.g. FalconH1 under transformers 4.x, which only fills a cache it is given
         import transformers
         raise ConfigError(f"model: {type(unwrap(model)).__name__} returns no KV cache under transformers "
-                          f"{transformers.__version__}, so it cannot be sampled here (a newer transformers may)")
+                          f"{transformers.__version__}, so it cannot be sampled here "
+                          "(a newer transformers may)")
     logits = out.logits
     if rows is not None and len(distinct) < len(prompt_ids):
         cache.batch_select_indices(rows)
@@ -227,17 +309,27 @@ def positions_of(mask):
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
+class Sampling(NamedTuple):
+    """How to sample: up to max_new_tokens tokens, a row ending at any of eos_ids [S] (then pad_id);
+    temperature 0 is greedy; the top_p nucleus; uniforms [B, max_new_tokens] in [0, 1) pick the
+    tokens (drawn when None); share_prompt: repeated prompts are prefilled once (prefill_prompts)."""
+    max_new_tokens: int
+    eos_ids: torch.Tensor
+    pad_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    uniforms: Optional[torch.Tensor] = None
+    share_prompt: bool = True
+
+
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0, uniforms=None,
-           share_prompt=True, return_stats=False):
-    """Sample completions for left-padded prompts [B, P] with a KV cache; temperature 0 is greedy.
-    uniforms [B, max_new_tokens] in [0, 1) pick the tokens (drawn here when None). Returns [B, T]
-    with T <= max_new_tokens (it stops once every row, on every rank, has an EOS); tokens after a
-    row's EOS are pad_id. share_prompt: repeated prompts are prefilled once (prefill_prompts).
-    return_stats: also the sampler's log-prob of each token and the entropy of softmax(logits /
-    temperature) at each position, both [B, T] and free here (mask them with completion_mask)."""
-    uniforms = draw_uniforms(prompt_ids, max_new_tokens, temperature) if uniforms is None else uniforms
-    logits, cache = prefill_prompts(model, prompt_ids, prompt_mask, share_prompt)
+def sample(model, prompt_ids, prompt_mask, how):
+    """Sample completions for left-padded prompts [B, P] with the model's own KV cache, as `how`
+    (Sampling) says -> Sampled, [B, T] each, T <= max_new_tokens (it stops once every row, on every
+    rank, has an EOS); the sampler's log-prob of each token and the entropy of softmax(logits /
+    temperature) at each position come free."""
+    uniforms = draw_uniforms(prompt_ids, how) if how.uniforms is None else how.uniforms
+    logits, cache = prefill_prompts(model, prompt_ids, prompt_mask, how.share_prompt)
     mask, positions = prompt_mask, positions_of(prompt_mask)
 
     def advance(token, t):  # the model's next logits after `token`, and the next pick
@@ -246,35 +338,34 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temp
         positions = positions[:, -1:] + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                        use_cache=True, **cache).logits[:, -1]
-        return pick_and_score(logits.float(), temperature, top_p, uniforms[:, t + 1])
-    first = pick_and_score(logits[:, -1].float(), temperature, top_p, uniforms[:, 0])
-    tokens, logps, entropies = decode_loop(first, advance, max_new_tokens, eos_ids, pad_id)
-    return (tokens, logps, entropies) if return_stats else tokens
+        return pick_and_score(logits.float(), how.temperature, how.top_p, uniforms[:, t + 1])
+    first = pick_and_score(logits[:, -1].float(), how.temperature, how.top_p, uniforms[:, 0])
+    return decode_loop(first, advance, how)
 
 
-def draw_uniforms(prompt_ids, max_new_tokens, temperature):
+def draw_uniforms(prompt_ids, how):
     """The uniforms [B, max_new_tokens] that pick the tokens; greedy decoding draws none (zeros),
     so that it leaves the random stream as it was."""
-    draw = torch.rand if temperature > 0 else torch.zeros
-    return draw(len(prompt_ids), max_new_tokens, device=prompt_ids.device)
+    draw = torch.rand if how.temperature > 0 else torch.zeros
+    return draw(len(prompt_ids), how.max_new_tokens, device=prompt_ids.device)
 
 
-def decode_loop(first, advance, max_new_tokens, eos_ids, pad_id):
+def decode_loop(first, advance, how):
     """The loop both sampling paths share. first: (token, log-prob, entropy), each [B], picked from
     the prompt's last logits; advance(token, t) gives the same for position t + 1. Tokens after a
     row's EOS are pad_id; it stops once every row, on every rank, has an EOS, checked every 8
-    tokens as each check waits for the device -> (tokens, log-probs, entropies), each [B, T]."""
+    tokens as each check waits for the device -> Sampled."""
     token, logp, entropy = first
     done = torch.zeros(len(token), dtype=torch.bool, device=token.device)
     tokens, logps, entropies = [], [], []
-    for t in range(max_new_tokens):
-        token = torch.where(done, pad_id, token)
+    for t in range(how.max_new_tokens):
+        token = torch.where(done, how.pad_id, token)
         tokens.append(token), logps.append(logp), entropies.append(entropy)
-        done |= torch.isin(token, eos_ids)
-        if t == max_new_tokens - 1 or (t % 8 == 7 and every_rank_done(done)):
+        done |= torch.isin(token, how.eos_ids)
+        if t == how.max_new_tokens - 1 or (t % 8 == 7 and every_rank_done(done)):
             break
         token, logp, entropy = advance(token, t)
-    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1)
+    return Sampled(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1))
 
 
 def pick_token(logits, temperature, top_p, uniform):
@@ -298,7 +389,8 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
                         with_entropy=True):
     """log pi(o_t | q, o_<t) / temperature-scaled, for the last num_completion tokens of
     input_ids [B, L] (left-padded prompt + completion) -> logp [B, C] and entropy [B, C]
-    (None unless with_entropy; both carry gradients where grad is enabled). Logits exist only at completion positions, and
+    (None unless with_entropy; both carry gradients where grad is enabled). Logits exist only at
+    completion positions, and
     log-softmax is taken a block of rows at a time (at most 2^24 logits: one row of a large
     vocabulary, a whole batch of a small one), so the full-vocabulary log-probs of a large batch
     are never held at once.
@@ -392,58 +484,66 @@ class StaticDecoder:
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
             v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
-            out = torch.nn.functional.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
+            out = torch.nn.functional.scaled_dot_product_attention(q, k_cache.to(q.dtype),
+                                                                   v_cache.to(q.dtype),
                                                                    attn_mask=mask, scale=attention.scaling,
                                                                    enable_gqa=True)
             x = x + attention.o_proj(out.transpose(1, 2).reshape(B, S, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.lm_head(self.body.norm(x[:, -1]))
 
-    def decode_step(self, token, position, key_mask, slot, caches, uniform, temperature, top_p):
+    def decode_step(self, token, position, slot, cache, uniform, pick):
         """One token for every row: the model's next-token logits after `token` [B] at `position`
-        [B], stored at cache `slot` [1] -> (next token [B], its log-prob [B] and the entropy [B]
-        of softmax(logits / temperature))."""
+        [B], stored at cache `slot` [1]; cache: (key mask [B, L], each layer's (K, V)); pick:
+        (temperature, top_p) -> (next token [B], its log-prob [B] and the entropy [B] of
+        softmax(logits / temperature))."""
+        key_mask, caches = cache
         key_mask.index_fill_(1, slot, True)
-        logits = self.forward(token[:, None], position[:, None], key_mask[:, None, None, :], caches, slot).float()
-        return pick_and_score(logits, temperature, top_p, uniform)
+        logits = self.forward(token[:, None], position[:, None], key_mask[:, None, None, :], caches,
+                              slot).float()
+        return pick_and_score(logits, *pick, uniform)
 
     @torch.no_grad()
-    def sample(self, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, top_p=1.0,
-               uniforms=None, share_prompt=True):
-        """As `sample` (same tokens for the same uniforms), plus the sampler's log-prob of each
-        sampled token -> (tokens [B, T], logp [B, T], entropy [B, T])."""
-        uniforms = draw_uniforms(prompt_ids, max_new_tokens, temperature) if uniforms is None else uniforms
-        width = -(-prompt_ids.size(1) // self.bucket) * self.bucket  # left-pad to the bucket: one compile per bucket
-        prompt_ids = torch.nn.functional.pad(prompt_ids, (width - prompt_ids.size(1), 0), value=pad_id)
+    def sample(self, prompt_ids, prompt_mask, how):
+        """As `sample` (the same tokens for the same uniforms) -> Sampled."""
+        uniforms = draw_uniforms(prompt_ids, how) if how.uniforms is None else how.uniforms
+        # left-pad to the bucket: one compile per bucket
+        width = -(-prompt_ids.size(1) // self.bucket) * self.bucket
+        prompt_ids = torch.nn.functional.pad(prompt_ids, (width - prompt_ids.size(1), 0), value=how.pad_id)
         prompt_mask = torch.nn.functional.pad(prompt_mask, (width - prompt_mask.size(1), 0))
         both = torch.cat([prompt_ids, prompt_mask], 1)
-        distinct, rows = torch.unique_consecutive(both, dim=0, return_inverse=True) if share_prompt else (both, None)
+        distinct, rows = (torch.unique_consecutive(both, dim=0, return_inverse=True) if how.share_prompt
+                          else (both, None))
         ids, mask = distinct.split(width, 1)
-        length, device = width + max_new_tokens, prompt_ids.device
+        length, device = width + how.max_new_tokens, prompt_ids.device
         caches = self.new_caches(len(ids), length, device)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        seen = (mask.bool()[:, None, :] & causal) | torch.eye(width, dtype=torch.bool, device=device)  # pads see themselves
-        seen = torch.nn.functional.pad(seen, (0, max_new_tokens))[:, None]
+        # pads see themselves
+        seen = (mask.bool()[:, None, :] & causal) | torch.eye(width, dtype=torch.bool, device=device)
+        seen = torch.nn.functional.pad(seen, (0, how.max_new_tokens))[:, None]
         slots = torch.arange(width, device=device)
         logits = self.forward(ids, positions_of(mask), seen, caches, slots).float()
         if rows is not None:
             caches, logits = [(k[rows], v[rows]) for k, v in caches], logits[rows]
-        key_mask = torch.nn.functional.pad(prompt_mask.bool(), (0, max_new_tokens))
+        key_mask = torch.nn.functional.pad(prompt_mask.bool(), (0, how.max_new_tokens))
         position = positions_of(prompt_mask)[:, -1]
 
         def advance(token, t):
             nonlocal position
             position = position + 1
             slot = torch.tensor([width + t], device=device)
-            return self.step(token, position, key_mask, slot, caches, uniforms[:, t + 1], temperature, top_p)
-        first = pick_and_score(logits, temperature, top_p, uniforms[:, 0])
-        return decode_loop(first, advance, max_new_tokens, eos_ids, pad_id)
+            return self.step(token, position, slot, (key_mask, caches), uniforms[:, t + 1],
+                             (how.temperature, how.top_p))
+        first = pick_and_score(logits, how.temperature, how.top_p, uniforms[:, 0])
+        return decode_loop(first, advance, how)
 
     def new_caches(self, rows, length, device):
         config, attention = self.model.config, self.body.layers[0].self_attn
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.model.dtype
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.model.dtype)
         shape = (rows, config.num_key_value_heads, length, attention.head_dim)
-        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        return [(torch.zeros(shape, dtype=dtype, device=device),
+                 torch.zeros(shape, dtype=dtype, device=device))
                 for _ in self.body.layers]
 
 

@@ -16,7 +16,8 @@ PANELS = [  # (title, [(metric, label)])
     ("KL to the reference", [("kl", "k3 KL")]),
     ("completion length", [("completion_len_mean", "mean tokens")]),
     ("reflection", [("reflection_frac", "share with 'wait', 'let me check', ...")]),
-    ("clipped tokens", [("clip_low_frac", "ratio < 1 - eps_low"), ("clip_high_frac", "ratio > 1 + eps_high")]),
+    ("clipped tokens", [("clip_low_frac", "ratio < 1 - eps_low"),
+                        ("clip_high_frac", "ratio > 1 + eps_high")]),
 ]
 
 
@@ -70,7 +71,8 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics", help="metrics.jsonl, or the run directory holding it")
     parser.add_argument("-o", "--output", help="PNG path (default: metrics.png beside the metrics)")
-    parser.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (default 1: raw)")
+    parser.add_argument("--smooth", type=int, default=1,
+                        help="moving-average window in steps (default 1: raw)")
     args = parser.parse_args(argv)
     path = os.path.join(args.metrics, "metrics.jsonl") if os.path.isdir(args.metrics) else args.metrics
     if not os.path.isfile(path):
@@ -85,7 +87,8 @@ def main(argv):
     if not rows:
         print(f"plot.py: error: {path}: no rows yet", file=sys.stderr)
         return 2
-    out = plot(rows, args.output or os.path.join(os.path.dirname(path), "metrics.png"), max(1, args.smooth), path)
+    out = plot(rows, args.output or os.path.join(os.path.dirname(path), "metrics.png"), max(1, args.smooth),
+               path)
     print(f"wrote {out} ({len(rows)} steps)")
     return 0
 

@@ -7,14 +7,16 @@ long chains of thought, (2) reasoning RL with GRPO (accuracy, format and languag
 rewards), (3) rejection sampling from that checkpoint, keeping correct and readable answers, and
 SFT of the base model on them, (4) RL again. R1-Zero is phase 2 alone, from the base model. Small
 models are distilled: SFT on the big model's samples. Every phase here reuses the trainer's parts:
-engine.py's sampling and log-probs, grpo.py's SFT loop (the cold start's), evaluation and the
+engine.py's sampling and log-probs, sft.py's loop (the cold start's), data.py's evaluation and the
 task's own correctness; GRPO itself (phases 2 and 4) is grpo.py.
 
 Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra ones):
-  python r1.py sft --model=M --data_path=pairs.jsonl --out_dir=runs/sft   # SFT on {"prompt", "completion"} rows
+  # SFT on {"prompt", "completion"} rows
+  python r1.py sft --model=M --data_path=pairs.jsonl --out_dir=runs/sft
   python r1.py sample --model=runs/rl --task=gsm8k --data_path=train.jsonl --output=kept.jsonl --samples=8
   python r1.py sft --model=STUDENT --data_path=kept.jsonl --out_dir=runs/student    # distillation, step 2
-  python r1.py recipe                  # CPU, about 5 minutes: R1-Zero and R1 on the tiny model, accuracy per phase
+  # CPU, about 5 minutes: R1-Zero and R1 on the tiny model, accuracy per phase
+  python r1.py recipe
 """
 import collections
 import dataclasses
@@ -29,19 +31,21 @@ import torch
 
 import data
 import grpo
-import rewards as R
 import runs
+import sft as supervised
 from configurator import ConfigError
+from engine import open_policy
+from rewards import REWARDS, safe_reward
 
 
 @dataclass
 class R1Config(grpo.Config):
     # rejection sampling (R1 phase 3) and distillation
-    output: str = ""               # sample: JSONL of kept completions, rows {"prompt", "completion", "answer", "source"}
+    output: str = ""               # sample: JSONL of kept {"prompt", "completion", "answer", "source"} rows
     samples: int = 8               # sample: completions per prompt
     sample_prompts: int = 0        # sample: prompts from the task's training split; 0 = all
-    keep_rewards: str = "format,language"  # sample: rewards a kept completion must score in full, besides being correct
-    max_repeats: int = 3           # sample: most times any 8-token span may recur (repetition loops); 0 = no check
+    keep_rewards: str = "format,language"  # sample: rewards a kept (correct) completion must score in full
+    max_repeats: int = 3           # sample: most times any 8-token span may recur (repetition); 0 = no check
 
 
 # ----------------------------------------------------------------------------
@@ -49,7 +53,7 @@ class R1Config(grpo.Config):
 
 
 def load_pairs(path, prefill=""):
-    """Rows {"prompt", "completion"} of a JSONL file as examples for grpo.sft_loss: the prompt is
+    """Rows {"prompt", "completion"} of a JSONL file as examples for sft.sft_loss: the prompt is
     the question (rendered with the student's own template, so one file serves any tokenizer) and a
     completion that starts with the student's prefill, or with the part of it that rewards see
     (which is how rejection sampling writes them), loses it: the prompt ends with the prefill."""
@@ -76,12 +80,13 @@ def held_out(cfg):
     """The task's held-out questions that an SFT run is evaluated on (a file task: eval_data_path's)."""
     if not cfg.eval_size or (data.TASKS[cfg.task].needs_file and not cfg.eval_data_path):
         return []
-    return data.load_task(cfg.task, cfg.seed, cfg.eval_data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)[1][:cfg.eval_size]
+    return data.load_task(cfg.task, cfg.seed, cfg.eval_data_path, cfg.eval_data_path, cfg.eval_size,
+                          cfg.digits)[1][:cfg.eval_size]
 
 
 def sft(cfg):
     """Fine-tune cfg.model on cfg.data_path's pairs for sft_steps batches of sft_batch_size (lr
-    sft_lr, warmup then cosine), loss on completion tokens only, with grpo.sft (the cold start's
+    sft_lr, warmup then cosine), loss on completion tokens only, with sft.sft (the cold start's
     loop); held-out accuracy of cfg.task before and after; checkpoints and metrics.jsonl as
     grpo.py writes them."""
     device = runs.init_distributed(cfg)
@@ -89,10 +94,12 @@ def sft(cfg):
     if os.path.exists(os.path.join(cfg.out_dir, "latest")):
         raise ConfigError(f"out_dir: {cfg.out_dir} already holds a run; start anew in another --out_dir")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    runs.write_atomic(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
-    path = data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny" else cfg.model
-    model, engine, cfg = grpo.load_policy(path, cfg, device, "float32", pairs)  # fp32 master weights
-    before = grpo.evaluate(engine, test_set, cfg) if test_set else {}
+    runs.write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
+    path = (data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny"
+            else cfg.model)
+    model, engine = open_policy(path, cfg, device, "float32")  # fp32 master weights
+    cfg = data.resolve_prompt_limit(cfg, model, engine.tokenizer, pairs)
+    before = data.evaluate(engine, test_set, cfg) if test_set else {}
     metrics, show = runs.RunLog(cfg.out_dir, cfg, fresh=True), runs.Progress("sft")
 
     def on_step(step, row, optimizer):
@@ -100,15 +107,18 @@ def sft(cfg):
         show(step, cfg.sft_steps, f"loss {row['loss']:.3f}")
         if step % cfg.save_every == 0 or step == cfg.sft_steps:
             state = {"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}
-            runs.save_checkpoint(cfg.out_dir, step, model, engine.tokenizer, state, cfg.keep_checkpoints)
-    grpo.sft(model, engine, pairs, cfg, cfg.sft_steps, cfg.sft_lr, cfg.warmup_steps, cfg.min_lr_ratio, on_step)
-    after = grpo.evaluate(engine, test_set, cfg) if test_set else {}
+            runs.save_checkpoint(cfg.out_dir, model, engine.tokenizer, state, cfg.keep_checkpoints)
+    lr_at = lambda step: cfg.sft_lr * runs.lr_factor(step, cfg.warmup_steps, cfg.sft_steps,  # noqa: E731
+                                                     cfg.min_lr_ratio)
+    supervised.sft(model, engine, pairs, cfg, cfg.sft_steps, lr_at, on_step)
+    after = data.evaluate(engine, test_set, cfg) if test_set else {}
     summary = {"pairs": len(pairs), "steps": cfg.sft_steps, "accuracy_before": before.get("accuracy"),
                "accuracy_after": after.get("accuracy"), "format_before": before.get("format"),
                "format_after": after.get("format"), "run_dir": os.path.abspath(cfg.out_dir)}
-    runs.write_atomic(os.path.join(cfg.out_dir, "summary.json"), json.dumps(summary, indent=1))
+    runs.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     if after:
-        print(f"sft on {len(pairs)} pairs: held-out accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%}, "
+        print(f"sft on {len(pairs)} pairs: held-out accuracy {before['accuracy']:.1%} "
+              f"-> {after['accuracy']:.1%}, "
               f"format {before['format']:.1%} -> {after['format']:.1%}")
     return summary
 
@@ -134,10 +144,10 @@ def verdict(text, example, truncated, cfg, seen):
     if cfg.max_repeats and longest_repeat(text) > cfg.max_repeats:
         return "repetition"
     context = dict(example, language=cfg.language)
-    if R.safe_reward(grpo.correctness(cfg.task), text, context)[0] < 1:
+    if safe_reward(data.correctness(cfg.task), text, context)[0] < 1:
         return "wrong"
     for name in filter(None, cfg.keep_rewards.split(",")):
-        if R.safe_reward(R.REWARDS[name], text, context)[0] < 1:
+        if safe_reward(REWARDS[name], text, context)[0] < 1:
             return name
     normalised = "".join(text.split())
     if normalised in seen:
@@ -151,9 +161,11 @@ def rejection_sample(cfg):
     pass `verdict`, write them to cfg.output (a JSONL the sft mode reads) and a per-prompt report
     beside it (OUTPUT.report.jsonl: kept / total and why the rest were rejected)."""
     device = runs.init_distributed(cfg)
-    prompts = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size, cfg.digits)[0]
+    prompts = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size,
+                             cfg.digits)[0]
     prompts = prompts[:cfg.sample_prompts or None]
-    model, engine, cfg = grpo.load_policy(cfg.model, cfg, device, cfg.dtype, prompts)
+    model, engine = open_policy(cfg.model, cfg, device, cfg.dtype)
+    cfg = data.resolve_prompt_limit(cfg, model, engine.tokenizer, prompts)
     tokenizer, k = engine.tokenizer, cfg.samples
     kept, report, reasons, show = [], [], collections.Counter(), runs.Progress("sample")
     per_batch = max(1, cfg.eval_batch_size // k)
@@ -161,7 +173,7 @@ def rejection_sample(cfg):
         chunk = prompts[start:start + per_batch]
         ids, mask, _ = data.encode_prompts(tokenizer, chunk, cfg, device)
         out = engine.sample(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), cfg.max_new_tokens,
-                            cfg.temperature, cfg.top_p)
+                            cfg.temperature, cfg.top_p).tokens
         truncated = ~torch.isin(out, engine.eos_ids).any(1)
         texts = data.decode(tokenizer, out, cfg.prefill)
         for j, example in enumerate(chunk):
@@ -170,20 +182,24 @@ def rejection_sample(cfg):
                 outcome = verdict(texts[i], example, bool(truncated[i]), cfg, seen)
                 why[outcome] += 1
                 if outcome == "kept":
-                    kept.append({"prompt": example["question"], "completion": texts[i], "answer": example["answer"],
+                    kept.append({"prompt": example["question"], "completion": texts[i],
+                                 "answer": example["answer"],
                                  "source": example.get("source", f"{cfg.task}:{start + j}")})
             reasons.update(why)
             rejected = {reason: n for reason, n in why.items() if reason != "kept"}
-            report.append({"prompt": example["question"], "kept": why["kept"], "total": k, "rejected": rejected})
-        show(min(start + per_batch, len(prompts)), len(prompts), f"kept {len(kept)}/{(start + len(chunk)) * k}")
+            report.append({"prompt": example["question"], "kept": why["kept"], "total": k,
+                           "rejected": rejected})
+        show(min(start + per_batch, len(prompts)), len(prompts),
+             f"kept {len(kept)}/{(start + len(chunk)) * k}")
     write_jsonl(cfg.output, kept)
     write_jsonl(cfg.output + ".report.jsonl", report)
     total = len(prompts) * k
     covered = sum(r["kept"] > 0 for r in report)
-    print(f"kept {len(kept)}/{total} completions ({len(kept) / max(1, total):.1%}); prompts with at least one kept: "
-          f"{covered}/{len(prompts)}; rejected: " + (", ".join(f"{n} {reason}" for reason, n in reasons.most_common()
-                                                               if reason != "kept") or "none"))
-    print(f"wrote {cfg.output} (for `r1.py sft --data_path={cfg.output}`) and {cfg.output}.report.jsonl (kept/total per prompt)")
+    print(f"kept {len(kept)}/{total} completions ({len(kept) / max(1, total):.1%}); "
+          f"prompts with at least one kept: {covered}/{len(prompts)}; rejected: "
+          + (", ".join(f"{n} {reason}" for reason, n in reasons.most_common() if reason != "kept") or "none"))
+    print(f"wrote {cfg.output} (for `r1.py sft --data_path={cfg.output}`) and "
+          f"{cfg.output}.report.jsonl (kept/total per prompt)")
     return {"kept": len(kept), "total": total, "prompts_covered": covered, "reasons": dict(reasons)}
 
 
@@ -201,13 +217,16 @@ def recipe(cfg, scale=1.0):
         raise ConfigError(f"out_dir: {root} is not empty; give the recipe a new --out_dir")
     steps = lambda n: max(2, round(n * scale))  # noqa: E731
     base = dataclasses.replace(cfg, task="arithmetic", template="plain", prefill="", log_samples_every=0,
-                               save_every=10**6, keep_checkpoints=1, eval_size=max(8, round(200 * min(1.0, 4 * scale))))
+                               save_every=10**6, keep_checkpoints=1,
+                               eval_size=max(8, round(200 * min(1.0, 4 * scale))))
     train_set = data.load_task("arithmetic", cfg.seed, eval_size=base.eval_size, digits=base.digits)[0]
     results, started = [], time.time()
 
     def phase(name, summary):
-        results.append({"phase": name, "accuracy": summary["accuracy_after"], "format": summary["format_after"]})
-        print(f"\n==== {name}: held-out accuracy {results[-1]['accuracy']:.1%}, format {results[-1]['format']:.1%}\n")
+        results.append({"phase": name, "accuracy": summary["accuracy_after"],
+                        "format": summary["format_after"]})
+        print(f"\n==== {name}: held-out accuracy {results[-1]['accuracy']:.1%}, "
+              f"format {results[-1]['format']:.1%}\n")
 
     def pairs_file(name, rows):
         return write_jsonl(os.path.join(root, name), rows)
@@ -216,38 +235,44 @@ def recipe(cfg, scale=1.0):
         return sft(dataclasses.replace(base, model=model, data_path=pairs, out_dir=os.path.join(root, name),
                                        sft_steps=steps(n_steps), warmup_steps=0, **changes))
 
-    def run_rl(name, model, n_steps):  # lr 1e-4: at the demo's 3e-4 these models' KL reached ~1 in 15 steps and collapsed
-        return grpo.train(dataclasses.replace(base, model=model, out_dir=os.path.join(root, name), sft_steps=0,
-                                              max_steps=steps(n_steps), lr=1e-4))
+    # lr 1e-4: at the demo's 3e-4 these models' KL reached ~1 in 15 steps and collapsed
+    def run_rl(name, model, n_steps):
+        return grpo.train(dataclasses.replace(base, model=model, out_dir=os.path.join(root, name),
+                                              sft_steps=0, max_steps=steps(n_steps), lr=1e-4))
 
     os.makedirs(root, exist_ok=True)
     # 0. a "base model": pretrained on worked sums in plain text, it has never seen the think/answer tags
-    plain = [{"prompt": e["question"], "completion": re.sub(r"<think>(.*)</think><answer>(.*)</answer>", r"\1 so \2",
-                                                            e["solution"])} for e in train_set[:2000]]
+    plain = [{"prompt": e["question"],
+              "completion": re.sub(r"<think>(.*)</think><answer>(.*)</answer>", r"\1 so \2", e["solution"])}
+             for e in train_set[:2000]]
     phase("base model (pretrained on 2000 sums worked in plain text)",
           run_sft("base", "tiny", pairs_file("plain_sums.jsonl", plain), 200, sft_lr=1e-3))
     base_model = os.path.join(root, "base")
     # R1-Zero: GRPO from the base model, accuracy + format rewards, no SFT
     phase("R1-Zero: GRPO from the base model", run_rl("r1_zero", base_model, 300))
     # R1 phase 1: cold start on a few worked solutions in the think/answer format
-    worked = pairs_file("cold_start.jsonl", [{"prompt": e["question"], "completion": e["solution"]} for e in train_set[:100]])
+    worked = pairs_file("cold_start.jsonl", [{"prompt": e["question"], "completion": e["solution"]}
+                                             for e in train_set[:100]])
     phase("R1 1. cold start (SFT on 100 worked solutions)", run_sft("r1_cold_start", base_model, worked, 100))
     # phase 2: reasoning RL
     phase("R1 2. reasoning RL (GRPO)", run_rl("r1_rl", os.path.join(root, "r1_cold_start"), 300))
     # phase 3: rejection sampling from the RL model, then SFT of the base model on what was kept
     kept = os.path.join(root, "rejection_sampled.jsonl")
-    counts = rejection_sample(dataclasses.replace(base, model=os.path.join(root, "r1_rl"), output=kept, samples=4,
-                                                  sample_prompts=steps(800), temperature=1.0, eval_batch_size=256))
+    counts = rejection_sample(dataclasses.replace(base, model=os.path.join(root, "r1_rl"), output=kept,
+                                                  samples=4, sample_prompts=steps(800), temperature=1.0,
+                                                  eval_batch_size=256))
     if not counts["kept"]:
-        raise ConfigError("recipe: rejection sampling kept no completion: the RL model learned too little to continue")
+        raise ConfigError("recipe: rejection sampling kept no completion: "
+                          "the RL model learned too little to continue")
     phase(f"R1 3. rejection sampling ({counts['kept']}/{counts['total']} kept) + SFT of the base model",
           run_sft("r1_sft", base_model, kept, 300))
     # phase 4: RL again
     phase("R1 4. final RL (GRPO)", run_rl("r1_final", os.path.join(root, "r1_sft"), 200))
-    # distillation: the R1 model's kept samples, as text, fine-tune a Qwen2-shaped student with a chat template
+    # distillation: the R1 model's kept samples, as text, fine-tune a Qwen2-shaped student with a
+    # chat template
     teacher_kept = os.path.join(root, "distill.jsonl")
-    rejection_sample(dataclasses.replace(base, model=os.path.join(root, "r1_final"), output=teacher_kept, samples=2,
-                                         sample_prompts=steps(1500), eval_batch_size=256))
+    rejection_sample(dataclasses.replace(base, model=os.path.join(root, "r1_final"), output=teacher_kept,
+                                         samples=2, sample_prompts=steps(1500), eval_batch_size=256))
     student = data.build_tiny_model(os.path.join(root, "student_init"), cfg.seed + 1, arch="qwen2", chat=True)
     phase("distilled student (Qwen2 shape, chat template, own tokenizer)",
           run_sft("student", student, teacher_kept, 400, template="chat", system_prompt="", sft_lr=1e-3))
@@ -255,7 +280,8 @@ def recipe(cfg, scale=1.0):
     print("\n---- recipe: held-out greedy accuracy after each phase")
     for r in results:
         print(f"  {r['phase']:<70} accuracy {r['accuracy']:6.1%}  format {r['format']:6.1%}")
-    print(f"wall time {time.time() - started:.0f}s; every phase's run directory, metrics and summary under {root}")
+    print(f"wall time {time.time() - started:.0f}s; "
+          f"every phase's run directory, metrics and summary under {root}")
     return results
 
 
@@ -265,7 +291,8 @@ def recipe(cfg, scale=1.0):
 def main(argv):
     modes = {"sft": sft, "sample": rejection_sample, "recipe": recipe}
     if not argv or argv[0] not in modes:
-        print(f"usage: python r1.py {{{','.join(modes)}}} [--config FILE] [--key=value ...]   (see the docstring)",
+        print(f"usage: python r1.py {{{','.join(modes)}}} [--config FILE] [--key=value ...]"
+              "   (see the docstring)",
               file=sys.stderr)
         return 2
     mode, argv = argv[0], argv[1:]
@@ -277,14 +304,16 @@ def main(argv):
         if mode == "recipe" and not any(a.startswith("--out_dir") for a in argv):
             cfg.out_dir = "runs/r1_recipe"
         if mode == "sft" and not cfg.data_path.endswith(".jsonl"):
-            raise ConfigError("data_path: the sft mode needs a JSONL file of {\"prompt\", \"completion\"} rows")
+            raise ConfigError("data_path: the sft mode needs a JSONL file of "
+                              "{\"prompt\", \"completion\"} rows")
         if mode == "sft" and cfg.sft_steps < 1:
-            raise ConfigError("sft_steps: the sft mode needs --sft_steps=N, N >= 1 (a pretrained model's default is 0)")
+            raise ConfigError("sft_steps: the sft mode needs --sft_steps=N, N >= 1 "
+                              "(a pretrained model's default is 0)")
         if mode == "sample" and not cfg.output:
             raise ConfigError("output: the sample mode needs a file to write the kept completions to")
         for name in filter(None, cfg.keep_rewards.split(",")):
-            if name not in R.REWARDS:
-                raise ConfigError(f"keep_rewards: unknown reward {name!r} (known: {', '.join(R.REWARDS)})")
+            if name not in REWARDS:
+                raise ConfigError(f"keep_rewards: unknown reward {name!r} (known: {', '.join(REWARDS)})")
         modes[mode](cfg)
     return runs.cli("r1.py", run)
 

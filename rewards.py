@@ -5,7 +5,8 @@ eval/exec, and every function is bounded in time by the length caps below. `exam
 dict (`question`, `answer`, and for countdown `numbers` + `target`); the trainer adds
 `completion_tokens`, `max_new_tokens`, `overlong_buffer` and `language` to it.
 
-REWARDS maps the names used in the config (`rewards="accuracy:1,format:0.5"`) to the functions.
+REWARDS maps the names used in the config (`rewards="accuracy:1,format:0.5"`) to the functions;
+`score` applies them to a step's completions, each call guarded (`safe_reward`).
 """
 import ast
 import copy
@@ -19,20 +20,42 @@ import os
 import re
 import signal
 import unicodedata
+from dataclasses import dataclass
 from fractions import Fraction
+
+import torch
 
 MAX_TEXT = 20_000        # characters of a completion a reward will look at
 MAX_EXPRESSION = 200     # characters of a countdown expression
 MAX_MAGNITUDE = 10**12   # countdown intermediate values beyond this are rejected
+
+
+@dataclass
+class RewardOptions:
+    # what the rewards read besides the completion (rewards.py)
+    overlong_buffer: int = 0       # L_cache of the overlong reward (DAPO: 4096 of 20480 tokens)
+    language: str = "en"           # target script of the language reward (R1: the prompt's language)
+
+    def checks(self):  # and the spec of the core's `rewards`: its files load and its functions fit
+        try:
+            spec = parse_reward_spec(self.rewards) and ""
+        except ValueError as err:
+            spec = f"rewards: {err}"
+        return [(self.overlong_buffer >= 0, "overlong_buffer: must not be negative"),
+                (self.language in SCRIPTS, f"language: {self.language!r} is not one of {', '.join(SCRIPTS)}"),
+                (not spec, spec)]
+
 
 THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 TAG = re.compile(r"</?(think|answer)>")
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # a number as written: sign, currency, thousands commas, decimals, a mixed number ("1 1/2") or a
 # fraction, percent; the commas also take in a list ("1,2,3"), which parse_answer tells apart
-NUMBER = re.compile(r"[-−]?\$?\d[\d,]*(?:\.\d+)?(?:\s+\d+/\d+(?![\d/])|\s*/\s*\d+(?:\.\d+)?)?%?|[-−]?\.\d+%?")
+NUMBER = re.compile(r"[-−]?\$?\d[\d,]*(?:\.\d+)?(?:\s+\d+/\d+(?![\d/])|\s*/\s*\d+(?:\.\d+)?)?%?"
+                    r"|[-−]?\.\d+%?")
 MAX_ANSWER = 200         # characters of a final answer the checkers read
-MAX_REWARD = 1e6         # a reward beyond ±MAX_REWARD is a failed call: rewards, their sums and variances stay finite in float32
+# a reward beyond ±MAX_REWARD is a failed call: rewards, their sums and variances stay finite in float32
+MAX_REWARD = 1e6
 
 
 # ----------------------------------------------------------------------------
@@ -77,9 +100,9 @@ def clean_answer(text):
     boxed = last_boxed(s)
     s = boxed if boxed is not None else s
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox|operatorname)\{([^{}]*)\}", r" \1 ", s)
-    for old, new in (("\\$", ""), ("$", ""), ("\\%", "%"), ("{,}", ","), ("−", "-"), ("\\left", ""), ("\\right", ""),
-                     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\!", ""), ("\\,", " "), ("\\;", " "), ("\\ ", " "),
-                     ("~", " ")):
+    for old, new in (("\\$", ""), ("$", ""), ("\\%", "%"), ("{,}", ","), ("−", "-"), ("\\left", ""),
+                     ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\!", ""), ("\\,", " "),
+                     ("\\;", " "), ("\\ ", " "), ("~", " ")):
         s = s.replace(old, new)
     s = re.sub(r"</?[A-Za-z]+>", " ", s.rpartition("=")[2])  # and stray tags
     s = re.sub(r"(?<![\\A-Za-z])[A-Za-z]{2,}\b", " ", s)  # words, not \commands
@@ -98,7 +121,8 @@ def parse_number(text):
     if "," in s and not re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         return None  # commas that do not group thousands: a list, not one number
     s = re.sub(r"^-\s+", "-", re.sub(r"\s*/\s*", "/", s)).replace(",", "")
-    if len(s) > 40 or not re.fullmatch(r"-?(\d+\.?\d*|\.\d+)(/(\d+\.?\d*|\.\d+))?", s):  # "8 5" is no number; "1e999999" no
+    # "8 5" is no number; "1e999999" no
+    if len(s) > 40 or not re.fullmatch(r"-?(\d+\.?\d*|\.\d+)(/(\d+\.?\d*|\.\d+))?", s):
         return None
     try:
         if "/" in s:
@@ -221,7 +245,8 @@ def accuracy_reward(completion, example):
     math-verify when installed, else the built-in parser: `1,234` = 1234, `$18.00` = 18, `50%` =
     50, `3/4` = 0.75, `\\frac{1}{2}`, `1 1/2` = 3/2, `1,2,3` a list), else 0.0."""
     answer = extract_answer(completion)
-    return 1.0 if answer is not None and answers_match(str(example["answer"]).strip(), answer.strip()) else 0.0
+    return (1.0 if answer is not None and answers_match(str(example["answer"]).strip(), answer.strip())
+            else 0.0)
 
 
 def evaluate_arithmetic(expression):
@@ -274,7 +299,8 @@ def countdown_reward(completion, example):
         return 0.0
 
 
-SCRIPTS = {"en": ("LATIN",), "zh": ("CJK",), "ru": ("CYRILLIC",), "ar": ("ARABIC",), "ja": ("HIRAGANA", "KATAKANA", "CJK")}
+SCRIPTS = {"en": ("LATIN",), "zh": ("CJK",), "ru": ("CYRILLIC",), "ar": ("ARABIC",),
+           "ja": ("HIRAGANA", "KATAKANA", "CJK")}
 
 
 def language_reward(completion, example):
@@ -310,7 +336,8 @@ def overlong_reward(completion, example):
 
 # phrases with which a model re-examines its own reasoning (R1 paper: "wait, wait. that's an aha moment")
 REFLECTION = re.compile(r"\b(wait|hmm|let me (re-?check|check|verify|double-check|re-?evaluate|reconsider)|"
-                        r"double-check|re-?check|on second thought|alternatively|i made a mistake|that's not right)\b",
+                        r"double-check|re-?check|on second thought|alternatively|i made a mistake|"
+                        r"that's not right)\b",
                         re.IGNORECASE)
 
 
@@ -341,7 +368,8 @@ def parse_reward_spec(spec):
     pairs = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         fields = part.split(":")
-        custom = len(fields) == 3 or (len(fields) == 2 and fields[0] not in REWARDS and not is_number(fields[1]))
+        custom = len(fields) == 3 or (len(fields) == 2 and fields[0] not in REWARDS
+                                      and not is_number(fields[1]))
         name, weight = (":".join(fields[:2]), fields[2:]) if custom else (fields[0], fields[1:])
         weight = weight[0] if weight else ""
         if custom and name not in REWARDS:
@@ -394,7 +422,8 @@ def load_reward(source, function):
     try:
         inspect.signature(fn).bind("completion", {})
     except TypeError:
-        raise ValueError(f"{source}:{function} must take (completion, example); it takes {inspect.signature(fn)}") from None
+        raise ValueError(f"{source}:{function} must take (completion, example); "
+                         f"it takes {inspect.signature(fn)}") from None
     except ValueError:  # no signature to read (a builtin): its calls are guarded all the same
         pass
     return fn
@@ -410,9 +439,27 @@ def safe_reward(fn, completion, example):
         if isinstance(value, numbers.Real) and abs(value) <= MAX_REWARD:  # False for NaN
             return float(value), False
     except KeyboardInterrupt:
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_DFL:  # SIG_DFL: a SIGINT already asked the run to stop
+        # SIG_DFL: a SIGINT already asked the run to stop
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_DFL:
             signal.raise_signal(signal.SIGINT)
     except BaseException:
         pass
     return 0.0, True
 
+
+
+def score(texts, examples, lengths, spec, correct, shared):
+    """Rewards [N, K] of completion i (of question examples[i // G], G = N / len(examples)) under
+    each of the K (name, weight) pairs of spec; a reward that fails scores 0 and is counted. Also
+    correct(...) [N], the task's own judgement. Each call's example holds the question's fields,
+    `completion_tokens` (lengths[i]) and `shared` (language, max_new_tokens, overlong_buffer).
+    -> (scores, failed calls, correct)."""
+    G = len(texts) // len(examples)
+    scores, failures, right = torch.zeros(len(texts), len(spec)), 0, torch.zeros(len(texts))
+    for i, text in enumerate(texts):
+        context = dict(examples[i // G], completion_tokens=int(lengths[i]), **shared)
+        for j, (name, _) in enumerate(spec):
+            scores[i, j], failed = safe_reward(REWARDS[name], text, context)
+            failures += failed
+        right[i] = safe_reward(correct, text, context)[0]
+    return scores, failures, right

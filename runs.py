@@ -17,11 +17,37 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from configurator import ConfigError, read_text
+
+
+@dataclass
+class RunOptions:
+    # the run: device, sharding, checkpoints, logging (runs.py)
+    device: str = "auto"           # auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU)
+    sharding: Literal["ddp", "fsdp"] = "ddp"  # torchrun: ddp, a copy per rank; fsdp shards weights and Adam
+    save_every: int = 400          # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2      # checkpoints kept on disk
+    max_bad_steps: int = 10        # stop after this many consecutive steps with a non-finite loss/gradient
+    wandb: bool = False            # log to Weights & Biases (needs the package)
+
+    def checks(self):
+        gpus, cuda = cuda_devices(), re.fullmatch(r"cuda(:\d+)?", self.device)
+        return [*[(getattr(self, k) >= 1, f"{k}: must be at least 1")
+                  for k in ("save_every", "keep_checkpoints", "max_bad_steps")],
+                (self.device in ("auto", "cpu") or cuda,
+                 f"device: {self.device!r} is not auto, cpu or cuda[:N]"),
+                (not cuda or gpus > int(self.device.partition(":")[2] or 0),
+                 f"device: {self.device!r}, but "
+                 + (f"this machine has {gpus} CUDA device(s)" if gpus else
+                    "torch sees no CUDA device here (a CPU build, or no GPU); use --device=cpu")),
+                (not self.wandb or installed("wandb"), "wandb: the wandb package is not installed"),
+                (not unwritable(self.out_dir), f"out_dir: {self.out_dir}: {unwritable(self.out_dir)}")]
 
 # ----------------------------------------------------------------------------
 # torchrun: one process per device. Ranks split each step's groups between them and agree on
@@ -30,8 +56,9 @@ from configurator import ConfigError, read_text
 
 def init_distributed(cfg):
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) -> this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if world_size_asked() == 1:
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                            else cfg.device)
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
@@ -51,6 +78,11 @@ def rank_and_world():
 
 def world_size():
     return rank_and_world()[1]
+
+
+def world_size_asked():
+    """The number of ranks torchrun starts (before the group is joined): 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def main_rank():
@@ -126,7 +158,8 @@ def reshard(*models):
 
 
 def comm_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+            else torch.device("cpu"))
 
 
 def all_sum(tensor):
@@ -153,6 +186,21 @@ def barrier():
         dist.barrier()
 
 
+def lr_factor(step, warmup_steps, total_steps, min_ratio):
+    """Linear warmup to 1 over warmup_steps, then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer, lr):
+    """The optimizer, with every parameter group's learning rate set to lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return optimizer
+
+
 def distribute(model, cfg, device, trainable=True):
     """The module that trains: DDP around the model, or with sharding=fsdp the model itself sharded
     in place with fully_shard, a unit per decoder layer (the reference model too, trainable=False)."""
@@ -170,28 +218,33 @@ def distribute(model, cfg, device, trainable=True):
         return model
     if not trainable:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
 
 
 def full_state(model, optimizer=None):
     """The optimizer's state by parameter name, or the model's weights when FSDP shards them
     (None otherwise: save_pretrained reads the model), whole and on the CPU. Under FSDP every rank
     must call this; rank 0 gets the result."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if optimizer is not None:  # None before the first update: the call would make a zero state that counts a step
+    # None before the first update: the call would make a zero state that counts a step
+    if optimizer is not None:
         return get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else None
     if not hasattr(model, "reshard"):  # not an FSDP module
         return None
     weights = get_model_state_dict(model, options=options)
     names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    return {name: w for name, w in weights.items() if name in names}  # tied weights once, as save_pretrained does
+    # tied weights once, as save_pretrained does
+    return {name: w for name, w in weights.items() if name in names}
 
 
 def load_optimizer_state(model, optimizer, state):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     if state is not None:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=dist.is_initialized()))
+        set_optimizer_state_dict(model, optimizer, state,
+                                 options=StateDictOptions(full_state_dict=dist.is_initialized()))
 
 
 # ----------------------------------------------------------------------------
@@ -207,19 +260,22 @@ def save_model(path, model, tokenizer):
     barrier()
 
 
-def save_training(run_dir, step, model, tokenizer, optimizer, keep, ref_model=None, adapter=None, merged=None,
-                  **fields):
-    """A checkpoint of a training run after `step`: the model, and what resuming needs (optimizer,
-    random streams, a reference model that moves, and `fields`; the learning rate is a function of
-    the step). With LoRA, `adapter` (the PeftModel) is saved in adapter/ and merged() (its merged
-    weights, built on the main rank only) as the model. Every rank calls it; the main rank writes
-    (save_checkpoint). restore_training reads it back."""
-    state = {"step": step, "optimizer": full_state(model, optimizer), "rng": rng_state(), **fields}
-    if ref_model is not None:
-        state["ref_model"] = full_state(ref_model) or ref_model.state_dict()
-    weights = full_state(model) if merged is None else None
+def save_training(run, checkpoint):
+    """A checkpoint of a training run (grpo.setup's) after checkpoint["step"]: its model, the dict
+    `checkpoint` and what resuming needs besides: the optimizer, the random streams, a reference
+    that moves, the config and the model RL started from (the lr is a function of the step). With
+    LoRA the adapter is saved in adapter/ and run.merged() (its merged weights, built on the main
+    rank only) as the model. Every rank calls it; the main rank writes (save_checkpoint)."""
+    cfg, model = run.cfg, run.model
+    state = {**checkpoint, "optimizer": full_state(model, run.optimizer), "rng": rng_state(),
+             "config": run.saved_cfg, **init_model_fields(cfg.out_dir, run.init_path)}
+    if run.ref_model is not None and cfg.ref_sync_every > 0:
+        state["ref_model"] = full_state(run.ref_model) or run.ref_model.state_dict()
+    weights = full_state(model) if run.merged is None else None
     if main_rank():
-        save_checkpoint(run_dir, step, model, tokenizer, state, keep, weights if merged is None else merged(), adapter)
+        weights = weights if run.merged is None else run.merged()
+        save_checkpoint(cfg.out_dir, model, run.engine.tokenizer, state, cfg.keep_checkpoints, weights,
+                        run.lora)
     barrier()
 
 
@@ -233,32 +289,33 @@ def restore_training(state, model, optimizer):
     restore_rng(state["rng"])
 
 
-def step_metrics(step, rewards, scores, reward_spec, correct, zero_std, lengths, truncated, counts, update, with_kl,
-                 times):
-    """The metrics row of one step. rewards, scores, correct, zero_std: the whole step's; lengths,
-    truncated, counts (sums) and update (policy_update's result): this rank's, brought together
+def step_metrics(step, whole, counts, update, times):
+    """The metrics row of one step. whole: the step's rewards, scores {reward name: [N]}, correct
+    and zero_std (every rank's), and this rank's lengths and truncated (gathered here); counts
+    (sums) and update (policy_update's: its summed statistics) are this rank's, brought together
     by one all-reduce. Quantities of the update are per loss token and update, and null when no
     update was made (no token in the loss, or a skipped step). times: the clock at the start and
     after each of PHASES."""
-    sums, grad_norm, updates, skipped = update
-    names = [*sums, *counts]
-    values = [torch.as_tensor(v, dtype=torch.float32).to(lengths.device) for v in [*sums.values(), *counts.values()]]
-    total = dict(zip(names, all_sum(torch.stack(values)).tolist()))
-    lengths, truncated = gather(lengths.float()), gather(truncated.float())
-    per_token = {k: total[k] / (max(1.0, total["loss_tokens"]) * updates) if updates else None for k in sums}
+    sums, updates, device = update.sums, update.updates, whole["lengths"].device
+    values = [torch.as_tensor(v, dtype=torch.float32).to(device) for v in [*sums.values(), *counts.values()]]
+    total = dict(zip([*sums, *counts], all_sum(torch.stack(values)).tolist()))
+    lengths, truncated = gather(whole["lengths"].float()), gather(whole["truncated"].float())
+    rewards, correct = whole["rewards"], whole["correct"].to(lengths.device)
+    per_token = {k: total[k] / (max(1.0, total["loss_tokens"]) * updates) for k in sums} if updates else {}
     return {"step": step, "loss": total["loss"] / updates if updates else None,
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-            **{f"reward_{name}": scores[:, j].mean().item() for j, (name, _) in enumerate(reward_spec)},
-            "accuracy": correct.mean().item(), "zero_std_frac": zero_std.float().mean().item(),
+            **{f"reward_{name}": column.mean().item() for name, column in whole["scores"].items()},
+            "accuracy": whole["correct"].mean().item(),
+            "zero_std_frac": whole["zero_std"].float().mean().item(),
             "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
-            "completion_len_correct": mean_or_none(lengths[correct.to(lengths.device) > 0]),
-            "completion_len_wrong": mean_or_none(lengths[correct.to(lengths.device) <= 0]),
+            "completion_len_correct": mean_or_none(lengths[correct > 0]),
+            "completion_len_wrong": mean_or_none(lengths[correct <= 0]),
             "truncated_frac": truncated.mean().item(), "reflection_frac": total["reflecting"] / len(rewards),
-            "kl": per_token["kl"] if with_kl else None, "clip_low_frac": per_token["clip_low"],
-            "clip_high_frac": per_token["clip_high"], "entropy": total["entropy"] / total["tokens"],
-            "mismatch_abs": per_token["mismatch_abs"], "mismatch_kl": per_token["mismatch_kl"],
-            "grad_norm": grad_norm, "updates": updates, "reward_errors": int(total["reward_errors"]),
-            "skipped": skipped, "prompts_cut": int(total["prompts_cut"]),
+            "kl": per_token.get("kl"), "clip_low_frac": per_token.get("clip_low"),
+            "clip_high_frac": per_token.get("clip_high"), "entropy": total["entropy"] / total["tokens"],
+            "mismatch_abs": per_token.get("mismatch_abs"), "mismatch_kl": per_token.get("mismatch_kl"),
+            "grad_norm": update.grad_norm, "updates": updates, "reward_errors": int(total["reward_errors"]),
+            "skipped": update.skipped, "prompts_cut": int(total["prompts_cut"]),
             "tokens_per_sec": total["tokens"] / (times[-1] - times[0]),
             **{f"t_{phase}": end - begin for phase, begin, end in zip(PHASES, times, times[1:])}}
 
@@ -270,15 +327,41 @@ def mean_or_none(values):
     return values.mean().item() if len(values) else None
 
 
-def sample_rows(step, examples, texts, scores, reward_spec, rewards, advantages, lengths, truncated, G):
-    """samples.jsonl rows, one per question of this rank's share of the step: its G completions
-    with each reward, the weighted total, the advantage, the length in tokens and truncation."""
-    def completion(i):
-        return {"text": texts[i], "rewards": {name: float(scores[i, j]) for j, (name, _) in enumerate(reward_spec)},
-                "reward": float(rewards[i]), "advantage": float(advantages[i]), "length": int(lengths[i]),
-                "truncated": bool(truncated[i])}
-    return [{"step": step, "prompt": example["question"], "answer": example["answer"],
-             "completions": [completion(i) for i in range(g * G, (g + 1) * G)]} for g, example in enumerate(examples)]
+def log_samples(log, step, examples, texts, whole, advantages):
+    """Two completions printed, and samples.jsonl's rows (log: RunLog): each question of this
+    rank's share of the step with its G completions, each reward (whole: as step_metrics takes
+    it), the weighted total, the advantage, the length in tokens and truncation."""
+    G, rewards = len(texts) // len(examples), my_share(whole["rewards"])
+    scores = {name: my_share(column) for name, column in whole["scores"].items()}
+    for g in range(min(2, len(examples))):
+        say(f"  [step {step}] {examples[g]['question'][:200]!r} -> {texts[g * G][:300]!r} "
+            f"(reward {rewards[g * G]:.2f}, answer {examples[g]['answer']})", file=sys.stderr)
+    completions = [{"text": text, "rewards": {name: float(column[i]) for name, column in scores.items()},
+                    "reward": float(rewards[i]), "advantage": float(advantages[i]),
+                    "length": int(whole["lengths"][i]), "truncated": bool(whole["truncated"][i])}
+                   for i, text in enumerate(texts)]
+    log.samples([{"step": step, "prompt": example["question"], "answer": example["answer"],
+                  "completions": completions[g * G:(g + 1) * G]} for g, example in enumerate(examples)])
+
+
+def summarise(cfg, before, after, questions, wall_start, rl_seconds):
+    """summary.json (held-out metrics before and after RL on `questions` questions, steps, ranks,
+    times: RL's, and the wall clock since wall_start) and the closing lines."""
+    summary = {f"{name}_{when}": metrics.get(name) for name in ("accuracy", "format", "length")
+               for when, metrics in (("before", before), ("after", after))}
+    summary.update(eval_questions=questions, steps=cfg.max_steps, ranks=world_size(), rl_seconds=rl_seconds,
+                   wall_seconds=time.time() - wall_start, run_dir=os.path.abspath(cfg.out_dir))
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    say("\n---- summary")
+    if after:
+        say(f"held-out greedy accuracy: {before['accuracy']:.1%} before RL -> {after['accuracy']:.1%} after "
+            f"{cfg.max_steps} GRPO steps ({100 * (after['accuracy'] - before['accuracy']):+.1f} points)")
+        say(f"format compliance: {before['format']:.1%} -> {after['format']:.1%}")
+    say(f"wall time {summary['wall_seconds']:.0f}s (GRPO {summary['rl_seconds']:.0f}s); run directory "
+        f"{summary['run_dir']}")
+    say("  metrics.jsonl (a row per step), summary.json, the final model: from_pretrained(run directory)")
+    barrier()  # ranks leave together: a process group torn down while another rank still uses it aborts
+    return summary
 
 
 class RunLog:
@@ -295,7 +378,8 @@ class RunLog:
             import dataclasses
             import wandb
             self.wandb = wandb
-            wandb.init(project="grpo", name=os.path.basename(os.path.abspath(cfg.out_dir)), config=dataclasses.asdict(cfg))
+            wandb.init(project="grpo", name=os.path.basename(os.path.abspath(cfg.out_dir)),
+                       config=dataclasses.asdict(cfg))
 
     def write(self, row):
         if main_rank():
@@ -313,6 +397,12 @@ class RunLog:
 LOGS = ("metrics.jsonl", "samples.jsonl")  # rows with a "step", cut back to the checkpoint on resume
 
 
+def write_json(path, value):
+    """`value` as JSON in `path`, written whole by the main rank."""
+    if main_rank():
+        write_atomic(path, json.dumps(value, indent=1))
+
+
 def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -323,16 +413,18 @@ CHECKPOINT = re.compile(r"checkpoint-\d{6}")  # checkpoint-STEP; with a suffix (
 
 
 def checkpoint_names(run_dir):
-    return sorted(n for n in os.listdir(run_dir) if CHECKPOINT.fullmatch(n) and os.path.isdir(os.path.join(run_dir, n)))
+    return sorted(n for n in os.listdir(run_dir)
+                  if CHECKPOINT.fullmatch(n) and os.path.isdir(os.path.join(run_dir, n)))
 
 
-def save_checkpoint(run_dir, step, model, tokenizer, state, keep, model_state=None, adapter=None):
-    """Write checkpoint-STEP/ (HF model + tokenizer + trainer_state.pt, and a LoRA adapter in
+def save_checkpoint(run_dir, model, tokenizer, state, keep, model_state=None, adapter=None):
+    """Write checkpoint-STEP/ (STEP: state["step"]; HF model + tokenizer + trainer_state.pt, and a
+    LoRA adapter in
     adapter/) under a temporary name and rename it; hard-link its model files into run_dir itself,
     so that from_pretrained(run_dir) loads the newest model; only then point `latest` at it, and
     prune. A crash at any moment leaves `latest` naming a complete checkpoint and run_dir holding a
     complete model. model_state: the weights to save (FSDP's gathered ones, LoRA's merged ones)."""
-    name = f"checkpoint-{step:06d}"
+    name = f"checkpoint-{state['step']:06d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
     if not os.path.isdir(final):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -368,7 +460,8 @@ def read_checkpoint(path):
     from safetensors import safe_open
     if not os.path.isdir(path):
         return None, "is missing"
-    weights = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files if f.endswith(".safetensors")]
+    weights = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+               if f.endswith(".safetensors")]
     if not weights:
         return None, "holds no model weights"
     try:
@@ -377,26 +470,27 @@ def read_checkpoint(path):
             with safe_open(file, "pt"):
                 pass
     except Exception as err:  # a file missing, truncated or garbled
-        return None, f"has a damaged model ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+        return None, (f"has a damaged model "
+                      f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})")
     try:
         state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     except FileNotFoundError:
         return None, "has no trainer_state.pt"
     except Exception:
         return None, "has a damaged trainer_state.pt"
-    return (state, None) if isinstance(state, dict) and "step" in state else (None, "has a damaged trainer_state.pt")
+    return ((state, None) if isinstance(state, dict) and "step" in state
+            else (None, "has a damaged trainer_state.pt"))
 
 
-def open_resumed_run(run_dir):
-    """(trainer state, checkpoint directory, note) to resume from: the checkpoint `latest` names,
-    or when `latest` or that checkpoint is damaged or gone, the newest intact one, with a note
-    saying so in one line (else None). Reads only; commit_resume changes the directory, once every
-    other check has passed."""
+def open_resumed_run(run_dir, quiet=False):
+    """(trainer state, checkpoint directory) to resume from: the checkpoint `latest` names, or when
+    `latest` or that checkpoint is damaged or gone, the newest intact one, said in one line (unless
+    quiet). Reads only; commit_resume changes the directory, once every other check has passed."""
     path, names = os.path.join(run_dir, "latest"), checkpoint_names(run_dir)
     named = read_text(path).strip() if os.path.isfile(path) else None
     if named is None and not names:
-        raise ConfigError(f"resume: {run_dir} holds no checkpoint to resume from (a run saves one every save_every "
-                          "steps and when it stops); run it again without --resume")
+        raise ConfigError(f"resume: {run_dir} holds no checkpoint to resume from (a run saves one "
+                          "every save_every steps and when it stops); run it again without --resume")
     if named is None:
         why = f"{path} is missing"
     elif not CHECKPOINT.fullmatch(named):
@@ -404,13 +498,16 @@ def open_resumed_run(run_dir):
     else:
         state, problem = read_checkpoint(os.path.join(run_dir, named))
         if state is not None:
-            return state, os.path.join(run_dir, named), None
+            return state, os.path.join(run_dir, named)
         why = f"{named}, the latest checkpoint, {problem}"
     for name in reversed(names):
         state, _ = read_checkpoint(os.path.join(run_dir, name)) if name != named else (None, None)
         if state is not None:
-            return state, os.path.join(run_dir, name), f"resume: {why}; resuming from {name}, the newest intact one"
-    raise ConfigError(f"resume: {why}, and {run_dir} holds no other intact checkpoint; start anew in another out_dir")
+            if not quiet:
+                say(f"resume: {why}; resuming from {name}, the newest intact one", file=sys.stderr)
+            return state, os.path.join(run_dir, name)
+    raise ConfigError(f"resume: {why}, and {run_dir} holds no other intact checkpoint; "
+                      "start anew in another out_dir")
 
 
 def begin_run(run_dir, config, resumed=None):
@@ -431,7 +528,8 @@ def commit_resume(run_dir, checkpoint, step):
     included); `latest` and the run directory's model then name that checkpoint. Those steps are
     simply done again."""
     chosen = os.path.basename(checkpoint)
-    named = read_text(os.path.join(run_dir, "latest")).strip() if os.path.isfile(os.path.join(run_dir, "latest")) else ""
+    named = (read_text(os.path.join(run_dir, "latest")).strip()
+             if os.path.isfile(os.path.join(run_dir, "latest")) else "")
     for name in os.listdir(run_dir):
         path = os.path.join(run_dir, name)
         if name.startswith("checkpoint-") and name.endswith(".tmp"):
@@ -460,7 +558,8 @@ def commit_resume(run_dir, checkpoint, step):
 def init_model_fields(run_dir, path):
     """The checkpoint's record of the model RL started from (the reference's source): its path,
     and where it lies inside run_dir (tiny/, cold_start/) that part, so that a moved run resumes."""
-    inside = os.path.isdir(path) and not os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir)).startswith("..")
+    inside = os.path.isdir(path) and not os.path.relpath(os.path.abspath(path),
+                                                         os.path.abspath(run_dir)).startswith("..")
     return {"init_model": path, "init_model_in_run": os.path.relpath(path, run_dir) if inside else None}
 
 
@@ -491,12 +590,14 @@ def saved_config(run_dir):
     if problem is None:
         return saved, path
     try:
-        state, checkpoint, _ = open_resumed_run(run_dir)
+        state, checkpoint = open_resumed_run(run_dir, quiet=True)
     except ConfigError:
         state = None
     if not state or not isinstance(state.get("config"), dict):
-        raise ConfigError(f"resume: {path} {problem}, and no checkpoint holds a copy; restore it or start anew")
-    say(f"resume: {path} {problem}; using the config saved in {os.path.basename(checkpoint)}", file=sys.stderr)
+        raise ConfigError(f"resume: {path} {problem}, and no checkpoint holds a copy; "
+                          "restore it or start anew")
+    say(f"resume: {path} {problem}; using the config saved in {os.path.basename(checkpoint)}",
+        file=sys.stderr)
     return state["config"], os.path.join(checkpoint, "trainer_state.pt")
 
 
@@ -590,6 +691,18 @@ class Stop(Exception):
         self.exit_code = exit_code
 
 
+def stopped(signals, step, bad_steps, run_dir):
+    """The Stop of a run that saved a checkpoint after `step`: for the first of `signals`
+    received (any rank's: none here stands for SIGTERM), or else for bad_steps non-finite steps."""
+    if signals is not None:
+        number = signals[0] if signals else signal.SIGTERM
+        return Stop(f"stopped by {signal.Signals(number).name} after step {step}, checkpoint saved; "
+                    f"continue with --resume={run_dir}", 128 + number)
+    return Stop(f"{bad_steps} steps in a row had a non-finite loss or gradient and were skipped; "
+                f"stopped after step {step} with a checkpoint of the last good weights "
+                "(lower lr, check the rewards and data, or raise max_bad_steps)", 1)
+
+
 @contextlib.contextmanager
 def interrupts_say_how_to_go_on(run_dir):
     """A Ctrl-C outside the loop's own handling (loading, the cold start, evaluation) ends with a
@@ -599,7 +712,8 @@ def interrupts_say_how_to_go_on(run_dir):
         yield
     except KeyboardInterrupt:
         if os.path.isfile(os.path.join(run_dir, "latest")):
-            raise Stop(f"interrupted; continue with --resume={run_dir} from its latest checkpoint", 130) from None
+            raise Stop(f"interrupted; continue with --resume={run_dir} from its latest checkpoint",
+                       130) from None
         raise Stop("interrupted before the first checkpoint, so nothing was saved to resume; "
                    "run the same command again to start over", 130) from None
 
@@ -638,5 +752,5 @@ class Progress:
         elapsed = time.time() - self.started
         line = (f"{self.label} [{'#' * int(24 * done / total):<24}] {done}/{total} {text} | "
                 f"{elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s")
-        print(("\r" + line + "\033[K") if self.tty else line, end="\n" if done == total or not self.tty else "",
-              file=sys.stderr, flush=True)
+        print(("\r" + line + "\033[K") if self.tty else line,
+              end="\n" if done == total or not self.tty else "", file=sys.stderr, flush=True)

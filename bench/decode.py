@@ -39,24 +39,28 @@ def main(argv=None):
     parser.add_argument("--shapes", default="")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--group_size", type=int, default=8)
-    parser.add_argument("--compile", default="", help="also time the compiled decode step (on by default on CUDA)")
+    parser.add_argument("--compile", default="",
+                        help="also time the compiled decode step (on by default on CUDA)")
     args = parser.parse_args(argv)
     import transformers
     device = torch.device(args.device)
-    shapes = args.shapes.split(",") if args.shapes else [s for s in SHAPES if device.type == "cuda" or "0.5B" not in s]
+    shapes = (args.shapes.split(",") if args.shapes
+              else [s for s in SHAPES if device.type == "cuda" or "0.5B" not in s])
     compiled = args.compile == "1" or (args.compile == "" and device.type == "cuda")
     tokenizer = transformers.AutoTokenizer.from_pretrained(data.build_tiny_model(tempfile.mkdtemp(), 0))
     bf16 = device.type == "cuda"
     print(f"device {device}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
-    print("| model | batch x new tokens | today's path s | static cache s | ratio |" + (" compiled s | ratio |" if compiled else ""))
+    print("| model | batch x new tokens | today's path s | static cache s | ratio |"
+          + (" compiled s | ratio |" if compiled else ""))
     print("|---|---|---|---|---|" + ("---|---|" if compiled else ""))
     for name in shapes:
         kind, shape, prompts, new_tokens = SHAPES[name]
         torch.manual_seed(0)
         config = getattr(transformers, kind.replace("ForCausalLM", "Config"))(
             vocab_size=len(tokenizer), max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=len(tokenizer) + 1, bos_token_id=None, **shape)  # no EOS: every row runs the full length
+            # no EOS: every row runs the full length
+            eos_token_id=len(tokenizer) + 1, bos_token_id=None, **shape)
         model = getattr(transformers, kind)(config).to(device).eval()
         cfg = grpo.Config(template="plain", max_prompt_tokens=512)
         examples = data.load_task("arithmetic", 0)[0][:prompts]
@@ -65,12 +69,12 @@ def main(argv=None):
         never = torch.tensor([len(tokenizer) + 1], device=device)
         uniforms = torch.rand(len(ids), new_tokens, generator=torch.Generator().manual_seed(0)).to(device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-        paths = {"hf": lambda: engine.sample(model, ids, mask, new_tokens, never, tokenizer.pad_token_id, 1.0, 1.0, uniforms),
-                 "static": (lambda d: lambda: d.sample(ids, mask, new_tokens, never, tokenizer.pad_token_id, 1.0, 1.0,
-                                                        uniforms)[0])(engine.StaticDecoder(model))}
+        how = engine.Sampling(new_tokens, never, tokenizer.pad_token_id, 1.0, 1.0, uniforms)
+        paths = {"hf": lambda: engine.sample(model, ids, mask, how).tokens,
+                 "static": (lambda d: lambda: d.sample(ids, mask, how).tokens)(engine.StaticDecoder(model))}
         if compiled:
             decoder = engine.StaticDecoder(model, compile=True)
-            paths["compiled"] = lambda: decoder.sample(ids, mask, new_tokens, never, tokenizer.pad_token_id, 1.0, 1.0, uniforms)[0]
+            paths["compiled"] = lambda: decoder.sample(ids, mask, how).tokens
         times, outputs = {k: [] for k in paths}, {}
         with autocast:
             for key, fn in paths.items():  # warm-up (and compilation), reported apart

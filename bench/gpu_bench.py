@@ -31,7 +31,8 @@ import grpo  # noqa: E402
 
 SHAPES = {  # Qwen2.5-0.5B's published config, and a tiny one for smoke runs
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True),
+                         num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
+                         tie_word_embeddings=True),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -75,7 +76,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--decoder", default="auto", choices=("auto", "static", "hf"),
-                        help="sampling path (the engine's static KV cache, compiled on CUDA, or transformers')")
+                        help="sampling path (the engine's static KV cache, compiled on CUDA, "
+                             "or transformers')")
     args = parser.parse_args(argv)
     from transformers import Qwen2Config, Qwen2ForCausalLM
     device = torch.device(args.device)
@@ -84,9 +86,11 @@ def main(argv=None):
     shape = SHAPES[args.shape]
     model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=4096)).to(device)
     params = sum(p.numel() for p in model.parameters())
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    sampler = engine.Engine(model, types.SimpleNamespace(eos_token_id=0, pad_token_id=0), bf16=device.type == "cuda",
-                            decoder=args.decoder, compile_decode=device.type == "cuda")
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else contextlib.nullcontext)
+    sampler = engine.Engine(model, types.SimpleNamespace(eos_token_id=0, pad_token_id=0),
+                            bf16=device.type == "cuda", decoder=args.decoder,
+                            compile_decode=device.type == "cuda")
     vocab, hidden, layers = shape["vocab_size"], shape["hidden_size"], shape["num_hidden_layers"]
     B, P, T = args.batch, args.prompt_tokens, args.new_tokens
     prompts = torch.randint(0, vocab, (B, P), device=device)
@@ -98,14 +102,18 @@ def main(argv=None):
 
     # the floors: bytes each decode step must read; FLOPs of one update
     body = params - vocab * hidden  # tied embeddings: the table is read once per step, by the output head
-    kv_per_token = layers * 2 * shape["num_key_value_heads"] * (hidden // shape["num_attention_heads"]) * 2  # bf16 K and V
+    # bf16 K and V
+    kv_per_token = layers * 2 * shape["num_key_value_heads"] * (hidden // shape["num_attention_heads"]) * 2
     decode_bytes = sum(2 * params + B * kv_per_token * (P + t) for t in range(T))
-    forward_flops = 2 * body * B * (P + T) + 2 * vocab * hidden * B * T + layers * B * 2 * (P + T) ** 2 * hidden
-    results = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "decoder": "static" if sampler.decoder else "hf",
+    forward_flops = (2 * body * B * (P + T) + 2 * vocab * hidden * B * T
+                     + layers * B * 2 * (P + T) ** 2 * hidden)
+    results = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape,
+               "decoder": "static" if sampler.decoder else "hf",
                "parameters": params, "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "batch": B, "prompt_tokens": P, "new_tokens": T,
-               "copy_bandwidth_gb_s": bandwidth and bandwidth / 1e9, "bf16_matmul_tflop_s": flops_peak and flops_peak / 1e12}
+               "copy_bandwidth_gb_s": bandwidth and bandwidth / 1e9,
+               "bf16_matmul_tflop_s": flops_peak and flops_peak / 1e12}
     if bandwidth:
         results["sample_tokens_per_s_bound"] = B * T / (decode_bytes / bandwidth)
     print(json.dumps(results), flush=True)
@@ -127,18 +135,20 @@ def main(argv=None):
 
             def generate():
                 nonlocal completions
-                completions = sampler.sample(prompts, prompt_mask, T)
+                completions = sampler.sample(prompts, prompt_mask, T).tokens
 
             def update():
                 model.train()
                 ids = torch.cat([prompts, completions], 1)
                 optimizer.zero_grad(set_to_none=True)
-                grpo.accumulate_gradients(sampler, net, ids, torch.ones_like(ids), completions.size(1),
-                                          torch.randn(B, device=device), torch.ones_like(completions, dtype=torch.float),
-                                          None, None, cfg)
+                mask = torch.ones_like(completions, dtype=torch.float)
+                rollout = grpo.Rollout(ids, torch.ones_like(ids), torch.randn(B, device=device), mask,
+                                       None, None, torch.zeros_like(mask))
+                grpo.accumulate_gradients(sampler, net, rollout, cfg)
                 optimizer.step()
 
-            sample_s = timed(generate, device, args.repeats) if mode == "eager" or completions is None else None
+            sample_s = (timed(generate, device, args.repeats) if mode == "eager" or completions is None
+                        else None)
             update_s = timed(update, device, args.repeats)
             row.update(update_s=update_s, update_tokens_per_s=B * (P + T) / update_s)
             if flops_peak:
@@ -146,10 +156,12 @@ def main(argv=None):
         if sample_s:
             row.update(sample_s=sample_s, sample_tokens_per_s=B * T / sample_s)
             if bandwidth:
-                row["sample_frac_of_bound"] = row["sample_tokens_per_s"] / results["sample_tokens_per_s_bound"]
+                row["sample_frac_of_bound"] = (row["sample_tokens_per_s"]
+                                               / results["sample_tokens_per_s_bound"])
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         results[mode] = row
-        print(f"{mode:>10}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if v is not None), flush=True)
+        print(f"{mode:>10}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if v is not None),
+              flush=True)
     print(json.dumps(results))
     return results
 

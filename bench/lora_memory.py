@@ -8,7 +8,8 @@ Reported per run: trainable parameters; the bytes that scale with the model, cou
 gradients, AdamW's two moments, the reference copy); measured, the bytes of every tensor alive
 right after a policy update (those, plus anything else the run holds); and the peak: on CPU the peak
 resident memory less the memory after importing torch, transformers, peft and grpo (Linux
-/proc/self/status), so that both runs start from the same baseline; on CUDA the peak allocated. Full fine-tuning keeps
+/proc/self/status), so that both runs start from the same baseline; on CUDA the peak allocated.
+Full fine-tuning keeps
 fp32 weights + fp32 gradients + 2 fp32 Adam moments + a reference copy (20 bytes per parameter
 here, fp32 reference); LoRA keeps the weights once and the rest only for the adapters.
 """
@@ -86,7 +87,7 @@ def counted(model_path, lora_rank, beta):
     model = engine.load_model(model_path, "cpu")[0]
     total = sum(p.numel() for p in model.parameters())
     if lora_rank:
-        engine.add_lora(model, lora_rank, 2.0 * lora_rank, 0.0, "all-linear")
+        engine.add_lora(model, engine.LoraOptions(lora_rank, 2.0 * lora_rank))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights = sum(p.numel() for p in model.parameters())
     reference = total if beta > 0 and not lora_rank else 0
@@ -107,12 +108,13 @@ def main(argv=None):
     print(f"device {args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; model {params / 1e6:.1f}M parameters, beta 0.04, "
           f"4 prompts x 8 completions x 64 tokens, {args.steps} steps")
-    print("| run | trainable parameters | counted: weights + grads + Adam + reference | live tensors after an update "
-          "| peak (activations too) | time s |")
+    print("| run | trainable parameters | counted: weights + grads + Adam + reference "
+          "| live tensors after an update | peak (activations too) | time s |")
     print("|---|---|---|---|---|---|")
     for rank in (int(r) for r in args.ranks.split(",")):
-        run_args = [f"--model={model_path}", f"--out_dir={os.path.join(work, f'run{rank}')}", f"--device={args.device}",
-                    f"--max_steps={args.steps}", "--prompts_per_step=4", "--group_size=8", "--max_new_tokens=64",
+        run_args = [f"--model={model_path}", f"--out_dir={os.path.join(work, f'run{rank}')}",
+                    f"--device={args.device}", f"--max_steps={args.steps}", "--prompts_per_step=4",
+                    "--group_size=8", "--max_new_tokens=64",
                     "--eval_size=0", "--log_samples_every=0", "--micro_batch_size=32", "--beta=0.04",
                     "--rewards=overlong:1", "--overlong_buffer=32", "--lr=1e-4"]
         if rank:
@@ -125,8 +127,8 @@ def main(argv=None):
         live, peak = json.loads(out.stdout.split("PEAK ")[-1])
         trainable, scaled = counted(model_path, rank, 0.04)
         name = f"LoRA r={rank}, alpha={2 * rank}" if rank else "full fine-tuning"
-        print(f"| {name} | {trainable / 1e6:.2f}M | {scaled / 2**20:.0f} MiB | {live / 2**20:.0f} MiB | {peak / 2**20:.0f} MiB | "
-              f"{time.time() - start:.0f} |")
+        print(f"| {name} | {trainable / 1e6:.2f}M | {scaled / 2**20:.0f} MiB | {live / 2**20:.0f} MiB | "
+              f"{peak / 2**20:.0f} MiB | {time.time() - start:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """GRPO on a real pretrained model on a CPU: SmolLM2-135M-Instruct, held-out greedy accuracy and
 format compliance before and after, one grpo.py run per case.
 
-    python bench/real_model.py --model=$(../shared/tools/smollm2.sh)                 # every case, ~25 min on 2 cores
+    python bench/real_model.py --model=$(../shared/tools/smollm2.sh)  # every case, ~25 min on 2 cores
     python bench/real_model.py --model=PATH --cases=one_digit --seeds=0,1,2
 
 The cases (all: chat template, no cold start, beta 0, lr 1e-5, 4 questions x 6 completions per step):
@@ -24,25 +24,27 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import grpo  # noqa: E402
 
-COMMON = ["--task=arithmetic", "--template=chat", "--beta=0", "--lr=1e-5", "--warmup_steps=0", "--min_lr_ratio=1.0",
-          "--prompts_per_step=4", "--group_size=6", "--log_samples_every=0", "--save_every=1000", "--keep_checkpoints=1"]
+COMMON = ["--task=arithmetic", "--template=chat", "--beta=0", "--lr=1e-5", "--warmup_steps=0",
+          "--min_lr_ratio=1.0", "--prompts_per_step=4", "--group_size=6", "--log_samples_every=0",
+          "--save_every=1000", "--keep_checkpoints=1"]
 CASES = {
-    "one_digit": ["--digits=1", "--eval_size=30", "--system_prompt=", "--rewards=accuracy:1", "--max_new_tokens=24",
-                  "--max_steps=24"],
-    "two_digit": ["--digits=2", "--eval_size=60", "--system_prompt=", "--rewards=accuracy:1", "--max_new_tokens=24",
-                  "--max_steps=60"],
-    "r1_format": ["--digits=1", "--eval_size=30", "--prefill=<think>", "--rewards=accuracy:1,tags:0.5,format:0.5",
-                  "--max_new_tokens=64", "--max_steps=40"],
-    "plain_format": ["--digits=1", "--eval_size=30", "--prefill=<think>", "--rewards=accuracy:1,tags:0.5,format:0.5",
-                     "--max_new_tokens=64", "--max_steps=40",
-                     "--system_prompt=Think briefly inside <think> </think>, then write only the final number inside "
-                     "<answer> </answer>."],
+    "one_digit": ["--digits=1", "--eval_size=30", "--system_prompt=", "--rewards=accuracy:1",
+                  "--max_new_tokens=24", "--max_steps=24"],
+    "two_digit": ["--digits=2", "--eval_size=60", "--system_prompt=", "--rewards=accuracy:1",
+                  "--max_new_tokens=24", "--max_steps=60"],
+    "r1_format": ["--digits=1", "--eval_size=30", "--prefill=<think>",
+                  "--rewards=accuracy:1,tags:0.5,format:0.5", "--max_new_tokens=64", "--max_steps=40"],
+    "plain_format": ["--digits=1", "--eval_size=30", "--prefill=<think>",
+                     "--rewards=accuracy:1,tags:0.5,format:0.5", "--max_new_tokens=64", "--max_steps=40",
+                     "--system_prompt=Think briefly inside <think> </think>, then write only the final "
+                     "number inside <answer> </answer>."],
 }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a local Hugging Face folder (../shared/tools/smollm2.sh prints one)")
+    parser.add_argument("--model", required=True,
+                        help="a local Hugging Face folder (../shared/tools/smollm2.sh prints one)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out_dir", default="runs/real_model")
@@ -64,8 +66,8 @@ def main(argv=None):
                              "train_reward_last_5": sum(r["reward_mean"] for r in rows[-5:]) / 5})
     with open(os.path.join(args.out_dir, "real_model.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print("\n| case | seed | held-out accuracy before → after | format before → after | mean reward, first → last 5 steps "
-          "| s/step | minutes |\n|---|---|---|---|---|---|---|")
+    print("\n| case | seed | held-out accuracy before → after | format before → after "
+          "| mean reward, first → last 5 steps | s/step | minutes |\n|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['case']} | {r['seed']} | {r['accuracy_before']:.1%} → {r['accuracy_after']:.1%} "
               f"| {r['format_before']:.1%} → {r['format_after']:.1%} "

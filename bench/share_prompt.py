@@ -42,13 +42,14 @@ def main(argv=None):
     ids, mask = ids.repeat_interleave(args.group_size, 0), mask.repeat_interleave(args.group_size, 0)
     eos = engine.stop_ids(model, tokenizer)
     uniforms = torch.rand(len(ids), args.max_new_tokens, generator=torch.Generator().manual_seed(0))
-    completions = engine.sample(model, ids, mask, args.max_new_tokens, eos, tokenizer.pad_token_id, 1.0, 1.0, uniforms)
+    how = engine.Sampling(args.max_new_tokens, eos, tokenizer.pad_token_id, 1.0, 1.0, uniforms)
+    completions = engine.sample(model, ids, mask, how).tokens
     full = torch.cat([ids, completions], 1)
     attention = torch.cat([mask, torch.ones_like(completions)], 1)
     C = completions.size(1)
 
     def sampling(share):
-        engine.sample(model, ids, mask, args.max_new_tokens, eos, tokenizer.pad_token_id, 1.0, 1.0, uniforms, share)
+        engine.sample(model, ids, mask, how._replace(share_prompt=share))
 
     @torch.no_grad()
     def no_grad_pass(share):
@@ -59,10 +60,12 @@ def main(argv=None):
         engine.completion_logprobs(model, full, attention, C, 1.0, share)[0].sum().backward()
 
     print(f"{args.prompts} prompts x {args.group_size}, prompt {ids.size(1)} tokens, completions {C} tokens, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{torch.get_num_threads()} threads")
     print("| pass | share_prompt=True s | share_prompt=False s | on / off |\n|---|---|---|---|")
     results = {}
-    for name, fn in (("sampling", sampling), ("no-grad log-probs", no_grad_pass), ("update (forward + backward)", update)):
+    for name, fn in (("sampling", sampling), ("no-grad log-probs", no_grad_pass),
+                     ("update (forward + backward)", update)):
         times = {True: [], False: []}
         fn(True), fn(False)  # warm-up
         for _ in range(args.repeats):

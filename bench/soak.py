@@ -18,8 +18,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = ["--max_steps=3000", "--sft_steps=0", "--eval_size=0", "--prompts_per_step=4", "--group_size=4",
-            "--max_new_tokens=16", "--rewards=overlong:1,format:1", "--overlong_buffer=16", "--save_every=500",
-            "--log_samples_every=0"]
+            "--max_new_tokens=16", "--rewards=overlong:1,format:1", "--overlong_buffer=16",
+            "--save_every=500", "--log_samples_every=0"]
 
 
 def rss_mib(pid):
@@ -54,7 +54,8 @@ def main(extra):
     tenths = []
     for k in range(10):
         lo, hi = k * total // 10, (k + 1) * total // 10
-        step_s = statistics.median(r["t_sample"] + r["t_rewards"] + r["t_logprobs"] + r["t_update"] for r in rows[lo:hi])
+        step_s = statistics.median(r["t_sample"] + r["t_rewards"] + r["t_logprobs"] + r["t_update"]
+                                   for r in rows[lo:hi])
         rss = [m for done, m in samples if lo < done <= hi]
         tenths.append((step_s, max(rss) if rss else float("nan")))
         print(f"{lo + 1:>6}-{hi:<6} {step_s:>14.4f} {tenths[-1][1]:>9.1f}")

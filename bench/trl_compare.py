@@ -10,7 +10,8 @@ completion tokens per second, peak resident memory, and the mean reward of the l
 ratios grpo.py / TRL.
 
   pip install -r bench/requirements.txt        # TRL and its dependencies; only the benchmark needs them
-  python bench/trl_compare.py                  # small and medium, 2 rounds each (about 15 minutes on 2 CPU cores)
+  python bench/trl_compare.py                  # small and medium, 2 rounds each
+                                               # (about 15 minutes on 2 CPU cores)
   python bench/trl_compare.py --sizes=long_prompt --rounds=3
   python bench/trl_compare.py --sizes=small --rounds=3 --steps=30
   python bench/trl_compare.py --scaling        # grpo.py alone: step time against G, length and model size
@@ -55,10 +56,12 @@ SHARED = dict(
     gradient_checkpointing=False,  # TRL default True
 )
 SIZES = {"small": dict(max_new_tokens=8, overrides={}),
-         "medium": dict(max_new_tokens=128, overrides={"prompts_per_step": 4}),  # 32 completions: minutes, not hours
+         # 32 completions: minutes, not hours
+         "medium": dict(max_new_tokens=128, overrides={"prompts_per_step": 4}),
          "large": dict(max_new_tokens=128, overrides={"prompts_per_step": 4}),  # for GPUs
          # the medium model behind the R1-Zero template's instruction: a long prompt shared by each group
-         "long_prompt": dict(max_new_tokens=64, model="medium", overrides={"prompts_per_step": 4, "template": "r1zero"})}
+         "long_prompt": dict(max_new_tokens=64, model="medium",
+                             overrides={"prompts_per_step": 4, "template": "r1zero"})}
 
 
 RANDOM_SHAPES = {  # the random-weight models: a ~27M Llama, and a Qwen2.5-0.5B-shaped one for GPUs
@@ -110,13 +113,14 @@ def reward_fn(completion, example):
 def run_grpo(model, steps, max_new_tokens, out_dir, device, **overrides):
     import grpo
     s = dict(SHARED, **overrides)
-    argv = [f"--model={model}", "--sft_steps=0", "--eval_size=0", f"--max_steps={steps}", f"--out_dir={out_dir}",
-            f"--prompts_per_step={s['prompts_per_step']}", f"--group_size={s['group_size']}", f"--beta={s['beta']}",
-            f"--loss_type={s['loss_type']}", f"--lr={s['lr']}", "--warmup_steps=0", "--min_lr_ratio=1.0",
-            f"--max_new_tokens={max_new_tokens}", f"--clip_eps_low={s['clip_eps']}", f"--grad_clip={s['grad_clip']}",
+    argv = [f"--model={model}", "--sft_steps=0", "--eval_size=0", f"--max_steps={steps}",
+            f"--out_dir={out_dir}", f"--prompts_per_step={s['prompts_per_step']}",
+            f"--group_size={s['group_size']}", f"--beta={s['beta']}", f"--loss_type={s['loss_type']}",
+            f"--lr={s['lr']}", "--warmup_steps=0", "--min_lr_ratio=1.0", f"--max_new_tokens={max_new_tokens}",
+            f"--clip_eps_low={s['clip_eps']}", f"--grad_clip={s['grad_clip']}",
             f"--adam_betas={s['adam_betas']}", "--rewards=accuracy:1,format:0.5", "--log_samples_every=0",
-            f"--save_every={10**6}", f"--micro_batch_size={s['prompts_per_step'] * s['group_size']}", "--compile=False",
-            f"--device={device}", f"--template={s.get('template', 'plain')}"]
+            f"--save_every={10**6}", f"--micro_batch_size={s['prompts_per_step'] * s['group_size']}",
+            "--compile=False", f"--device={device}", f"--template={s.get('template', 'plain')}"]
     assert grpo.main(argv) == 0
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -134,22 +138,26 @@ def run_trl(model, steps, max_new_tokens, out_dir, device, **overrides):
     import data
     s = dict(SHARED, **overrides)
     train = data.load_task("arithmetic", 0)[0]
-    dataset = Dataset.from_list([{"prompt": data.render_prompt(e, s.get("template", "plain")), "answer": e["answer"]}
-                                 for e in train])  # the text grpo.py's template renders
+    # the text grpo.py's template renders
+    dataset = Dataset.from_list([{"prompt": data.render_prompt(e, s.get("template", "plain")),
+                                  "answer": e["answer"]}
+                                 for e in train])
 
     def reward(prompts, completions, answer, **kwargs):
         return [reward_fn(c, {"answer": a}) for c, a in zip(completions, answer)]
 
     batch = s["prompts_per_step"] * s["group_size"]
-    args = GRPOConfig(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-                      num_generations=s["group_size"], steps_per_generation=1, max_completion_length=max_new_tokens,
-                      beta=s["beta"], loss_type=s["loss_type"], learning_rate=s["lr"], lr_scheduler_type="constant",
-                      warmup_steps=0, temperature=s["temperature"], top_p=s["top_p"], top_k=0, epsilon=s["clip_eps"],
-                      scale_rewards=s["scale_rewards"], num_iterations=s["num_iterations"], adam_beta1=s["adam_betas"][0],
-                      adam_beta2=s["adam_betas"][1], max_grad_norm=s["grad_clip"], weight_decay=s["weight_decay"],
-                      bf16=device == "cuda", gradient_checkpointing=s["gradient_checkpointing"], use_cpu=device == "cpu",
-                      disable_dropout=True,
-                      logging_steps=1, report_to="none", save_strategy="no", mask_truncated_completions=False, seed=0)
+    args = GRPOConfig(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch,
+                      gradient_accumulation_steps=1, num_generations=s["group_size"], steps_per_generation=1,
+                      max_completion_length=max_new_tokens, beta=s["beta"], loss_type=s["loss_type"],
+                      learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0,
+                      temperature=s["temperature"], top_p=s["top_p"], top_k=0, epsilon=s["clip_eps"],
+                      scale_rewards=s["scale_rewards"], num_iterations=s["num_iterations"],
+                      adam_beta1=s["adam_betas"][0], adam_beta2=s["adam_betas"][1],
+                      max_grad_norm=s["grad_clip"], weight_decay=s["weight_decay"], bf16=device == "cuda",
+                      gradient_checkpointing=s["gradient_checkpointing"], use_cpu=device == "cpu",
+                      disable_dropout=True, logging_steps=1, report_to="none", save_strategy="no",
+                      mask_truncated_completions=False, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(model)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=args,
                           reward_funcs=reward, train_dataset=dataset, processing_class=tokenizer)
@@ -166,7 +174,8 @@ def run_trl(model, steps, max_new_tokens, out_dir, device, **overrides):
                 spent[name] += time.perf_counter() - start
         return wrapper
     trainer._generate = timed("sample", trainer._generate)
-    trainer._get_per_token_logps_and_entropies = timed("logprobs", trainer._get_per_token_logps_and_entropies, True)
+    trainer._get_per_token_logps_and_entropies = timed("logprobs", trainer._get_per_token_logps_and_entropies,
+                                                       True)
     rows = []
 
     class StepTimer(TrainerCallback):
@@ -241,45 +250,52 @@ def summarise(runs, last=10):
 
 def compare(args, models):
     print("settings (both trainers): " + ", ".join(f"{k}={v}" for k, v in SHARED.items()))
-    print("TRL also: steps_per_generation=1, gradient_accumulation_steps=1, mask_truncated_completions=False, "
-          "use_vllm=False, lr_scheduler_type=constant, warmup 0; grpo.py: warmup_steps=0, min_lr_ratio=1.0, compile=False")
+    print("TRL also: steps_per_generation=1, gradient_accumulation_steps=1, "
+          "mask_truncated_completions=False, use_vllm=False, lr_scheduler_type=constant, warmup 0; "
+          "grpo.py: warmup_steps=0, min_lr_ratio=1.0, compile=False")
     table = []
     for size in args.sizes.split(","):
-        length, overrides, runs = SIZES[size]["max_new_tokens"], SIZES[size]["overrides"], {"grpo": [], "trl": []}
+        length, overrides, runs = (SIZES[size]["max_new_tokens"], SIZES[size]["overrides"],
+                                   {"grpo": [], "trl": []})
         steps = args.steps or (30 if size == "small" else 4)
         for round_ in range(args.rounds):
             for kind in (("grpo", "trl") if round_ % 2 == 0 else ("trl", "grpo")):  # alternate who goes first
-                runs[kind].append(launch(kind, models[SIZES[size].get("model", size)], steps, length, args.device, overrides))
+                runs[kind].append(launch(kind, models[SIZES[size].get("model", size)], steps, length,
+                                         args.device, overrides))
                 print(f"  {size} round {round_ + 1} {kind}: median step "
                       f"{statistics.median(r['step_time'] for r in runs[kind][-1]['rows'][1:]):.3f}s, "
                       f"peak {runs[kind][-1]['peak_mib']:.0f} MiB", flush=True)
         ours, theirs = summarise(runs["grpo"]), summarise(runs["trl"])
-        table.append((f"{size}, {dict(SHARED, **overrides)['prompts_per_step']}x{SHARED['group_size']}", steps, length,
-                      ours, theirs))
+        table.append((f"{size}, {dict(SHARED, **overrides)['prompts_per_step']}x{SHARED['group_size']}",
+                      steps, length, ours, theirs))
     print("\n| size | metric | grpo.py | TRL | grpo.py / TRL |\n|---|---|---|---|---|")
     for size, steps, length, ours, theirs in table:
         for key, label in [("step_time", "s per step (median)"), ("sample", "  sampling s"),
                            ("logprobs", "  no-grad log-probs s"), ("update", "  update s"),
                            ("tokens_per_sec", "completion tokens / s"), ("peak_mib", "peak memory MiB"),
-                           ("first_reward", "reward, first 10 steps"), ("final_reward", "reward, last 10 steps")]:
+                           ("first_reward", "reward, first 10 steps"),
+                           ("final_reward", "reward, last 10 steps")]:
             ratio = ours[key] / theirs[key] if theirs[key] else float("nan")
-            print(f"| {size} ({steps} steps x {args.rounds} runs, {length} tok) | {label} | {ours[key]:.3f} | "
-                  f"{theirs[key]:.3f} | {ratio:.2f} |")
-        print(f"| {size} | **steps per second, grpo.py / TRL** | | | **{theirs['step_time'] / ours['step_time']:.2f}x** |")
+            print(f"| {size} ({steps} steps x {args.rounds} runs, {length} tok) | {label} | "
+                  f"{ours[key]:.3f} | {theirs[key]:.3f} | {ratio:.2f} |")
+        print(f"| {size} | **steps per second, grpo.py / TRL** | | | "
+              f"**{theirs['step_time'] / ours['step_time']:.2f}x** |")
     return table
 
 
-SCALING = [("small", 4, 32), ("small", 8, 32), ("small", 16, 32), ("medium", 8, 32), ("medium", 8, 64), ("medium", 8, 128)]
+SCALING = [("small", 4, 32), ("small", 8, 32), ("small", 16, 32), ("medium", 8, 32), ("medium", 8, 64),
+           ("medium", 8, 128)]
 
 
 def scaling(args, models):
     """grpo.py alone: median step time (and its split) as G, completion length and model size grow."""
-    print("| model | G | max tokens | s per step | sampling | log-probs | update | tokens / s |\n|---|---|---|---|---|---|---|---|")
+    print("| model | G | max tokens | s per step | sampling | log-probs | update | tokens / s |\n"
+          "|---|---|---|---|---|---|---|---|")
     for size, group, length in SCALING:
         run = launch("grpo", models[size], args.steps or 6, length, args.device, {"group_size": group})
         s = summarise([run], last=1)
-        print(f"| {size} | {group} | {length} | {s['step_time']:.3f} | {s['sample']:.3f} | {s['logprobs']:.3f} | "
-              f"{s['update']:.3f} | {s['tokens_per_sec']:.0f} |", flush=True)
+        print(f"| {size} | {group} | {length} | {s['step_time']:.3f} | {s['sample']:.3f} | "
+              f"{s['logprobs']:.3f} | {s['update']:.3f} | {s['tokens_per_sec']:.0f} |", flush=True)
 
 
 def main():

@@ -16,7 +16,8 @@ steps would round away on bf16 weights: weights, gradients and AdamW state take 
 parameter (~48 GB), the bf16 reference ~6 GB, activations little with gradient checkpointing:
 one 80 GB GPU, or two with torchrun --sharding=fsdp.
 
-What to expect, from TinyZero's report (NOT measured with this recipe): the 3B base model starts by guessing and stopping, then learns to search, check
+What to expect, from TinyZero's report (NOT measured with this recipe): the 3B base model starts by
+guessing and stopping, then learns to search, check
 and revise its equations, reaching high accuracy in a few hundred steps; models of 1.5B and up
 learn this, 0.5B does not. TinyZero trained on 2 GPUs for about a day of GPU time.
 """

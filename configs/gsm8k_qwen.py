@@ -1,7 +1,8 @@
-"""GSM8K with Qwen2.5-0.5B-Instruct on one GPU: accuracy + format rewards through the chat template.
+r"""GSM8K with Qwen2.5-0.5B-Instruct on one GPU: accuracy + format rewards through the chat template.
 
     pip install datasets && python grpo.py --config configs/gsm8k_qwen.py      # GSM8K from the hub
-    python grpo.py --config configs/gsm8k_qwen.py --data_path=gsm8k/train.jsonl --eval_data_path=gsm8k/test.jsonl
+    python grpo.py --config configs/gsm8k_qwen.py \
+        --data_path=gsm8k/train.jsonl --eval_data_path=gsm8k/test.jsonl
 
 Hyperparameters: the optimiser settings of the widely copied TRL GRPO GSM8K setup for
 Qwen2.5-1.5B-Instruct (lr 5e-6, AdamW betas 0.9/0.99, weight decay 0.1, cosine decay with ~10 %
@@ -14,7 +15,8 @@ Memory, one 80 GB GPU: 0.5B parameters in fp32 with gradients and AdamW state (1
 tokens. One 24 GB GPU: add --dtype=bfloat16 --micro_batch_size=8 --gradient_checkpointing=True
 (bf16 compute over the same fp32 master weights; the reference in bf16, ~1 GB).
 
-What to expect. Figures from the sources, NOT measured with this recipe: Qwen2.5-0.5B-Instruct scores about 50 % on GSM8K (Qwen2.5 technical report,
+What to expect. Figures from the sources, NOT measured with this recipe: Qwen2.5-0.5B-Instruct scores
+about 50 % on GSM8K (Qwen2.5 technical report,
 arXiv 2412.15115); in GRPO runs of this kind the format reward rises to near 1 within the first
 ~100 steps while accuracy climbs more slowly, by a few points. Time per step is dominated by
 sampling 256 completions: on an H200, ~20 s per step, estimated from bench/gpu_bench.py's rates

@@ -1,4 +1,5 @@
-"""Config: defaults -> file -> command line; every mistake is one line, exit code 2, before any model loads."""
+"""Config: defaults -> file -> command line; every mistake is one line, exit code 2, before any model
+loads."""
 import importlib.util
 import json
 import os
@@ -24,9 +25,11 @@ def run_main(capsys, *args):
 
 def test_defaults_file_then_command_line(tmp_path):
     path = tmp_path / "c.py"
-    path.write_text('"""A recipe."""\n# comment\nlr = 1e-5\ngroup_size = 4\nrewards = "accuracy"\nbf16 = None\nadam_betas = (0.9, 0.95)\n')
+    path.write_text('"""A recipe."""\n# comment\nlr = 1e-5\ngroup_size = 4\nrewards = "accuracy"\n'
+                    'bf16 = None\nadam_betas = (0.9, 0.95)\n')
     cfg = grpo.parse_config(["--config", str(path), "--lr=2e-5", "--mask_truncated=true"])
-    assert (cfg.lr, cfg.group_size, cfg.rewards, cfg.adam_betas, cfg.mask_truncated) == (2e-5, 4, "accuracy", (0.9, 0.95), True)
+    assert ((cfg.lr, cfg.group_size, cfg.rewards, cfg.adam_betas, cfg.mask_truncated)
+            == (2e-5, 4, "accuracy", (0.9, 0.95), True))
     assert cfg.beta == 0.04 and cfg.clip_eps_high == cfg.clip_eps_low == 0.2   # clip_eps_high defaults to low
     assert grpo.parse_config([f"--config={path}", "--clip_eps_high=0.28"]).clip_eps_high == 0.28
     assert grpo.parse_config(["--lr=1"]).lr == 1.0                                 # int accepted for float
@@ -110,7 +113,8 @@ def test_a_choice_is_checked_where_it_is_declared(capsys, arg, message):
 
 
 def test_gsm8k_paths_validate(tmp_path):
-    cfg = grpo.parse_config(["--task=gsm8k", f"--data_path={SHARED}/train.jsonl", f"--eval_data_path={SHARED}/test.jsonl"])
+    cfg = grpo.parse_config(["--task=gsm8k", f"--data_path={SHARED}/train.jsonl",
+                             f"--eval_data_path={SHARED}/test.jsonl"])
     assert cfg.task == "gsm8k"
 
 
@@ -119,7 +123,8 @@ def test_readme_documents_every_flag():
         readme = f.read()
     missing = [f.name for f in grpo.dataclasses.fields(grpo.Config) if f"| `{f.name}` |" not in readme]
     assert not missing
-    for f in grpo.dataclasses.fields(grpo.Config):  # a field's choices are declared once, on the field, and shown
+    # a field's choices are declared once, on the field, and shown
+    for f in grpo.dataclasses.fields(grpo.Config):
         allowed = configurator.choices(grpo.Config, f.name)
         if allowed:
             row = readme.split(f"| `{f.name}` |")[1].split("\n")[0]
@@ -138,7 +143,8 @@ def stand_in_datasets(monkeypatch):
             return [json.loads(line) for line in f]
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "datasets" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "datasets" else real(name, *a))
 
 
 class ModelLoad(Exception):
@@ -153,9 +159,9 @@ def test_every_shipped_config_runs_as_shipped_up_to_the_model_load(name, tmp_pat
     stand_in_datasets(monkeypatch)
     monkeypatch.chdir(tmp_path)                       # out_dir = "runs/..." lands here
 
-    def load_model(path, *args):
+    def open_policy(path, *args):
         raise ModelLoad(path)
-    monkeypatch.setattr(grpo, "load_model", load_model)
+    monkeypatch.setattr(grpo, "open_policy", open_policy)
     cfg = grpo.parse_config(["--config", os.path.join(ROOT, "configs", name)])
     assert cfg.out_dir.startswith("runs/")
     with pytest.raises(ModelLoad) as loaded:
@@ -174,7 +180,8 @@ class Decoder:
 def perfect_answer(cfg):
     """(an example of cfg's task, its right answer as written in <answer>)."""
     if cfg.task == "countdown":
-        return {"question": "Using the numbers [3, 8, 2]...", "answer": "22", "numbers": [3, 8, 2], "target": 22}, "3*8-2"
+        return ({"question": "Using the numbers [3, 8, 2]...", "answer": "22", "numbers": [3, 8, 2],
+                 "target": 22}, "3*8-2")
     if cfg.task == "gsm8k":
         return {"question": "Natalia sold 48 clips...", "answer": "72"}, "72"
     return data.addition_example(47, 38), "85"
@@ -191,15 +198,16 @@ def test_a_perfect_completion_scores_full_marks_under_every_shipped_config(name,
     whole = f"<think>I work it out step by step.</think>\n<answer>{answer}</answer>"
     opening = data.judged_prefill(cfg.prefill)   # what the prompt already wrote of the answer
     assert whole.startswith(opening)
-    sampled, malformed = whole[len(opening):], f"<think>I work it out step by step.</think>\n{answer}"[len(opening):]
+    sampled, malformed = (whole[len(opening):],
+                          f"<think>I work it out step by step.</think>\n{answer}"[len(opening):])
     texts = data.decode(Decoder(), [sampled, malformed], cfg.prefill)
-    context = dict(example, completion_tokens=20, max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer,
-                   language=cfg.language)
+    context = dict(example, completion_tokens=20, max_new_tokens=cfg.max_new_tokens,
+                   overlong_buffer=cfg.overlong_buffer, language=cfg.language)
     best = {"overlong": 0.0}
     for reward, _ in R.parse_reward_spec(cfg.rewards):
         assert R.REWARDS[reward](texts[0], context) == best.get(reward, 1.0), reward
     assert R.format_reward(texts[1], context) == 0.0
-    assert R.safe_reward(grpo.correctness(cfg.task), texts[0], context)[0] == 1.0
+    assert R.safe_reward(data.correctness(cfg.task), texts[0], context)[0] == 1.0
 
 
 def test_wandb_asked_but_not_installed(capsys, monkeypatch):

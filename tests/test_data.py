@@ -35,8 +35,8 @@ def test_countdown_targets_are_reachable_and_disjoint():
 
 
 def test_gsm8k_original_format_loads():
-    train, test = data.load_task("gsm8k", 0, os.path.join(SHARED, "train.jsonl"), os.path.join(SHARED, "test.jsonl"),
-                                 eval_size=2000)
+    train, test = data.load_task("gsm8k", 0, os.path.join(SHARED, "train.jsonl"),
+                                 os.path.join(SHARED, "test.jsonl"), eval_size=2000)
     assert len(train) == 7473 and len(test) == 1319
     first = json.loads(open(os.path.join(SHARED, "train.jsonl")).readline())
     assert train[0]["question"] == first["question"]
@@ -81,7 +81,8 @@ def test_templates():
     example = {"question": "12+34"}
     assert data.render_prompt(example, "plain") == "12+34\n"
     r1 = data.render_prompt(example, "r1zero")
-    assert r1.startswith("A conversation between User and Assistant.") and r1.endswith("User: 12+34. Assistant:")
+    assert (r1.startswith("A conversation between User and Assistant.")
+            and r1.endswith("User: 12+34. Assistant:"))
     assert "<think> reasoning process here </think> <answer> answer here </answer>" in r1
 
     class ChatTokenizer:

@@ -18,17 +18,18 @@ import runs
 # every path the update takes: cold start, KL, reference sync, mu = 2, uneven micro-batches, and a
 # reward that varies with length so that every group has non-zero advantages
 ARGS = ["--max_steps=3", "--prompts_per_step=4", "--group_size=4", "--sft_steps=5", "--sft_batch_size=8",
-        "--eval_size=8", "--micro_batch_size=5", "--ref_sync_every=2", "--ref_sync_alpha=0.5", "--num_iterations=2",
-        "--save_every=2", "--lr=1e-3", "--rewards=overlong:1", "--overlong_buffer=16", "--log_samples_every=0"]
+        "--eval_size=8", "--micro_batch_size=5", "--ref_sync_every=2", "--ref_sync_alpha=0.5",
+        "--num_iterations=2", "--save_every=2", "--lr=1e-3", "--rewards=overlong:1", "--overlong_buffer=16",
+        "--log_samples_every=0"]
 
 
 def launch(args, ranks=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
-    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={ranks}"]
-    result = subprocess.run(launcher + [os.path.join(ROOT, "grpo.py"), *args], env=env, capture_output=True, text=True,
-                            timeout=600)  # a hang guard only
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     "--standalone", f"--nproc_per_node={ranks}"]
+    result = subprocess.run(launcher + [os.path.join(ROOT, "grpo.py"), *args], env=env, capture_output=True,
+                            text=True, timeout=600)  # a hang guard only
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     return result
 
@@ -51,7 +52,8 @@ def assert_same_run(reference_dir, run_dir):
     weights, rows = run_outputs(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for ours, theirs in zip(rows, reference_rows):
-        for key in ("reward_mean", "completion_len_mean", "zero_std_frac"):  # the same completions were sampled
+        # the same completions were sampled
+        for key in ("reward_mean", "completion_len_mean", "zero_std_frac"):
             assert ours[key] == theirs[key], key
         for key in ("loss", "kl", "grad_norm", "entropy", "clip_low_frac"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), key
@@ -59,7 +61,8 @@ def assert_same_run(reference_dir, run_dir):
     assert weights.keys() == reference_weights.keys()
     assert max((weights[k] - reference_weights[k]).abs().max().item() for k in weights) < 1e-4
     start = load_file(os.path.join(run_dir, "cold_start", "model.safetensors"))
-    assert max((weights[k] - start[k]).abs().max().item() for k in weights) > 1e-3  # the updates were not empty
+    # the updates were not empty
+    assert max((weights[k] - start[k]).abs().max().item() for k in weights) > 1e-3
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
@@ -69,7 +72,8 @@ def test_two_ranks_make_the_same_updates_as_one_process(tmp_path, one_process, s
     assert_same_run(one_process, run_dir)
     # one set of logs and checkpoints, written by rank 0
     assert result.stdout.count("---- summary") == 1 and result.stdout.count("config:") == 1
-    assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint")) == ["checkpoint-000002", "checkpoint-000003"]
+    assert (sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint"))
+            == ["checkpoint-000002", "checkpoint-000003"])
     assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
     with open(os.path.join(run_dir, "summary.json")) as f:
         assert json.load(f)["ranks"] == 2
@@ -88,7 +92,8 @@ def test_a_run_resumes_on_another_number_of_ranks_and_sharding(tmp_path, one_pro
 def test_two_ranks_train_the_same_lora_adapters_as_one_process(tmp_path):
     """DDP over the adapters alone (after a full-weight cold start): the same steps and the same
     merged model as one process, whose reference is the cold-started base with adapters off."""
-    args = [a for a in ARGS if not a.startswith("--ref_sync")] + ["--lora_rank=4", "--lora_alpha=16", "--lr=1e-2"]
+    args = ([a for a in ARGS if not a.startswith("--ref_sync")]
+            + ["--lora_rank=4", "--lora_alpha=16", "--lr=1e-2"])
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     launch(args + [f"--out_dir={one}"])
     launch(args + [f"--out_dir={two}"], ranks=2)
@@ -116,21 +121,24 @@ def test_outside_torchrun_the_collectives_are_identities():
     x = torch.arange(6.0).view(3, 2)
     assert runs.all_sum(x) is x and runs.gather(x) is x and runs.rank_and_world() == (0, 1)
     assert torch.equal(runs.my_share(x), x) and runs.strided_share([1, 2, 3]) == [1, 2, 3]
-    assert runs.padded_share([1, 2, 3]) == ([1, 2, 3], 3) and runs.any_rank([]) is False and runs.any_rank([15])
+    assert (runs.padded_share([1, 2, 3]) == ([1, 2, 3], 3) and runs.any_rank([]) is False
+            and runs.any_rank([15]))
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 os.path.join(ROOT, "grpo.py"), *ARGS, "--max_steps=500", "--save_every=1000",
-                                 f"--out_dir={run_dir}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", os.path.join(ROOT, "grpo.py"), *ARGS,
+                                 "--max_steps=500", "--save_every=1000", f"--out_dir={run_dir}"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline, metrics = time.time() + 300, run_dir / "metrics.jsonl"  # a hang guard only
         while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:  # two steps done
             assert launcher.poll() is None and time.time() < deadline
             time.sleep(0.2)
-        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)],
+                                 capture_output=True, text=True).stdout.split()
         rank_one = [pid for pid in workers if b"RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read()]
         os.kill(int(rank_one[0]), signal.SIGTERM)
         launcher.communicate(timeout=300)
@@ -138,6 +146,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):
         launcher.kill()
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert 2 <= steps[-1] < 500 and steps == list(range(1, steps[-1] + 1))
-    assert (run_dir / "latest").read_text() == f"checkpoint-{steps[-1]:06d}"  # rank 0 saved, though rank 1 got the signal
+    # rank 0 saved, though rank 1 got the signal
+    assert (run_dir / "latest").read_text() == f"checkpoint-{steps[-1]:06d}"
     launch([f"--resume={run_dir}", f"--max_steps={steps[-1] + 1}"], ranks=2)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == steps[-1] + 1

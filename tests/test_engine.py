@@ -8,6 +8,7 @@ import torch
 
 import engine
 import grpo
+import objectives
 from test_families import build, group_prompts
 
 FAST = ["llama", "qwen2", "qwen3", "mistral"]
@@ -18,10 +19,10 @@ def tokenizer(tiny):
     return tiny[1]
 
 
-def both_paths(model, ids, mask, eos, pad, temperature, uniforms, share=True):
-    hf = engine.sample(model, ids, mask, 12, eos, pad, temperature, 1.0, uniforms, share, return_stats=True)
-    static = engine.StaticDecoder(model).sample(ids, mask, 12, eos, pad, temperature, 1.0, uniforms, share)
-    return hf, static
+def both_paths(model, ids, mask, *how):
+    """Transformers' path and the static decoder, sampling 12 tokens as engine.Sampling(12, *how)."""
+    how = engine.Sampling(12, *how)
+    return engine.sample(model, ids, mask, how), engine.StaticDecoder(model).sample(ids, mask, how)
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -30,12 +31,13 @@ def test_static_decoding_equals_transformers_and_generate(name, tokenizer):
     ids, mask = group_prompts(tokenizer)  # left-padded, mixed lengths, groups of repeated prompts
     eos = torch.tensor([tokenizer.eos_token_id])
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[:, ids.size(1):]
+                            eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)[:, ids.size(1):]
     for share in (True, False):
-        hf, static = both_paths(model, ids, mask, eos, tokenizer.pad_token_id, 0.0, None, share)
+        hf, static = both_paths(model, ids, mask, eos, tokenizer.pad_token_id, 0.0, 1.0, None, share)
         assert torch.equal(static[0], hf[0]) and torch.equal(static[0], theirs[:, :static[0].size(1)])
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(0))
-    hf, static = both_paths(model, ids, mask, eos, tokenizer.pad_token_id, 1.0, u)
+    hf, static = both_paths(model, ids, mask, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
     assert torch.equal(static[0], hf[0])                          # the same uniforms pick the same tokens
     assert torch.allclose(static[1], hf[1], atol=1e-5) and torch.allclose(static[2], hf[2], atol=1e-5)
     full = torch.cat([ids, static[0]], 1)                          # the sampler's log-probs are the model's
@@ -48,7 +50,8 @@ def test_static_decoding_equals_transformers_and_generate(name, tokenizer):
 def test_stops_at_any_stop_id_with_pad_equal_to_eos_and_rows_that_end_at_once_or_never(tokenizer):
     model = build("qwen2", tokenizer)
     ids, mask = group_prompts(tokenizer)
-    first = engine.sample(model, ids, mask, 1, torch.tensor([tokenizer.eos_token_id]), 0, temperature=0)[:, 0]
+    first = engine.sample(model, ids, mask,
+                          engine.Sampling(1, torch.tensor([tokenizer.eos_token_id]), 0, 0.0))[0][:, 0]
     stops = torch.tensor(sorted({tokenizer.eos_token_id, int(first[0])}))  # row 0 ends at its first token
     hf, static = both_paths(model, ids, mask, stops, tokenizer.eos_token_id, 0.0, None)  # pad is an EOS id
     assert torch.equal(static[0], hf[0])
@@ -63,15 +66,16 @@ def test_after_an_update_the_static_path_samples_the_new_weights(tiny):
     sampler = engine.Engine(model, tokenizer, decoder="static")
     ids, mask = group_prompts(tokenizer)
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(1))
-    before = sampler.sample(ids, mask, 12, 1.0, 1.0, u)
+    before = sampler.sample(ids, mask, 12, 1.0, 1.0, u).tokens
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
     logp, _ = engine.completion_logprobs(model, torch.cat([ids, before], 1),
                                          torch.cat([mask, torch.ones_like(before)], 1), before.size(1))
     (-logp.sum()).backward()
     optimizer.step()
-    after = sampler.sample(ids, mask, 12, 1.0, 1.0, u)
-    reference = engine.sample(model, ids, mask, 12, sampler.eos_ids, sampler.pad_id, 1.0, 1.0, u)
+    after = sampler.sample(ids, mask, 12, 1.0, 1.0, u).tokens
+    reference = engine.sample(model, ids, mask,
+                              engine.Sampling(12, sampler.eos_ids, sampler.pad_id, 1.0, 1.0, u)).tokens
     assert torch.equal(after, reference) and not torch.equal(after, before)
 
 
@@ -85,9 +89,11 @@ def test_other_families_fall_back_or_are_refused_in_one_line(name, why, tokenize
 
 def test_a_sliding_window_shorter_than_the_sequence_takes_transformers_path(tokenizer):
     import transformers
-    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=len(tokenizer), sliding_window=8,
-                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        vocab_size=len(tokenizer), sliding_window=8,
+                                        pad_token_id=tokenizer.pad_token_id,
+                                        eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(config).eval()
     sampler = engine.Engine(model, tokenizer, decoder="auto")
@@ -97,12 +103,13 @@ def test_a_sliding_window_shorter_than_the_sequence_takes_transformers_path(toke
 def test_truncated_importance_weights_by_hand():
     old = torch.tensor([[-1.0, -2.0, -0.5]])
     sampler = torch.tensor([[-1.0, -3.0, -0.1]])
-    expected = torch.tensor([[1.0, min(2.0, 2.718281828), 0.670320046]])  # exp(0), exp(1) capped at 2, exp(-0.4)
-    assert torch.allclose(grpo.truncated_is_weight(old, sampler, 2.0), expected)
-    cfg = grpo.Config(beta=0.0, clip_eps_high=0.2, loss_type="dapo")
+    # exp(0), exp(1) capped at 2, exp(-0.4)
+    expected = torch.tensor([[1.0, min(2.0, 2.718281828), 0.670320046]])
+    assert torch.allclose(objectives.truncated_is_weight(old, sampler, 2.0), expected)
     logp = old.clone().requires_grad_()
-    mask, adv = torch.ones(1, 3), torch.tensor([2.0])
-    loss, _ = grpo.grpo_loss(logp, old, None, adv, mask, cfg, torch.tensor(3.0), expected)
+    batch = grpo.Rollout(None, None, torch.tensor([2.0]), torch.ones(1, 3), old, None, sampler)
+    objective = grpo.Objective(clip_eps_high=0.2, beta=0.0, loss_type="dapo", tis_cap=2.0)
+    loss, _ = grpo.grpo_loss(logp, batch, torch.tensor(3.0), objective)
     assert torch.isclose(loss, -(2.0 * expected).sum() / 3)        # ratio 1: each token's -A, weighted
 
 
@@ -113,7 +120,7 @@ def test_the_compiled_decode_step_gives_the_same_tokens(tokenizer):
     ids, mask = group_prompts(tokenizer)
     eos = torch.tensor([tokenizer.eos_token_id])
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(3))
-    eager = engine.StaticDecoder(model, bucket=16).sample(ids, mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
-    compiled = engine.StaticDecoder(model, compile=True, bucket=16).sample(ids, mask, 12, eos, tokenizer.pad_token_id,
-                                                                           1.0, 1.0, u)
+    how = engine.Sampling(12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
+    eager = engine.StaticDecoder(model, bucket=16).sample(ids, mask, how)
+    compiled = engine.StaticDecoder(model, compile=True, bucket=16).sample(ids, mask, how)
     assert torch.equal(compiled[0], eager[0]) and torch.allclose(compiled[1], eager[1], atol=1e-5)

@@ -10,6 +10,7 @@ from packaging.version import Version
 import data
 import engine
 import grpo
+from conftest import draw
 from grpo import Config
 
 
@@ -25,22 +26,26 @@ FAMILIES = {
     "qwen2": attention_family("Qwen2Config"),
     "qwen3": attention_family("Qwen3Config", head_dim=16),
     "mistral": attention_family("MistralConfig"),
-    "gemma2": attention_family("Gemma2Config", head_dim=16, sliding_window=8),     # windows shorter than a sequence
+    # windows shorter than a sequence
+    "gemma2": attention_family("Gemma2Config", head_dim=16, sliding_window=8),
     "gemma3": attention_family("Gemma3TextConfig", head_dim=16, sliding_window=8),
-    "gpt2": lambda common: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=common.pop("max_position_embeddings"),
+    "gpt2": lambda common: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4,
+                                                   n_positions=common.pop("max_position_embeddings"),
                                                    **common),
     "phi3": attention_family("Phi3Config"),
     # hybrids: their caches hold running states, not keys and values by row
     "lfm2": attention_family("Lfm2Config", layer_types=["conv", "full_attention"]),
-    "qwen3_next": attention_family("Qwen3NextConfig", head_dim=16, layer_types=["linear_attention", "full_attention"],
+    "qwen3_next": attention_family("Qwen3NextConfig", head_dim=16,
+                                   layer_types=["linear_attention", "full_attention"],
                                    linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16,
-                                   linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                   shared_expert_intermediate_size=32),
-    "falcon_h1": attention_family("FalconH1Config", mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
-                                  mamba_n_groups=1, mamba_chunk_size=16),
+                                   linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "falcon_h1": attention_family("FalconH1Config", mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                                  mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16),
 }
 HYBRIDS = {"lfm2", "qwen3_next", "falcon_h1"}
-NEWER = {"qwen3_next": "4.57", "falcon_h1": "5.0"}  # added, or able to build their own cache, in these versions
+# added, or able to build their own cache, in these versions
+NEWER = {"qwen3_next": "4.57", "falcon_h1": "5.0"}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +56,8 @@ def tokenizer(tiny):
 def build(name, tokenizer):
     if name in NEWER and Version(transformers.__version__) < Version(NEWER[name]):
         pytest.skip(f"{name} needs transformers >= {NEWER[name]}")
-    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                  bos_token_id=None, max_position_embeddings=256)
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, max_position_embeddings=256)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(FAMILIES[name](common)).eval()
 
@@ -71,13 +76,16 @@ def test_greedy_sampling_equals_generate(name, tokenizer):
     ids, mask = group_prompts(tokenizer)
     eos = torch.tensor([tokenizer.eos_token_id])
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[:, ids.size(1):]
+                            eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)[:, ids.size(1):]
     for share in (False, True):
-        ours = engine.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0, share_prompt=share)
+        ours = draw(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0, share_prompt=share)
         assert torch.equal(ours, theirs[:, :ours.size(1)])
-    u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(0))     # sampled: sharing changes nothing
-    shared = engine.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=True)
-    assert torch.equal(shared, engine.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=False))
+    # sampled: sharing changes nothing
+    u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(0))
+    shared = draw(model, ids, mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=True)
+    assert torch.equal(shared, draw(model, ids, mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u,
+                                    share_prompt=False))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -93,7 +101,8 @@ def test_logprobs_equal_a_full_unpadded_pass(name, tokenizer):
             logits = model(alone).logits[0, -completion.size(1) - 1:-1]
             expected.append(torch.log_softmax(logits, -1).gather(-1, completion[r][:, None]).squeeze(-1))
         for share in (False, True):
-            logp, _ = engine.completion_logprobs(model, full, attention, completion.size(1), share_prompt=share)
+            logp, _ = engine.completion_logprobs(model, full, attention, completion.size(1),
+                                                 share_prompt=share)
             assert torch.allclose(logp, torch.stack(expected), atol=1e-4), share
 
 
@@ -102,15 +111,16 @@ def test_one_training_step_runs(name, tokenizer):
     model = build(name, tokenizer)
     ids, mask = group_prompts(tokenizer)
     eos = torch.tensor([tokenizer.eos_token_id])
-    completion = engine.sample(model, ids, mask, 8, eos, tokenizer.pad_token_id)
+    completion = draw(model, ids, mask, 8, eos, tokenizer.pad_token_id)
     full, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
-    loss_mask = grpo.completion_mask(completion, eos)
+    loss_mask = data.completion_mask(completion, eos)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     cfg = Config(micro_batch_size=4, clip_eps_high=0.2, beta=0.0)
-    stats = grpo.accumulate_gradients(engine.Engine(model, tokenizer), model, full, attention, completion.size(1),
-                                      torch.randn(len(ids)), loss_mask, None, None, cfg)
+    rollout = grpo.Rollout(full, attention, torch.randn(len(ids)), loss_mask, None, None,
+                           torch.zeros_like(loss_mask))
+    stats = grpo.accumulate_gradients(engine.Engine(model, tokenizer), model, rollout, cfg)
     assert torch.isfinite(stats["loss"])
     optimizer.step()
     moved = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import engine
 import grpo
 import runs
@@ -27,7 +28,7 @@ def logprobs(model, ids=IDS):
 def adapted(tiny_dir, rank=4):
     """The tiny model with adapters whose B is random, so that they change the output."""
     model, tokenizer = engine.load_model(tiny_dir, "cpu")
-    lora = engine.add_lora(model, rank, 8.0, 0.0, "all-linear")
+    lora = engine.add_lora(model, engine.LoraOptions(rank, 8.0))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -41,7 +42,7 @@ def test_gradients_reach_only_the_adapters(tiny_dir):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert not any("lm_head" in n or "embed" in n for n in trainable)  # all-linear leaves the head out
-    logp = engine.Engine(model, tokenizer).logprobs(IDS, torch.ones_like(IDS), C)
+    logp, _ = engine.Engine(model, tokenizer).logprobs(IDS, torch.ones_like(IDS), C)
     logp.sum().backward()
     touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert touched and touched <= trainable
@@ -71,11 +72,11 @@ def test_sampling_goes_through_the_adapters(tiny_dir):
     prompt = IDS[:, :4]
     for decoder in ("static", "hf"):
         eng = engine.Engine(model, tokenizer, decoder=decoder)
-        tokens, sampler_logp, _ = eng.sample(prompt, torch.ones_like(prompt), 6, uniforms=torch.rand(2, 6),
-                                             return_stats=True)
+        tokens, sampler_logp, _ = eng.sample(prompt, torch.ones_like(prompt), 6, uniforms=torch.rand(2, 6))
         full = torch.cat([prompt, tokens], 1)
-        mask = grpo.completion_mask(tokens, eng.eos_ids)
-        trainer_logp = engine.completion_logprobs(model, full, torch.ones_like(full), 6, with_entropy=False)[0]
+        mask = data.completion_mask(tokens, eng.eos_ids)
+        trainer_logp = engine.completion_logprobs(model, full, torch.ones_like(full), 6,
+                                                  with_entropy=False)[0]
         assert torch.allclose(sampler_logp * mask, trainer_logp.detach() * mask, atol=1e-5), decoder
 
 
@@ -94,7 +95,8 @@ def test_a_lora_run_saves_the_adapter_and_a_merged_model(tmp_path):
     merged = load_file(run / "model.safetensors")
     assert not [k for k in merged if "lora" in k]
     from transformers import AutoModelForCausalLM
-    plain = AutoModelForCausalLM.from_pretrained(run).eval()                 # the run directory, plain transformers
+    # the run directory, plain transformers
+    plain = AutoModelForCausalLM.from_pretrained(run).eval()
     base = AutoModelForCausalLM.from_pretrained(run / "cold_start")
     with_adapter = peft.PeftModel.from_pretrained(base, adapter).eval()
     assert torch.allclose(logprobs(plain), logprobs(with_adapter), atol=1e-5)
@@ -108,7 +110,8 @@ def test_a_resumed_lora_run_reproduces_the_uninterrupted_one(tmp_path):
     grpo.train(grpo.parse_config(LORA + ["--max_steps=2", "--save_every=2", f"--out_dir={part}"]))
     grpo.train(grpo.parse_config([f"--resume={part}", "--max_steps=4"]))
     assert without_timings(metrics(whole)) == without_timings(metrics(part))
-    a, b = load_file(os.path.join(whole, "model.safetensors")), load_file(os.path.join(part, "model.safetensors"))
+    a, b = (load_file(os.path.join(whole, "model.safetensors")),
+            load_file(os.path.join(part, "model.safetensors")))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -127,17 +130,20 @@ def test_target_modules_that_match_nothing_stop_in_one_line(tmp_path, capsys):
     code = grpo.main(["--lora_rank=4", "--lora_target_modules=no_such_proj", "--sft_steps=0", "--eval_size=0",
                       f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("grpo.py: error: lora_target_modules:") and "no_such_proj" in err[-1]
+    assert (code == 2 and err[-1].startswith("grpo.py: error: lora_target_modules:")
+            and "no_such_proj" in err[-1])
 
 
 def test_without_peft_lora_stops_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(runs, "installed", lambda package: package != "peft")
     code = grpo.main(["--lora_rank=4", f"--out_dir={tmp_path}"])
-    assert code == 2 and capsys.readouterr().err.strip() == "grpo.py: error: lora_rank: LoRA needs the peft package (pip install peft)"
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "grpo.py: error: lora_rank: LoRA needs the peft package (pip install peft)")
     assert not os.listdir(tmp_path)
-    monkeypatch.setitem(sys.modules, "peft", None)  # and the engine's own guard, for callers that skip validation
+    # and the engine's own guard, for callers that skip validation
+    monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(grpo.ConfigError, match="LoRA needs the peft package"):
-        engine.add_lora(torch.nn.Linear(2, 2), 4, 8.0, 0.0, "all-linear")
+        engine.add_lora(torch.nn.Linear(2, 2), engine.LoraOptions(4, 8.0))
 
 
 def test_a_bf16_base_under_fp32_adapters(tmp_path, monkeypatch):
@@ -152,7 +158,8 @@ def test_a_bf16_base_under_fp32_adapters(tmp_path, monkeypatch):
         return lora
     monkeypatch.setattr(grpo, "add_lora", spy)
     run = tmp_path / "run"
-    grpo.train(grpo.parse_config(LORA + ["--sft_steps=0", "--dtype=bfloat16", "--max_steps=2", f"--out_dir={run}"]))
+    grpo.train(grpo.parse_config(LORA + ["--sft_steps=0", "--dtype=bfloat16", "--max_steps=2",
+                                         f"--out_dir={run}"]))
     assert {d for n, d in seen.items() if "lora_" in n} == {torch.float32}
     assert {d for n, d in seen.items() if "lora_" not in n} == {torch.bfloat16}
     assert all(r["grad_norm"] > 0 for r in metrics(run))

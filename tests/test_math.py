@@ -4,9 +4,11 @@ import math
 import pytest
 import torch
 
+import data
 import grpo
+import objectives
 import runs
-from grpo import Config
+from conftest import loss_of
 
 
 def test_advantages_group_scaling():
@@ -29,7 +31,8 @@ def test_advantages_two_groups_one_all_equal():
 def test_advantages_batch_and_none_scaling():
     r = torch.tensor([1.0, 3.0, 5.0, 5.0])
     # centred per group: [-1, 1, 0, 0]; batch std of [1, 3, 5, 5] = sqrt(11 / 3) = 1.914854
-    assert torch.allclose(grpo.group_advantages(r, 2, "batch", eps=0.0), torch.tensor([-0.522233, 0.522233, 0.0, 0.0]), atol=1e-6)
+    assert torch.allclose(grpo.group_advantages(r, 2, "batch", eps=0.0),
+                          torch.tensor([-0.522233, 0.522233, 0.0, 0.0]), atol=1e-6)
     assert torch.equal(grpo.group_advantages(r, 2, "none"), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
 
 
@@ -71,7 +74,8 @@ def test_clipped_surrogate(ratio, adv, eps_high, loss, grad, low, high):
     out, is_low, is_high = grpo.clipped_surrogate(logp, torch.tensor([adv]), 0.2, eps_high)
     out.sum().backward()
     assert out.item() == pytest.approx(loss, rel=1e-6)
-    assert logp.grad.item() == pytest.approx(grad, rel=1e-6, abs=1e-7)   # d loss / d logp = -A * rho unclipped
+    # d loss / d logp = -A * rho unclipped
+    assert logp.grad.item() == pytest.approx(grad, rel=1e-6, abs=1e-7)
     assert (is_low.item(), is_high.item()) == (low, high)
 
 
@@ -79,7 +83,8 @@ def test_aggregation_by_hand():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     # grpo: (6/3 + 4/1) / 2 = 3; dapo: 10 / 4 = 2.5; dr_grpo: 10 / (2 * 5) = 1
-    denominators = {t: grpo.loss_denominator(mask, t, max_new_tokens=5).item() for t in ("grpo", "dapo", "dr_grpo")}
+    denominators = {t: grpo.loss_denominator(mask, t, max_new_tokens=5).item()
+                    for t in ("grpo", "dapo", "dr_grpo")}
     assert denominators == {"grpo": 2, "dapo": 4, "dr_grpo": 10}
     assert grpo.aggregate_loss(per_token, mask, "grpo", 2).item() == pytest.approx(3.0)
     assert grpo.aggregate_loss(per_token, mask, "dapo", 4).item() == pytest.approx(2.5)
@@ -91,24 +96,26 @@ def test_dr_grpo_denominator_is_constant_under_dapo_filters():
     max_completion_length), so leaving completions out never scales up the others' update."""
     mask = torch.ones(4, 3)
     zero_std, truncated = torch.tensor([True, False]), torch.tensor([False, False, True, False])
-    filtered = grpo.dapo_filters(mask, zero_std, truncated, True, True)      # one completion of four left
-    assert grpo.loss_denominator(filtered, "dr_grpo", 8).item() == grpo.loss_denominator(mask, "dr_grpo", 8).item() == 32
-    assert grpo.loss_denominator(filtered, "grpo", 8).item() == 1 and grpo.loss_denominator(filtered, "dapo", 8).item() == 3
+    # one completion of four left
+    filtered = objectives.dapo_filters(mask, zero_std, truncated, True, True)
+    assert (grpo.loss_denominator(filtered, "dr_grpo", 8).item()
+            == grpo.loss_denominator(mask, "dr_grpo", 8).item() == 32)
+    assert (grpo.loss_denominator(filtered, "grpo", 8).item() == 1
+            and grpo.loss_denominator(filtered, "dapo", 8).item() == 3)
     per_token = torch.full((4, 3), 2.0)
     # the kept completion's 3 tokens: 3 * 2 / 32, whatever the filters removed
     assert grpo.aggregate_loss(per_token, filtered, "dr_grpo", 32).item() == pytest.approx(6 / 32)
 
 
 def test_grpo_loss_adds_beta_times_kl():
-    cfg = Config(beta=0.5, loss_type="dapo", clip_eps_high=0.2)
     logp = torch.tensor([[math.log(0.5), math.log(0.5)]])
     ref = torch.tensor([[math.log(0.25), math.log(0.5)]])
     mask = torch.ones(1, 2)
-    loss, stats = grpo.grpo_loss(logp, logp, ref, torch.tensor([1.0]), mask, cfg, 2)
+    loss, stats = loss_of(logp, logp, ref, torch.tensor([1.0]), mask, 2, beta=0.5, loss_type="dapo")
     # surrogate -1 per token; KL 0.193147 and 0 -> (-2 + 0.5 * 0.193147) / 2
     assert loss.item() == pytest.approx((-2 + 0.5 * (0.5 + math.log(2) - 1)) / 2, rel=1e-6)
     assert stats["kl"] == pytest.approx(0.5 + math.log(2) - 1, rel=1e-6)
-    no_kl, stats = grpo.grpo_loss(logp, logp, None, torch.tensor([1.0]), mask, Config(beta=0.0, clip_eps_high=0.2), 1)
+    no_kl, stats = loss_of(logp, logp, None, torch.tensor([1.0]), mask, 1, beta=0.0)
     assert no_kl.item() == pytest.approx(-1.0) and "kl" not in stats
 
 
@@ -118,26 +125,28 @@ def test_completion_mask_pad_equal_to_eos_and_no_eos():
                         [5, 6, 7, 8, 9],     # no EOS: truncated, all kept
                         [2, 2, 2, 2, 2],     # EOS first
                         [5, 2, 0, 0, 0]])    # a distinct pad 0
-    assert torch.equal(grpo.completion_mask(ids, eos), torch.tensor(
+    assert torch.equal(data.completion_mask(ids, eos), torch.tensor(
         [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float))
     # several stop tokens (e.g. <|im_end|> and <|endoftext|>)
-    assert torch.equal(grpo.completion_mask(torch.tensor([[5, 3, 2]]), torch.tensor([2, 3])), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert torch.equal(data.completion_mask(torch.tensor([[5, 3, 2]]), torch.tensor([2, 3])),
+                       torch.tensor([[1.0, 1.0, 0.0]]))
 
 
 def test_dapo_filters():
     mask = torch.ones(4, 3)
     zero_std = torch.tensor([True, False])           # G = 2: the first group's rewards were equal
     truncated = torch.tensor([False, False, True, False])
-    assert torch.equal(grpo.dapo_filters(mask, zero_std, truncated, False, False), mask)
-    assert grpo.dapo_filters(mask, zero_std, truncated, True, False).sum(1).tolist() == [0, 0, 3, 3]
-    assert grpo.dapo_filters(mask, zero_std, truncated, False, True).sum(1).tolist() == [3, 3, 0, 3]
-    assert grpo.dapo_filters(mask, zero_std, truncated, True, True).sum(1).tolist() == [0, 0, 0, 3]
+    assert torch.equal(objectives.dapo_filters(mask, zero_std, truncated, False, False), mask)
+    assert objectives.dapo_filters(mask, zero_std, truncated, True, False).sum(1).tolist() == [0, 0, 3, 3]
+    assert objectives.dapo_filters(mask, zero_std, truncated, False, True).sum(1).tolist() == [3, 3, 0, 3]
+    assert objectives.dapo_filters(mask, zero_std, truncated, True, True).sum(1).tolist() == [0, 0, 0, 3]
 
 
 def test_lr_schedule():
-    f = lambda s: grpo.lr_factor(s, warmup_steps=4, total_steps=14, min_ratio=0.1)  # noqa: E731
+    f = lambda s: runs.lr_factor(s, warmup_steps=4, total_steps=14, min_ratio=0.1)  # noqa: E731
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == 1.0 and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
+    assert (f(4) == 1.0 and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
+            and f(50) == pytest.approx(0.1))
 
 
 def test_sync_reference():
@@ -154,11 +163,13 @@ def test_sync_reference():
 def test_lengths_of_right_and_wrong_completions_by_hand():
     """completion_len_correct / _wrong: the mean length of each side, null for a side with none."""
     def row(correct):
-        update = (dict.fromkeys(grpo.STATS, 0.0), None, 0, False)
-        counts = {"loss_tokens": 0.0, "tokens": 24.0, "entropy": 0.0, "reward_errors": 0, "prompts_cut": 0, "reflecting": 0}
-        return runs.step_metrics(1, torch.tensor(correct), torch.tensor(correct)[:, None], [("accuracy", 1.0)],
-                                 torch.tensor(correct), torch.tensor([False, False]), torch.tensor([3, 5, 7, 9]),
-                                 torch.zeros(4, dtype=torch.bool), counts, update, False, (0.0, 1.0, 1.5, 2.0, 3.0))
+        update = grpo.Update({}, None, 0, False)
+        counts = {"loss_tokens": 0.0, "tokens": 24.0, "entropy": 0.0, "reward_errors": 0, "prompts_cut": 0,
+                  "reflecting": 0}
+        whole = {"rewards": torch.tensor(correct), "scores": {"accuracy": torch.tensor(correct)},
+                 "correct": torch.tensor(correct), "zero_std": torch.tensor([False, False]),
+                 "lengths": torch.tensor([3, 5, 7, 9]), "truncated": torch.zeros(4, dtype=torch.bool)}
+        return runs.step_metrics(1, whole, counts, update, (0.0, 1.0, 1.5, 2.0, 3.0))
     mixed = row([1.0, 0.0, 1.0, 0.0])
     assert mixed["completion_len_correct"] == 5.0 and mixed["completion_len_wrong"] == 7.0
     none_right = row([0.0, 0.0, 0.0, 0.0])

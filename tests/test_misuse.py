@@ -17,6 +17,7 @@ import data
 import grpo
 import rewards as R
 import runs
+import sft
 from conftest import ROOT, SHARED
 
 # a tiny run at a constant lr (so that a resumed run reproduces a longer one step for step)
@@ -33,8 +34,8 @@ def main(capsys, *args):
 
 
 def cli(*args, cwd=None):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *args], capture_output=True, text=True,
-                            timeout=300, cwd=cwd)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *args], capture_output=True,
+                            text=True, timeout=300, cwd=cwd)
     return result.returncode, result.stderr.strip()
 
 
@@ -81,7 +82,8 @@ def one_line_refusal(code, err, start):
 
 @pytest.mark.parametrize("args, start", [
     (["--max_new_tokens=100000"], "max_new_tokens: 100000 leaves no room for a prompt"),
-    (["--lora_rank=8"], "lora_rank: the run was trained with lora_rank=0; its checkpoint cannot continue with 8"),
+    (["--lora_rank=8"], "lora_rank: the run was trained with lora_rank=0; its checkpoint cannot continue "
+                        "with 8"),
     (["--model=/tmp"], "model: the run was trained with model='tiny'"),
     (["--seed=1"], "seed: the run was trained with seed=0"),
     (["--sft_steps=5"], "sft_steps: the run was trained with sft_steps=0"),
@@ -100,7 +102,8 @@ def test_a_refused_resume_changes_nothing_and_a_plain_one_still_works(capsys, ru
 def test_a_config_file_with_resume_is_refused(capsys, run, tmp_path):
     path = tmp_path / "c.py"
     path.write_text("lr = 1e-5\n")
-    one_line_refusal(*main(capsys, f"--resume={run}", f"--config={path}"), "config: a resumed run keeps its saved config")
+    one_line_refusal(*main(capsys, f"--resume={run}", f"--config={path}"),
+                     "config: a resumed run keeps its saved config")
 
 
 def test_a_resume_at_another_lr_uses_it(capsys, run):
@@ -110,10 +113,13 @@ def test_a_resume_at_another_lr_uses_it(capsys, run):
 
 @pytest.mark.skipif(not runs.installed("peft"), reason="LoRA needs peft")
 @pytest.mark.parametrize("change, start", [
-    ("--lora_rank=8", "lora_rank: the run was trained with lora_rank=4; its checkpoint cannot continue with 8"),
-    ("--lora_rank=0", "lora_rank: the run was trained with lora_rank=4; its checkpoint cannot continue with 0"),
+    ("--lora_rank=8", "lora_rank: the run was trained with lora_rank=4; its checkpoint cannot continue "
+                      "with 8"),
+    ("--lora_rank=0", "lora_rank: the run was trained with lora_rank=4; its checkpoint cannot continue "
+                      "with 0"),
     ("--lora_alpha=8", "lora_alpha: the run was trained with lora_alpha=32.0"),
-    ("--lora_target_modules=q_proj", "lora_target_modules: the run was trained with lora_target_modules='all-linear'"),
+    ("--lora_target_modules=q_proj",
+     "lora_target_modules: the run was trained with lora_target_modules='all-linear'"),
 ])
 def test_lora_settings_cannot_change_on_resume(capsys, tmp_path, change, start):
     run = tmp_path / "lora"
@@ -134,20 +140,24 @@ FLOATS = [f.name for f in dataclasses.fields(grpo.Config)
 @pytest.mark.parametrize("value", ["1e999", "-1e999"])
 def test_no_float_may_be_infinite(capsys, tmp_path, key, value):
     out = tmp_path / "run"
-    one_line_refusal(*main(capsys, f"--{key}={value}", f"--out_dir={out}"), f"{key}: {float(value)} is not a finite number")
+    one_line_refusal(*main(capsys, f"--{key}={value}", f"--out_dir={out}"),
+                     f"{key}: {float(value)} is not a finite number")
     path = tmp_path / "c.py"
     path.write_text(f"{key} = {value}\n")
-    one_line_refusal(*main(capsys, f"--config={path}", f"--out_dir={out}"), f"{path}:1: {key}: {float(value)} is not")
+    one_line_refusal(*main(capsys, f"--config={path}", f"--out_dir={out}"),
+                     f"{path}:1: {key}: {float(value)} is not")
     assert not out.exists()
 
 
 def test_no_nan_in_a_saved_config_or_a_tuple(capsys, run, tmp_path):
     path = tmp_path / "c.py"
     path.write_text("adam_betas = (0.9, 1e999)\n")
-    one_line_refusal(*main(capsys, f"--config={path}"), f"{path}:1: adam_betas: (0.9, inf) is not a finite number")
+    one_line_refusal(*main(capsys, f"--config={path}"),
+                     f"{path}:1: adam_betas: (0.9, inf) is not a finite number")
     saved = json.loads((run / "train_config.json").read_text())
     (run / "train_config.json").write_text(json.dumps(dict(saved, beta=float("nan"))))
-    one_line_refusal(*main(capsys, f"--resume={run}"), f"{run}/train_config.json: beta: nan is not a finite number")
+    one_line_refusal(*main(capsys, f"--resume={run}"),
+                     f"{run}/train_config.json: beta: nan is not a finite number")
 
 
 @pytest.mark.parametrize("args, start", [
@@ -194,16 +204,17 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(capsys, tmp_p
     def interrupt(*a, **k):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(grpo, "sft", interrupt)
+        patch.setattr(sft, "sft", interrupt)
         code, err = main(capsys, *args)
-    assert code == 130 and err.endswith("nothing was saved to resume; run the same command again to start over")
+    assert code == 130 and err.endswith("nothing was saved to resume; run the same command again to start "
+                                        "over")
     assert "--resume" not in err
     assert main(capsys, *args)[0] == 0                        # which works
 
 
 def test_ctrl_c_after_a_checkpoint_says_how_to_resume(capsys, tmp_path, monkeypatch):
     args = ARGS + ["--eval_size=4", "--max_steps=2", f"--out_dir={tmp_path}"]
-    real, calls = grpo.evaluate, []
+    real, calls = data.evaluate, []
 
     def interrupt_the_last(*a, **k):
         calls.append(1)
@@ -211,9 +222,10 @@ def test_ctrl_c_after_a_checkpoint_says_how_to_resume(capsys, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*a, **k)
     with monkeypatch.context() as patch:
-        patch.setattr(grpo, "evaluate", interrupt_the_last)
+        patch.setattr(data, "evaluate", interrupt_the_last)
         code, err = main(capsys, *args)
-    assert code == 130 and err.endswith(f"interrupted; continue with --resume={tmp_path} from its latest checkpoint")
+    assert code == 130 and err.endswith(f"interrupted; continue with --resume={tmp_path} from its latest "
+                                        "checkpoint")
     assert main(capsys, f"--resume={tmp_path}")[0] == 0
     assert json.loads((tmp_path / "summary.json").read_text())["accuracy_after"] is not None
 
@@ -228,8 +240,8 @@ def reward_file(tmp_path, body, name="mine.py"):
     return path
 
 
-@pytest.mark.parametrize("value", ["1e300", "-1e300", "10**400", "1e7", "float('inf')", "'1.0'", "None", "[1.0]",
-                                   "complex(1, 0)"])
+@pytest.mark.parametrize("value", ["1e300", "-1e300", "10**400", "1e7", "float('inf')", "'1.0'", "None",
+                                   "[1.0]", "complex(1, 0)"])
 def test_a_reward_that_returns_no_usable_number_scores_zero_and_is_counted(tmp_path, value):
     path = reward_file(tmp_path, f"def r(completion, example):\n    return {value}\n")
     args = ARGS + ["--max_steps=2", f"--rewards=format:1,{path}:r:1", f"--out_dir={tmp_path / 'run'}"]
@@ -267,7 +279,8 @@ def test_a_reward_that_raises_keyboard_interrupt_stops_the_run_as_sigint_does(ca
     path = reward_file(tmp_path, "def r(completion, example):\n    raise KeyboardInterrupt\n")
     code, err = main(capsys, *ARGS, "--max_steps=5", "--save_every=100", f"--rewards=format:1,{path}:r",
                      f"--out_dir={tmp_path / 'run'}")
-    assert code == 130 and err.splitlines()[-1].startswith("grpo.py: stopped by SIGINT after step 1, checkpoint saved")
+    assert code == 130 and err.splitlines()[-1].startswith("grpo.py: stopped by SIGINT after step 1, "
+                                                           "checkpoint saved")
     assert (tmp_path / "run" / "latest").read_text() == "checkpoint-000001"
 
 
@@ -288,18 +301,21 @@ def test_signatures_that_can_take_two_arguments_are_accepted(tmp_path):
     path = reward_file(tmp_path, "def a(completion, example, extra=0):\n    return 1.0\n"
                                  "def b(*args):\n    return 1.0\nclass C:\n    def __call__(self, c, e):\n"
                                  "        return 1.0\nc = C()\n")
-    assert [n for n, _ in R.parse_reward_spec(f"{path}:a,{path}:b,{path}:c")] == [f"{path}:{n}" for n in "abc"]
+    assert ([n for n, _ in R.parse_reward_spec(f"{path}:a,{path}:b,{path}:c")]
+            == [f"{path}:{n}" for n in "abc"])
 
 
 def test_a_reward_cannot_change_the_dataset(tmp_path):
     """Each call gets its own copy of the example: a reward that appends to a field of it sees
     the field as the data file has it on every call."""
     rows_file = tmp_path / "rows.jsonl"
-    rows_file.write_text("".join(json.dumps({"prompt": f"{i}+1", "answer": i + 1, "seen": []}) + "\n" for i in range(8)))
+    rows_file.write_text("".join(json.dumps({"prompt": f"{i}+1", "answer": i + 1, "seen": []}) + "\n"
+                                 for i in range(8)))
     path = reward_file(tmp_path, "def r(completion, example):\n    example['seen'].append(1)\n"
                                  "    return float(len(example['seen']) == 1)\n")
-    grpo.train(grpo.parse_config(ARGS + ["--max_steps=3", "--task=jsonl", f"--data_path={rows_file}", "--eval_size=2",
-                                         f"--rewards={path}:r", f"--out_dir={tmp_path / 'run'}"]))
+    grpo.train(grpo.parse_config(ARGS + ["--max_steps=3", "--task=jsonl", f"--data_path={rows_file}",
+                                         "--eval_size=2", f"--rewards={path}:r",
+                                         f"--out_dir={tmp_path / 'run'}"]))
     assert [r[f"reward_{path}:r"] for r in rows(tmp_path / "run")] == [1.0, 1.0, 1.0]
 
 
@@ -331,7 +347,8 @@ def damage(run, how):
 
 @pytest.mark.parametrize("how, resumed_from, note", [
     ("trainer_state.pt deleted", 1, "checkpoint-000002, the latest checkpoint, has no trainer_state.pt"),
-    ("trainer_state.pt truncated", 1, "checkpoint-000002, the latest checkpoint, has a damaged trainer_state.pt"),
+    ("trainer_state.pt truncated", 1,
+     "checkpoint-000002, the latest checkpoint, has a damaged trainer_state.pt"),
     ("weights truncated", 1, "checkpoint-000002, the latest checkpoint, has a damaged model"),
     ("checkpoint gone", 1, "checkpoint-000002, the latest checkpoint, is missing"),
     ("latest empty", 2, "latest names '', no checkpoint of this run"),
@@ -339,8 +356,8 @@ def damage(run, how):
     ("latest absolute", 2, "no checkpoint of this run"),
     ("latest gone", 2, "latest is missing"),
 ])
-def test_a_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(capsys, run, runs_made, how, resumed_from,
-                                                                       note):
+def test_a_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(capsys, run, runs_made, how,
+                                                                       resumed_from, note):
     damage(run, how)
     code, err = main(capsys, f"--resume={run}", "--max_steps=3")
     assert code == 0
@@ -374,7 +391,8 @@ def test_a_moved_run_directory_resumes(capsys, runs_made, tmp_path):
 
 def test_no_checkpoint_at_all(capsys, tmp_path):
     (tmp_path / "train_config.json").write_text(json.dumps(dataclasses.asdict(grpo.parse_config([]))))
-    one_line_refusal(*main(capsys, f"--resume={tmp_path}"), f"resume: {tmp_path} holds no checkpoint to resume from")
+    one_line_refusal(*main(capsys, f"--resume={tmp_path}"),
+                     f"resume: {tmp_path} holds no checkpoint to resume from")
 
 
 @pytest.mark.parametrize("how, text, problem", [
@@ -396,14 +414,16 @@ def test_a_damaged_train_config_resumes_with_the_checkpoints_copy(capsys, run, r
 
 def test_a_damaged_train_config_without_checkpoints_is_one_line(capsys, tmp_path):
     (tmp_path / "train_config.json").write_text("{")
-    one_line_refusal(*main(capsys, f"--resume={tmp_path}"), f"resume: {tmp_path}/train_config.json is not valid JSON")
+    one_line_refusal(*main(capsys, f"--resume={tmp_path}"),
+                     f"resume: {tmp_path}/train_config.json is not valid JSON")
 
 
 def test_an_unknown_key_in_train_config_names_the_file(capsys, run):
     path = run / "train_config.json"
     path.write_text(json.dumps(dict(json.loads(path.read_text()), lrr=1)))
     before = snapshot(run)
-    one_line_refusal(*main(capsys, f"--resume={run}"), f"{path}: unknown config key 'lrr' (did you mean 'lr'?)")
+    one_line_refusal(*main(capsys, f"--resume={run}"),
+                     f"{path}: unknown config key 'lrr' (did you mean 'lr'?)")
     assert snapshot(run) == before
 
 
@@ -419,7 +439,8 @@ def test_out_dir_that_is_a_file_or_under_one(capsys, tmp_path):
         one_line_refusal(*main(capsys, f"--out_dir={out}"), f"out_dir: {out}: {why}")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 and not shutil.which("setpriv"), reason="root writes anywhere: needs setpriv")
+@pytest.mark.skipif(os.geteuid() != 0 and not shutil.which("setpriv"),
+                    reason="root writes anywhere: needs setpriv")
 def test_out_dir_that_is_read_only():
     import tempfile
     top = tempfile.mkdtemp()                 # outside pytest's own folders, which only their owner may enter
@@ -428,9 +449,11 @@ def test_out_dir_that_is_read_only():
         os.mkdir(folder)
         os.chmod(top, 0o755)
         os.chmod(folder, 0o555)
-        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        as_nobody = (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0
+                     else [])
         result = subprocess.run([*as_nobody, sys.executable, os.path.join(ROOT, "grpo.py"),
-                                 f"--out_dir={folder}/run"], capture_output=True, text=True, timeout=300, cwd="/")
+                                 f"--out_dir={folder}/run"], capture_output=True, text=True, timeout=300,
+                                cwd="/")
         assert result.returncode == 2
         assert result.stderr.strip() == f"grpo.py: error: out_dir: {folder}/run: {folder} is not writable"
     finally:
@@ -448,8 +471,8 @@ def test_a_config_file_that_is_not_utf8_or_sets_a_key_twice(capsys, tmp_path):
     one_line_refusal(*main(capsys, f"--config={path}"), f"{path}:2: not UTF-8 text")
     path.write_text("lr = 1e-5\ngroup_size = 4\nlr = 2e-5\n")
     one_line_refusal(*main(capsys, f"--config={path}"), f"{path}:3: lr is set twice (lines 1 and 3)")
-    for deep, why in [("[" * 250 + "]" * 250, "1: too many nested parentheses"), ("-" * 5000 + "1", " nested too deeply"),
-                      ("-" * 100_000 + "1", " nested too deeply")]:
+    for deep, why in [("[" * 250 + "]" * 250, "1: too many nested parentheses"),
+                      ("-" * 5000 + "1", " nested too deeply"), ("-" * 100_000 + "1", " nested too deeply")]:
         path.write_text(f"lr = {deep}\n")
         one_line_refusal(*main(capsys, f"--config={path}"), f"{path}:{why}")
 
@@ -457,11 +480,13 @@ def test_a_config_file_that_is_not_utf8_or_sets_a_key_twice(capsys, tmp_path):
 @pytest.mark.parametrize("line, problem", [
     (b'{"prompt": "1+1", "answer": "\xff"}', "not UTF-8 text"),
     (b'{"prompt": "1+1", "answer": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
-    (b'{"prompt": "1+1", "answer": null}', "'answer' must be a non-empty string or a finite number, not null"),
+    (b'{"prompt": "1+1", "answer": null}',
+     "'answer' must be a non-empty string or a finite number, not null"),
     (b'{"prompt": "1+1", "answer": NaN}', "'answer' must be a non-empty string or a finite number, not NaN"),
     (b'{"prompt": "1+1", "answer": {"value": 2}}', "'answer' must be a non-empty string or a finite number"),
     (b'{"prompt": "1+1", "answer": [2]}', "'answer' must be a non-empty string or a finite number"),
-    (b'{"prompt": "1+1", "answer": true}', "'answer' must be a non-empty string or a finite number, not true"),
+    (b'{"prompt": "1+1", "answer": true}',
+     "'answer' must be a non-empty string or a finite number, not true"),
     (b'{"prompt": "1+1", "answer": " "}', "'answer' must be a non-empty string or a finite number"),
     (b'{"prompt": "1+1", "answer": 2, "answer": 3}', "key 'answer' appears twice"),
 ])
@@ -474,7 +499,8 @@ def test_a_bad_jsonl_row_names_its_file_and_line(capsys, tmp_path, line, problem
 
 def test_good_jsonl_answers_are_read_as_text(tmp_path):
     path = tmp_path / "rows.jsonl"
-    path.write_text('\ufeff{"prompt": "a", "answer": 4}\n{"prompt": "b", "answer": 0.5}\n{"prompt": "c", "answer": "1,2"}\n')
+    path.write_text('\ufeff{"prompt": "a", "answer": 4}\n{"prompt": "b", "answer": 0.5}\n'
+                    '{"prompt": "c", "answer": "1,2"}\n')
     assert [e["answer"] for e in data.load_file(str(path), data.jsonl_example)] == ["4", "0.5", "1,2"]
 
 
@@ -484,17 +510,19 @@ def test_good_jsonl_answers_are_read_as_text(tmp_path):
 
 def test_eval_size_caps_the_held_out_file(capsys, monkeypatch, tmp_path):
     train, test = data.load_task("gsm8k", 0, f"{SHARED}/train.jsonl", f"{SHARED}/test.jsonl", eval_size=5)
-    assert len(train) == 7473 and [e["source"] for e in test] == [f"{SHARED}/test.jsonl:{i}" for i in range(1, 6)]
+    assert (len(train) == 7473
+            and [e["source"] for e in test] == [f"{SHARED}/test.jsonl:{i}" for i in range(1, 6)])
 
     class Loaded(Exception):
         pass
 
     def stop(*args):
         raise Loaded
-    monkeypatch.setattr(grpo, "initial_model", stop)
+    monkeypatch.setattr(data, "initial_model", stop)
     with pytest.raises(Loaded):
-        grpo.train(grpo.parse_config(["--task=gsm8k", f"--data_path={SHARED}/train.jsonl", f"--out_dir={tmp_path}",
-                                      f"--eval_data_path={SHARED}/test.jsonl", "--eval_size=500"]))
+        grpo.train(grpo.parse_config(["--task=gsm8k", f"--data_path={SHARED}/train.jsonl",
+                                      f"--out_dir={tmp_path}", f"--eval_data_path={SHARED}/test.jsonl",
+                                      "--eval_size=500"]))
     assert "data: 7473 training questions, 500 held out" in capsys.readouterr().out
 
 
@@ -514,7 +542,8 @@ def test_rewards_are_timed_apart_from_the_log_probs(tmp_path, monkeypatch):
     grpo.train(grpo.parse_config(ARGS + ["--max_steps=2", f"--out_dir={tmp_path}"]))
     with open(tmp_path / "metrics.jsonl") as f:
         logged = [json.loads(line) for line in f]
-    assert all((r["t_sample"], r["t_rewards"], r["t_logprobs"], r["t_update"]) == (0.0, 100.0, 0.0, 0.0) for r in logged)
+    assert all((r["t_sample"], r["t_rewards"], r["t_logprobs"], r["t_update"]) == (0.0, 100.0, 0.0, 0.0)
+               for r in logged)
 
 
 def test_plain_numbers_are_judged_without_math_verify(monkeypatch):
@@ -523,8 +552,8 @@ def test_plain_numbers_are_judged_without_math_verify(monkeypatch):
     monkeypatch.setattr(R, "math_verify_match", refuse)
     monkeypatch.setattr(R, "math_verify_installed", lambda: True)
     R.answers_match.cache_clear()
-    for truth, answer, right in [("85", "85", True), ("1234", "1,234", True), ("-3", "-3.0", True), ("18", "17", False),
-                                 ("0.5", ".5", True)]:
+    for truth, answer, right in [("85", "85", True), ("1234", "1,234", True), ("-3", "-3.0", True),
+                                 ("18", "17", False), ("0.5", ".5", True)]:
         if R.PLAIN.fullmatch(answer):
             assert R.answers_match(truth, answer) == right
     R.answers_match.cache_clear()

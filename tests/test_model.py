@@ -9,6 +9,7 @@ import torch
 import data
 import engine
 import grpo
+from conftest import draw
 from grpo import Config
 
 
@@ -24,7 +25,8 @@ def test_tiny_model_reloads_and_tokenizes_tags_whole(tiny_dir, tiny):
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 2e6
     ids = tokenizer("<think>1+2</think>", add_special_tokens=False)["input_ids"]
     assert len(ids) == 5 and tokenizer.decode(ids) == "<think>1+2</think>"
-    assert AutoModelForCausalLM.from_pretrained(tiny_dir) is not None and AutoTokenizer.from_pretrained(tiny_dir).eos_token == "<eos>"
+    assert (AutoModelForCausalLM.from_pretrained(tiny_dir) is not None
+            and AutoTokenizer.from_pretrained(tiny_dir).eos_token == "<eos>")
 
 
 def test_logprobs_match_full_log_softmax_and_ignore_left_padding(tiny):
@@ -33,7 +35,8 @@ def test_logprobs_match_full_log_softmax_and_ignore_left_padding(tiny):
     completion = data.encode_completions(tokenizer, ["<think>4+2=6</think>", "<think>x"], "cpu")
     full_ids, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
     with torch.no_grad():
-        logp, entropy = engine.completion_logprobs(model, full_ids, attention, completion.size(1), temperature=0.7)
+        logp, entropy = engine.completion_logprobs(model, full_ids, attention, completion.size(1),
+                                                   temperature=0.7)
         # reference: the second row alone, no padding, full log-softmax over every position
         alone = torch.cat([prompts(tokenizer, ["1+2"])[0], completion[1:]], 1)
         logits = model(alone).logits[0, -completion.size(1) - 1:-1] / 0.7
@@ -47,9 +50,10 @@ def test_greedy_sampling_matches_transformers_generate(tiny):
     model, tokenizer = tiny
     ids, mask = prompts(tokenizer, ["12+34", "5+6", "99+1"])
     eos = engine.stop_ids(model, tokenizer)
-    ours = engine.sample(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0)
+    ours = draw(model, ids, mask, 12, eos, tokenizer.pad_token_id, temperature=0)
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[:, ids.size(1):]
+                            eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)[:, ids.size(1):]
     assert torch.equal(ours, theirs[:, :ours.size(1)])
 
 
@@ -61,7 +65,8 @@ class Scripted(torch.nn.Module):
         self.scripts, self.vocab, self.calls = scripts, vocab, 0
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                logits_to_keep=0):
         step, self.calls = self.calls, self.calls + 1
         logits = torch.full((len(input_ids), 1, self.vocab), -1e9)
         for r, script in enumerate(self.scripts):
@@ -74,18 +79,19 @@ def test_sampling_pads_after_eos_and_stops_early(pad_id):
     eos = torch.tensor([2])
     model = Scripted([[5, 2, 7, 7], [5, 6, 2, 7], [2, 7, 7, 7], [5, 6, 7, 2]])
     distinct_prompts = torch.arange(12).view(4, 3)  # identical ones would share one prefill row
-    out = engine.sample(model, distinct_prompts, torch.ones(4, 3, dtype=torch.long), 20, eos, pad_id)
+    out = draw(model, distinct_prompts, torch.ones(4, 3, dtype=torch.long), 20, eos, pad_id)
     p = pad_id
     assert out[:, :4].tolist() == [[5, 2, p, p], [5, 6, 2, p], [2, p, p, p], [5, 6, 7, 2]]
     assert (out[:, 4:] == p).all()
-    assert model.calls == out.size(1) == 8     # stopped at the first check (every 8 tokens) after every row's EOS
-    assert grpo.completion_mask(out, eos).sum(1).tolist() == [2, 3, 1, 4]
+    # stopped at the first check (every 8 tokens) after every row's EOS
+    assert model.calls == out.size(1) == 8
+    assert data.completion_mask(out, eos).sum(1).tolist() == [2, 3, 1, 4]
 
 
 def test_sampling_without_eos_runs_to_max_new_tokens():
-    out = engine.sample(Scripted([[5] * 50]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
+    out = draw(Scripted([[5] * 50]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
                       7, torch.tensor([2]), 0)
-    assert out.shape == (1, 7) and grpo.completion_mask(out, torch.tensor([2])).sum() == 7
+    assert out.shape == (1, 7) and data.completion_mask(out, torch.tensor([2])).sum() == 7
 
 
 def test_top_p_keeps_the_nucleus():
@@ -105,7 +111,8 @@ def test_inverse_cdf_picks_the_interval_holding_the_uniform():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(7, 1)
     u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.81, 0.96, 0.999999])  # cumulative 0.5, 0.8, 0.95, 1.0
     assert engine.pick_token(logits, 1.0, 1.0, u).tolist() == [0, 0, 1, 1, 2, 3, 3]
-    zero_first = torch.tensor([[-math.inf, 0.0, 0.0, -math.inf]]).repeat(3, 1)  # probability 0 is never picked
+    # probability 0 is never picked
+    zero_first = torch.tensor([[-math.inf, 0.0, 0.0, -math.inf]]).repeat(3, 1)
     assert engine.pick_token(zero_first, 1.0, 1.0, torch.tensor([0.0, 0.5, 0.9999999])).tolist() == [1, 2, 2]
 
 
@@ -115,11 +122,12 @@ def test_a_completion_does_not_depend_on_its_batch(tiny):
     eos = engine.stop_ids(model, tokenizer)
     ids = torch.tensor([tokenizer("12+34=")["input_ids"]] * 6)
     mask, u = torch.ones_like(ids), torch.rand(6, 16, generator=torch.Generator().manual_seed(3))
-    together = engine.sample(model, ids, mask, 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
-    halves = [engine.sample(model, ids[r], mask[r], 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u[r])
+    together = draw(model, ids, mask, 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
+    halves = [draw(model, ids[r], mask[r], 16, eos, tokenizer.pad_token_id, 1.0, 1.0, u[r])
               for r in (slice(0, 3), slice(3, 6))]
     width = max(together.size(1), *(h.size(1) for h in halves))
-    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.size(1)), value=tokenizer.pad_token_id)  # noqa: E731
+    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.size(1)),  # noqa: E731
+                                            value=tokenizer.pad_token_id)
     assert torch.equal(pad(together), torch.cat([pad(h) for h in halves]))
     assert len({tuple(row) for row in together.tolist()}) > 1  # the rows really were sampled
 
@@ -129,7 +137,8 @@ def grouped_batch(tokenizer, group_sizes=(3, 1, 4), completion_len=6, seed=0):
     groups do; the prompts have different lengths (left padding)."""
     questions = [q for g, q in zip(group_sizes, ["12+34", "1+2", "5+60", "7+7"]) for _ in range(g)]
     ids, mask = prompts(tokenizer, questions)
-    completion = torch.randint(7, 40, (len(questions), completion_len), generator=torch.Generator().manual_seed(seed))
+    completion = torch.randint(7, 40, (len(questions), completion_len),
+                               generator=torch.Generator().manual_seed(seed))
     return torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1), completion_len
 
 
@@ -158,7 +167,8 @@ def test_shared_prompt_pass_runs_each_distinct_prompt_once(tiny):
     model, tokenizer = tiny
     ids, attention, C = grouped_batch(tokenizer)      # 8 rows, 3 distinct prompts
     seen = []
-    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    handle = model.model.embed_tokens.register_forward_hook(
+        lambda m, args, out: seen.append(tuple(args[0].shape)))
     try:
         with torch.no_grad():
             engine.completion_logprobs(model, ids, attention, C, share_prompt=True)
@@ -186,13 +196,15 @@ def test_sampling_repeated_prompts_equals_sampling_them_one_by_one(tiny):
     model, tokenizer = tiny
     ids, attention, _ = grouped_batch(tokenizer)
     prompt_ids, prompt_mask = ids[:, :-6], attention[:, :-6]
-    eos, u = engine.stop_ids(model, tokenizer), torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(5))
-    together = engine.sample(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
-    unshared = engine.sample(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u, share_prompt=False)
+    eos, u = (engine.stop_ids(model, tokenizer),
+              torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(5)))
+    together = draw(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
+    unshared = draw(model, prompt_ids, prompt_mask, 12, eos, tokenizer.pad_token_id, 1.0, 1.0, u,
+                    share_prompt=False)
     assert torch.equal(together, unshared)
     for r in range(len(ids)):
-        alone = engine.sample(model, prompt_ids[r:r + 1], prompt_mask[r:r + 1], 12, eos, tokenizer.pad_token_id, 1.0, 1.0,
-                            u[r:r + 1])
+        alone = draw(model, prompt_ids[r:r + 1], prompt_mask[r:r + 1], 12, eos, tokenizer.pad_token_id,
+                     1.0, 1.0, u[r:r + 1])
         assert together[r, :alone.size(1)].tolist() == alone[0].tolist()
         assert (together[r, alone.size(1):] == tokenizer.pad_token_id).all()
 
@@ -206,7 +218,7 @@ def batch_for_gradients(tokenizer, n=7):
             completion[r, r + 1:] = tokenizer.eos_token_id
     full_ids = torch.cat([ids, completion], 1)
     attention = torch.cat([mask, torch.ones_like(completion)], 1)
-    loss_mask = grpo.completion_mask(completion, torch.tensor([tokenizer.eos_token_id]))
+    loss_mask = data.completion_mask(completion, torch.tensor([tokenizer.eos_token_id]))
     loss_mask[3] = 0                        # a completion left out (e.g. a dropped group)
     return full_ids, attention, completion.size(1), torch.randn(n), loss_mask
 
@@ -214,8 +226,9 @@ def batch_for_gradients(tokenizer, n=7):
 def gradient(model, tokenizer, batch, cfg, old=None, ref=None):
     model.zero_grad()
     ids, attention, c, adv, loss_mask = batch
-    grpo.accumulate_gradients(engine.Engine(model, tokenizer, share_prompt=cfg.share_prompt), model, ids, attention, c,
-                              adv, loss_mask, old, ref, cfg)
+    rollout = grpo.Rollout(ids, attention, adv, loss_mask, old, ref, torch.zeros(len(ids), c))
+    grpo.accumulate_gradients(engine.Engine(model, tokenizer, share_prompt=cfg.share_prompt), model, rollout,
+                              cfg)
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -227,9 +240,12 @@ def test_micro_batched_gradient_equals_full_batch(tiny, loss_type, beta):
     n, c = len(batch[0]), batch[2]
     old = torch.randn(n, c) * 0.1 - 3 if beta else None       # also exercise mu > 1 (given old log-probs)
     ref = torch.randn(n, c) * 0.1 - 3 if beta else None
-    full = gradient(model, tiny[1], batch, Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=n), old, ref)
+    full = gradient(model, tiny[1], batch,
+                    Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=n), old, ref)
     for size in (1, 3):
-        micro = gradient(model, tiny[1], batch, Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=size), old, ref)
+        micro = gradient(model, tiny[1], batch,
+                         Config(loss_type=loss_type, beta=beta, clip_eps_high=0.2, micro_batch_size=size),
+                         old, ref)
         assert full.abs().max() > 0 and torch.allclose(full, micro, atol=1e-6, rtol=1e-4)
 
 
@@ -238,8 +254,10 @@ def test_detached_current_logprobs_give_the_same_gradient_as_old_ones(tiny):
     model = copy.deepcopy(tiny[0]).train()
     batch = batch_for_gradients(tiny[1])
     cfg = Config(beta=0.0, clip_eps_high=0.2)
-    old = engine.Engine(model, tiny[1]).logprobs(batch[0], batch[1], batch[2], micro_batch_size=cfg.micro_batch_size)
-    assert torch.allclose(gradient(model, tiny[1], batch, cfg), gradient(model, tiny[1], batch, cfg, old=old), atol=1e-7)
+    old = engine.Engine(model, tiny[1]).logprobs_no_grad(batch[0], batch[1], batch[2], 1.0, model,
+                                                         cfg.micro_batch_size)
+    assert torch.allclose(gradient(model, tiny[1], batch, cfg), gradient(model, tiny[1], batch, cfg, old=old),
+                          atol=1e-7)
 
 
 def test_prompts_are_left_padded_and_cut_from_the_left(tiny):
@@ -259,5 +277,5 @@ def test_a_model_that_returns_no_cache_is_refused_in_one_line():
         def forward(self, *args, **kwargs):
             return types.SimpleNamespace(logits=super().forward(*args, **kwargs).logits)
     with pytest.raises(grpo.ConfigError, match=r"^model: NoCache returns no KV cache under transformers "):
-        engine.sample(NoCache([[5, 2]]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 4,
+        draw(NoCache([[5, 2]]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 4,
                     torch.tensor([2]), 0)

@@ -10,38 +10,36 @@ import torch
 
 import engine
 import grpo
-from grpo import Config
-
-
-def cfg_of(**overrides):
-    cfg = Config(**overrides)
-    cfg.clip_eps_high = cfg.clip_eps_low if cfg.clip_eps_high is None else cfg.clip_eps_high
-    return cfg
+import objectives
+from conftest import loss_of
 
 
 # ---- advantages
 
 def test_rloo_leave_one_out_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
-    a = grpo.group_advantages(r, 4, "none", kind="rloo")
+    a = grpo.group_advantages(r, 4, "none", baseline=objectives.rloo_baseline)
     # r=1: 1 - mean(0, 0, 1) = 2/3; r=0: 0 - mean(1, 0, 1) = -2/3; the all-equal group: exactly 0
     assert torch.allclose(a, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0]))
     assert torch.equal(a[4:], torch.zeros(4))
     # leave-one-out is G / (G - 1) times the group-mean baseline
     assert torch.allclose(a, grpo.group_advantages(r, 4, "none") * 4 / 3)
     # with the group's std (unbiased: sqrt(1/3)), as scale_rewards=group says
-    assert grpo.group_advantages(r, 4, "group", eps=0.0, kind="rloo")[0].item() == pytest.approx((2 / 3) / math.sqrt(1 / 3))
+    rloo = grpo.group_advantages(r, 4, "group", eps=0.0, baseline=objectives.rloo_baseline)
+    assert rloo[0].item() == pytest.approx((2 / 3) / math.sqrt(1 / 3))
 
 
 def test_reinforce_pp_whitens_over_the_batch_by_hand():
     r = torch.tensor([1.0, 0.0, 3.0, 3.0, 0.0, 2.0])
     # group-centred: 0.5, -0.5, 0, 0, -1, 1; batch mean 0, unbiased std sqrt(2.5 / 5)
     expected = torch.tensor([0.5, -0.5, 0.0, 0.0, -1.0, 1.0]) / math.sqrt(0.5)
-    for scale in ("group", "batch", "none"):  # its own normalisation: scale_rewards does not apply
-        a = grpo.group_advantages(r, 2, scale, eps=0.0, kind="reinforce_pp")
-        assert torch.allclose(a, expected, atol=1e-6)
+    zero_std = torch.tensor([False, True, False])
+    a = objectives.reinforce_pp_advantages(r, 2, 0.0, zero_std)  # its own normalisation: no scale_rewards
+    assert torch.allclose(a, expected, atol=1e-6)
     assert torch.equal(a[2:4], torch.zeros(2))  # the all-equal group: exactly 0
-    assert not torch.isnan(grpo.group_advantages(torch.ones(6), 2, kind="reinforce_pp")).any()
+    assert torch.equal(objectives.reinforce_pp_advantages(torch.ones(6), 2, 1e-4,
+                                                          torch.ones(3, dtype=torch.bool)),
+                       torch.zeros(6))
 
 
 # ---- GSPO: the sequence-level ratio
@@ -49,21 +47,20 @@ def test_reinforce_pp_whitens_over_the_batch_by_hand():
 def test_sequence_log_ratio_is_the_mean_over_the_completion():
     logp = torch.tensor([[0.1, 0.3, 9.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    log_ratio = grpo.importance_log_ratio(logp, torch.zeros(1, 3), mask, "sequence")
+    log_ratio = objectives.sequence_log_ratio(logp - torch.zeros(1, 3), mask)
     assert torch.allclose(log_ratio, torch.full((1, 3), 0.2))
     log_ratio[0, 0].backward()
     assert torch.allclose(logp.grad, torch.tensor([[0.5, 0.5, 0.0]]))  # 1/|o| per completion token
-    assert torch.equal(grpo.importance_log_ratio(logp, torch.zeros(1, 3), mask, "token"), logp)
 
 
 def test_gspo_loss_by_hand():
     """Row 0: log-ratios 0.1, 0.3 -> s = e^0.2 = 1.2214 with A = +1: clipped at 1.2, no gradient.
     Row 1: -0.3, -0.3, 0 -> s = e^-0.2 = 0.8187 with A = -1: inside [0.8, 1.2], loss s per token.
     grpo aggregation: (-1.2 + 0.8187) / 2; d/d logp_t of row 1 = s / 3 / 2."""
-    cfg = cfg_of(importance_sampling_level="sequence", beta=0.0)
     logp = torch.tensor([[0.1, 0.3, 0.0], [-0.3, -0.3, 0.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    loss, stats = grpo.grpo_loss(logp, torch.zeros(2, 3), None, torch.tensor([1.0, -1.0]), mask, cfg, 2)
+    loss, stats = loss_of(logp, torch.zeros(2, 3), None, torch.tensor([1.0, -1.0]), mask, 2,
+                          importance_sampling_level="sequence", beta=0.0)
     s = math.exp(-0.2)
     assert loss.item() == pytest.approx((-1.2 + s) / 2, rel=1e-6)
     loss.backward()
@@ -77,18 +74,18 @@ def test_cispo_caps_the_weight_and_keeps_every_gradient():
     """ratios 10 and 1, A = 2, cap 5: weights 5 and 1 (detached); loss -w A logp per token, token
     mean: (-5*2*log 0.5 - 1*2*log 0.25) / 2; gradient -w A / 2 = -5, -1. PPO's clip would give
     the first token no gradient at all."""
-    cfg = cfg_of(loss_type="cispo", beta=0.0, cispo_cap=5.0)
     logp = torch.tensor([[math.log(0.5), math.log(0.25)]], requires_grad=True)
     old = torch.tensor([[math.log(0.05), math.log(0.25)]])
     mask = torch.ones(1, 2)
     assert grpo.loss_denominator(mask, "cispo", 8).item() == 2
-    loss, stats = grpo.grpo_loss(logp, old, None, torch.tensor([2.0]), mask, cfg, 2)
+    loss, stats = loss_of(logp, old, None, torch.tensor([2.0]), mask, 2, loss_type="cispo", beta=0.0,
+                          cispo_cap=5.0)
     assert loss.item() == pytest.approx((-10 * math.log(0.5) - 2 * math.log(0.25)) / 2, rel=1e-6)
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-5.0, -1.0]]))
     assert stats["clip_high"].item() == 1
     ppo = logp.detach().requires_grad_()
-    grpo.grpo_loss(ppo, old, None, torch.tensor([2.0]), mask, cfg_of(loss_type="dapo", beta=0.0), 2)[0].backward()
+    loss_of(ppo, old, None, torch.tensor([2.0]), mask, 2, loss_type="dapo", beta=0.0)[0].backward()
     assert ppo.grad[0, 0].item() == 0.0
 
 
@@ -109,13 +106,12 @@ def test_delta_two_sided_clip_by_hand(adv, delta, loss, grad):
 # ---- the entropy bonus
 
 def test_entropy_bonus_is_coef_times_the_token_mean():
-    cfg = cfg_of(beta=0.0, entropy_coef=0.1)
     logp = torch.zeros(2, 2)
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     entropy = torch.tensor([[1.0, 2.0], [3.0, 9.0]], requires_grad=True)
     adv = torch.tensor([1.0, -1.0])
-    plain, _ = grpo.grpo_loss(logp, logp, None, adv, mask, cfg, 2)
-    bonus, _ = grpo.grpo_loss(logp, logp, None, adv, mask, cfg, 2, entropy=entropy, loss_tokens=3)
+    plain, _ = loss_of(logp, logp, None, adv, mask, 2, beta=0.0, entropy_coef=0.1)
+    bonus, _ = loss_of(logp, logp, None, adv, mask, 2, (entropy, 3), beta=0.0, entropy_coef=0.1)
     assert (bonus - plain).item() == pytest.approx(-0.1 * 6 / 3)   # the masked 9.0 does not count
     bonus.backward()
     assert torch.allclose(entropy.grad, torch.tensor([[-0.1 / 3, -0.1 / 3], [-0.1 / 3, 0.0]]))
@@ -141,19 +137,26 @@ def test_engine_entropy_has_gradients_and_the_right_value(tiny):
     (["--delta=4", "--loss_type=cispo"], "delta: caps the clipped objective's ratio"),
     (["--entropy_coef=-0.1"], "entropy_coef: must not be negative"),
     (["--advantage=vtrace"], "advantage: 'vtrace' is not one of grpo, rloo, reinforce_pp"),
-    (["--importance_sampling_level=group"], "importance_sampling_level: 'group' is not one of token, sequence"),
+    (["--importance_sampling_level=group"],
+     "importance_sampling_level: 'group' is not one of token, sequence"),
 ])
 def test_bad_objective_flags_are_refused(args, message):
-    with pytest.raises(grpo.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+    with pytest.raises(grpo.ConfigError,
+                       match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         grpo.parse_config(args)
 
 
 # ---- against TRL's GRPOTrainer._compute_loss
 
 
-def trl_loss(logp, entropy, old, ref, adv, mask, loss_type, level="token", eps_low=0.2, eps_high=0.2, delta=None,
-             beta=0.0, entropy_coef=0.0, max_completion_length=8):
-    """TRL's loss for these tensors: its _compute_loss on a stand-in trainer whose forward returns them."""
+def trl_loss(logp, entropy, old, ref, adv, mask, options):
+    """TRL's loss for these tensors: its _compute_loss on a stand-in trainer whose forward returns
+    them, with `options` (loss_type, level, eps_low, eps_high, delta, beta, entropy_coef)."""
+    o = {"level": "token", "eps_low": 0.2, "eps_high": 0.2, "delta": None, "beta": 0.0, "entropy_coef": 0.0,
+         **options}
+    loss_type, level, eps_low, eps_high, beta, entropy_coef = (
+        o[k] for k in ("loss_type", "level", "eps_low", "eps_high", "beta", "entropy_coef"))
+    delta, max_completion_length = o["delta"], 8
     trainer = pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer
     metrics = collections.defaultdict(lambda: collections.defaultdict(list))
     same = lambda x, **_: x  # noqa: E731 (one process)
@@ -168,7 +171,8 @@ def trl_loss(logp, entropy, old, ref, adv, mask, loss_type, level="token", eps_l
         args=types.SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=1),
         _entropy_bonus_enabled=entropy_coef > 0, entropy_coef=entropy_coef, use_adaptive_entropy=False,
         _metrics=metrics)
-    inputs = {"prompt_ids": torch.zeros(len(logp), 1, dtype=torch.long), "prompt_mask": torch.ones(len(logp), 1),
+    inputs = {"prompt_ids": torch.zeros(len(logp), 1, dtype=torch.long),
+              "prompt_mask": torch.ones(len(logp), 1),
               "completion_ids": torch.zeros_like(mask, dtype=torch.long), "completion_mask": mask,
               "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
               "num_items_in_batch": mask.sum()}
@@ -177,7 +181,8 @@ def trl_loss(logp, entropy, old, ref, adv, mask, loss_type, level="token", eps_l
 
 CASES = {  # our flags -> TRL's arguments for the same objective
     "grpo": ({}, {"loss_type": "grpo"}),
-    "dapo clip-higher": ({"loss_type": "dapo", "clip_eps_high": 0.28}, {"loss_type": "dapo", "eps_high": 0.28}),
+    "dapo clip-higher": ({"loss_type": "dapo", "clip_eps_high": 0.28},
+                         {"loss_type": "dapo", "eps_high": 0.28}),
     "dr_grpo": ({"loss_type": "dr_grpo"}, {"loss_type": "dr_grpo"}),
     "gspo": ({"importance_sampling_level": "sequence", "clip_eps_low": 3e-4, "clip_eps_high": 4e-4},
              {"loss_type": "grpo", "level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4}),
@@ -185,7 +190,8 @@ CASES = {  # our flags -> TRL's arguments for the same objective
     "cispo sequence": ({"loss_type": "cispo", "cispo_cap": 1.1, "importance_sampling_level": "sequence"},
                        {"loss_type": "cispo", "eps_high": 1.1, "level": "sequence"}),
     "delta": ({"delta": 1.5}, {"loss_type": "grpo", "delta": 1.5}),
-    "entropy bonus dapo": ({"loss_type": "dapo", "entropy_coef": 0.05}, {"loss_type": "dapo", "entropy_coef": 0.05}),
+    "entropy bonus dapo": ({"loss_type": "dapo", "entropy_coef": 0.05},
+                           {"loss_type": "dapo", "entropy_coef": 0.05}),
     "beta": ({"beta": 0.04}, {"loss_type": "grpo"}),
 }
 
@@ -207,12 +213,12 @@ def test_the_same_loss_and_gradient_as_trl(case):
         logp = base.clone().requires_grad_()
         entropy = entropy_value.clone().requires_grad_()
         if use_trl:
-            loss = trl_loss(logp, entropy, old, ref, adv, mask, beta=ours.get("beta", 0.0), **theirs)
+            loss = trl_loss(logp, entropy, old, ref, adv, mask, dict(theirs, beta=ours.get("beta", 0.0)))
         else:
-            cfg = cfg_of(**{"beta": 0.0, **ours}, max_new_tokens=T)
-            denominator = grpo.loss_denominator(mask, cfg.loss_type, T)
-            loss, _ = grpo.grpo_loss(logp, old, ref if cfg.beta else None, adv, mask, cfg, denominator,
-                                     entropy=entropy if cfg.entropy_coef else None, loss_tokens=mask.sum())
+            o = {"beta": 0.0, **ours}
+            denominator = grpo.loss_denominator(mask, o.get("loss_type", "grpo"), T)
+            bonus = (entropy, mask.sum()) if o.get("entropy_coef") else None
+            loss, _ = loss_of(logp, old, ref if o["beta"] else None, adv, mask, denominator, bonus, **o)
         loss.backward()
         results.append((loss.item(), logp.grad, entropy.grad))
     (trl_value, trl_grad, trl_entropy_grad), (value, grad, entropy_grad) = results
@@ -225,8 +231,8 @@ def test_the_same_loss_and_gradient_as_trl(case):
 # ---- end to end
 
 @pytest.mark.parametrize("flags", [
-    ["--importance_sampling_level=sequence", "--clip_eps_low=3e-4", "--clip_eps_high=4e-4", "--advantage=rloo",
-     "--scale_rewards=none"],
+    ["--importance_sampling_level=sequence", "--clip_eps_low=3e-4", "--clip_eps_high=4e-4",
+     "--advantage=rloo", "--scale_rewards=none"],
     ["--loss_type=cispo", "--advantage=reinforce_pp", "--entropy_coef=0.01"],
     ["--delta=4", "--entropy_coef=0.01", "--loss_type=dapo"],
 ])

@@ -10,6 +10,7 @@ import grpo
 import plot
 import r1
 import rewards as R
+import sft
 
 
 def write_jsonl(path, rows):
@@ -36,11 +37,12 @@ def test_sft_loss_is_the_mean_nll_of_completion_tokens_only(tiny):
     cfg = grpo.Config(max_prompt_tokens=200)
     batch = [{"question": "12+34", "solution": "<think>2+4=6</think><answer>46</answer>"},
              {"question": "5+7", "solution": "12"}]
-    loss, tokens = grpo.sft_loss(engine.Engine(model, tokenizer), batch, cfg)
+    loss, tokens = sft.sft_loss(engine.Engine(model, tokenizer), batch, cfg)
     total, count = 0.0, 0
     for e in batch:  # by hand: each sequence alone, unpadded, the full log-softmax
         prompt = tokenizer(e["question"] + "\n")["input_ids"]
-        completion = tokenizer(e["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        completion = (tokenizer(e["solution"], add_special_tokens=False)["input_ids"]
+                      + [tokenizer.eos_token_id])
         ids = torch.tensor([prompt + completion])
         logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
         total -= sum(logp[len(prompt) - 1 + t, token].item() for t, token in enumerate(completion))
@@ -49,7 +51,8 @@ def test_sft_loss_is_the_mean_nll_of_completion_tokens_only(tiny):
 
 
 def test_load_pairs_strips_the_prefill_and_names_bad_lines(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1", "completion": "<think>1+1=2</think><answer>2</answer>"}])
+    path = write_jsonl(tmp_path / "p.jsonl",
+                       [{"prompt": "1+1", "completion": "<think>1+1=2</think><answer>2</answer>"}])
     assert r1.load_pairs(path)[0]["solution"].startswith("<think>")
     assert r1.load_pairs(path, prefill="<think>")[0]["solution"] == "1+1=2</think><answer>2</answer>"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1", "completion": "2"}, {"prompt": "2+2"}])
@@ -63,8 +66,8 @@ def test_load_pairs_strips_the_prefill_and_names_bad_lines(tmp_path):
 def test_sft_mode_learns_and_writes_a_run(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", worked_pairs(200))
     run = tmp_path / "sft"
-    code = r1.main(["sft", f"--data_path={pairs}", f"--out_dir={run}", "--sft_steps=40", "--sft_batch_size=16",
-                    "--eval_size=16", "--save_every=20", "--warmup_steps=0"])
+    code = r1.main(["sft", f"--data_path={pairs}", f"--out_dir={run}", "--sft_steps=40",
+                    "--sft_batch_size=16", "--eval_size=16", "--save_every=20", "--warmup_steps=0"])
     assert code == 0
     rows = read_rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 41))
@@ -83,7 +86,8 @@ def test_sft_mode_learns_and_writes_a_run(tmp_path):
 def test_longest_repeat():
     assert r1.longest_repeat("one two three") == 0                   # shorter than a span
     assert r1.longest_repeat("a b c d e f g h") == 1
-    assert r1.longest_repeat("wait, let me check. " * 6) == 5  # 36 tokens, period 6: spans at 0, 6, 12, 18, 24
+    # 36 tokens, period 6: spans at 0, 6, 12, 18, 24
+    assert r1.longest_repeat("wait, let me check. " * 6) == 5
 
 
 @pytest.mark.parametrize("text, truncated, expected", [
@@ -108,7 +112,8 @@ def test_rejection_sampling_judges_countdown_by_its_own_rule(answer, expected):
     cfg = r1.R1Config(task="countdown")
     example = {"question": "Using the numbers [3, 8], create an equation that equals 24.", "answer": "24",
                "numbers": [3, 8], "target": 24}
-    assert r1.verdict(f"<think>3 times 8</think><answer>{answer}</answer>", example, False, cfg, set()) == expected
+    assert r1.verdict(f"<think>3 times 8</think><answer>{answer}</answer>", example, False, cfg,
+                      set()) == expected
 
 
 def test_duplicates_are_dropped_ignoring_whitespace():
@@ -119,14 +124,16 @@ def test_duplicates_are_dropped_ignoring_whitespace():
 
 def scripted_sampler(tokenizer, per_prompt):
     """A stand-in for engine.sample: completion j of each prompt is per_prompt(question)[j], as ids."""
-    def fake_sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, *args, **kwargs):
+    def fake_sample(model, prompt_ids, prompt_mask, how):
         questions = [tokenizer.decode(row[m.bool()]).strip() for row, m in zip(prompt_ids, prompt_mask)]
         k = questions.count(questions[0])
         texts = [per_prompt(q)[i % k] for i, q in enumerate(questions)]
-        rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + ([] if t.endswith("...") else [tokenizer.eos_token_id])
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"]
+                + ([] if t.endswith("...") else [tokenizer.eos_token_id])
                 for t in texts]
         width = max(map(len, rows))
-        return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+        tokens = torch.tensor([r + [how.pad_id] * (width - len(r)) for r in rows])
+        return engine.Sampled(tokens, torch.zeros(tokens.shape), torch.zeros(tokens.shape))
     return fake_sample
 
 
@@ -152,8 +159,8 @@ def test_rejection_sampling_then_distillation_into_another_tokenizer(tmp_path, t
     assert engine.load_model(student, "cpu")[1].eos_token != tokenizer.eos_token
     run = tmp_path / "distilled"
     assert r1.main(["sft", f"--model={student}", f"--data_path={kept}", f"--out_dir={run}", "--template=chat",
-                    "--system_prompt=", "--sft_steps=12", "--sft_batch_size=10", "--eval_size=8", "--warmup_steps=0",
-                    "--max_new_tokens=32"]) == 0
+                    "--system_prompt=", "--sft_steps=12", "--sft_batch_size=10", "--eval_size=8",
+                    "--warmup_steps=0", "--max_new_tokens=32"]) == 0
     losses = [r["loss"] for r in read_rows(run / "metrics.jsonl")]
     assert losses[-1] < losses[0]
     assert engine.load_model(str(run), "cpu")[1].chat_template  # the student keeps its own tokenizer
@@ -206,9 +213,10 @@ def test_reflection_markers(text, expected):
 
 def test_reflection_rate_is_logged(tmp_path, monkeypatch):
     real_decode = data.decode
-    monkeypatch.setattr(data, "decode", lambda *a: [t + (" wait" if i % 2 else "") for i, t in enumerate(real_decode(*a))])
-    assert grpo.main(["--sft_steps=0", "--max_steps=2", "--eval_size=0", "--prompts_per_step=2", "--group_size=4",
-                      "--max_new_tokens=8", f"--out_dir={tmp_path}"]) == 0
+    monkeypatch.setattr(data, "decode",
+                        lambda *a: [t + (" wait" if i % 2 else "") for i, t in enumerate(real_decode(*a))])
+    assert grpo.main(["--sft_steps=0", "--max_steps=2", "--eval_size=0", "--prompts_per_step=2",
+                      "--group_size=4", "--max_new_tokens=8", f"--out_dir={tmp_path}"]) == 0
     assert [r["reflection_frac"] for r in read_rows(tmp_path / "metrics.jsonl")] == [0.5, 0.5]
 
 
@@ -219,8 +227,9 @@ def test_smoothing():
 
 def test_plot_writes_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    rows = [{"step": s, "reward_mean": s / 10, "accuracy": s / 20, "kl": 0.01 * s, "completion_len_mean": 20 + s,
-             "reflection_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.01, **({"eval_accuracy": 0.5} if s == 5 else {})}
+    rows = [{"step": s, "reward_mean": s / 10, "accuracy": s / 20, "kl": 0.01 * s,
+             "completion_len_mean": 20 + s, "reflection_frac": 0.0, "clip_low_frac": 0.0,
+             "clip_high_frac": 0.01, **({"eval_accuracy": 0.5} if s == 5 else {})}
             for s in range(1, 11)]
     write_jsonl(tmp_path / "metrics.jsonl", rows)
     assert plot.main([str(tmp_path), "--smooth=3"]) == 0

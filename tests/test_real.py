@@ -45,7 +45,8 @@ def tiny_qwen_chat(tmp_path_factory):
 def test_tiny_qwen_chat_model_and_template(tiny_qwen_chat):
     model, tokenizer = engine.load_model(tiny_qwen_chat, "cpu")
     assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.eos_token == "<|im_end|>"
-    assert engine.stop_ids(model, tokenizer).tolist() == sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    assert engine.stop_ids(model, tokenizer).tolist() == sorted(
+        tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     prompt = data.render_prompt({"question": "2+2?"}, "chat", tokenizer, prefill="<think>")
     assert prompt.startswith("<|im_start|>system\nA conversation between User and Assistant.")
     assert prompt.endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>")
@@ -56,14 +57,16 @@ def test_tiny_qwen_chat_model_and_template(tiny_qwen_chat):
 
 
 def test_prefill_is_part_of_what_the_rewards_see():
-    texts = data.decode(type("T", (), {"batch_decode": lambda self, ids, skip_special_tokens: ["2+2=4</think><answer>4</answer>"]})(),
+    texts = data.decode(type("T", (), {"batch_decode": lambda self, ids, skip_special_tokens:
+                                       ["2+2=4</think><answer>4</answer>"]})(),
                         None, prefill="<think>")
     assert texts == ["<think>2+2=4</think><answer>4</answer>"] and R.format_reward(texts[0], {}) == 1.0
 
 
 def test_train_tiny_qwen_on_gsm8k_with_chat_template_then_reload_and_evaluate(tmp_path, tiny_qwen_chat):
     config = tmp_path / "gsm8k_tiny.py"
-    config.write_text(f'''"""A tiny Qwen2 chat model on the GSM8K JSONL: the gsm8k_qwen recipe in miniature."""
+    config.write_text('"""A tiny Qwen2 chat model on the GSM8K JSONL: the gsm8k_qwen recipe in miniature."""'
+                      f'''
 model = {tiny_qwen_chat!r}
 task = "gsm8k"
 data_path = {os.path.join(SHARED, "train.jsonl")!r}
@@ -90,14 +93,15 @@ log_samples_every = 1
     assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.chat_template == data.CHAT_TEMPLATE
     trained = engine.load_model(str(run / "checkpoint-000003"), "cpu")[0]
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True,
+                                        return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
     # evaluation only, on the trained checkpoint, into the run's own directory: greedy pass@1 and
     # sampled pass@k, without touching the config the run would resume from
     saved_config = (run / "train_config.json").read_text()
-    result = grpo.evaluate_only(grpo.parse_config(["--config", str(config), f"--model={run}", "--eval_only=True", "--eval_k=3",
-                                           f"--out_dir={run}"]))
+    result = grpo.evaluate_only(grpo.parse_config(["--config", str(config), f"--model={run}",
+                                                   "--eval_only=True", "--eval_k=3", f"--out_dir={run}"]))
     assert set(result) == {"accuracy", "format", "length", "pass_at_k", "sampled_accuracy"}
     assert 0 <= result["sampled_accuracy"] <= result["pass_at_k"] <= 1 and result["length"] > 0
     evaluation = json.loads((run / "eval.json").read_text())
@@ -115,8 +119,9 @@ def test_eval_pass_at_k_counts_any_correct_sample(monkeypatch, tiny):
                 "<answer>0</answer>", "<answer>0</answer>", "<answer>0</answer>"]]  # q2: none right
     calls = iter(outputs)
     monkeypatch.setattr(data, "decode", lambda tok, ids, prefill="": next(calls))
-    result = grpo.evaluate(engine.Engine(model, tokenizer), examples, cfg)
-    assert result["accuracy"] == 0.5 and result["pass_at_k"] == 0.5 and result["sampled_accuracy"] == pytest.approx(1 / 6)
+    result = data.evaluate(engine.Engine(model, tokenizer), examples, cfg)
+    assert (result["accuracy"] == 0.5 and result["pass_at_k"] == 0.5
+            and result["sampled_accuracy"] == pytest.approx(1 / 6))
 
 
 def test_hub_dataset_names_need_the_datasets_package(capsys, monkeypatch):
@@ -132,14 +137,16 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
     spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(ROOT, "bench", "gpu_bench.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.main(["--shape=tiny", "--device=cpu", "--batch=4", "--prompt_tokens=8", "--new_tokens=8", "--repeats=1"])
+    result = bench.main(["--shape=tiny", "--device=cpu", "--batch=4", "--prompt_tokens=8", "--new_tokens=8",
+                         "--repeats=1"])
     assert result["eager"]["sample_tokens_per_s"] > 0 and result["compiled"]["update_tokens_per_s"] > 0
 
 
 def test_share_prompt_benchmark_runs(capsys):
     import importlib.util
     from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("share_prompt", os.path.join(ROOT, "bench", "share_prompt.py"))
+    spec = importlib.util.spec_from_file_location("share_prompt",
+                                                  os.path.join(ROOT, "bench", "share_prompt.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--prompts=2", "--group_size=3", "--max_new_tokens=4", "--repeats=1"])
@@ -159,21 +166,26 @@ def test_a_real_pretrained_tokenizer(tmp_path, capsys):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "model"))
     model_dir = str(tmp_path / "model")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=None, bos_token_id=None)).save_pretrained(model_dir)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+                                 bos_token_id=None)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    args = [f"--model={model_dir}", "--sft_steps=3", "--sft_batch_size=4", "--max_steps=2", "--prompts_per_step=2",
-            "--group_size=2", "--max_new_tokens=8", "--eval_size=4", f"--out_dir={tmp_path / 'run'}"]
+    args = [f"--model={model_dir}", "--sft_steps=3", "--sft_batch_size=4", "--max_steps=2",
+            "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=8", "--eval_size=4",
+            f"--out_dir={tmp_path / 'run'}"]
     assert grpo.main(args) == 2      # as shipped it has no EOS token: refused in one line
-    assert capsys.readouterr().err.strip().endswith("the tokenizer has no EOS token, so completions could never end")
+    assert capsys.readouterr().err.strip().endswith("the tokenizer has no EOS token, so completions could "
+                                                    "never end")
     tokenizer.eos_token = "[SEP]"
     tokenizer.save_pretrained(model_dir)
     assert grpo.main(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 < r["completion_len_mean"] <= 8 for r in rows)
-    prompt_ids, _, _ = data.encode_prompts(tokenizer, [{"question": "12+34"}], grpo.Config(max_prompt_tokens=50), "cpu")
-    assert prompt_ids[0, 0] == tokenizer.cls_token_id and tokenizer.decode(prompt_ids[0], skip_special_tokens=True) == "12 + 34"
+    prompt_ids, _, _ = data.encode_prompts(tokenizer, [{"question": "12+34"}],
+                                           grpo.Config(max_prompt_tokens=50), "cpu")
+    assert (prompt_ids[0, 0] == tokenizer.cls_token_id
+            and tokenizer.decode(prompt_ids[0], skip_special_tokens=True) == "12 + 34")
 
 
 def test_hub_dataset_through_the_datasets_package(monkeypatch):
@@ -193,19 +205,27 @@ def test_hub_dataset_through_the_datasets_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
     train, test = data.load_task("gsm8k", 0, "openai/gsm8k", "openai/gsm8k")
     assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
-    assert train[2]["answer"] == "2" and test[0]["question"] == "test q0" and train[0]["source"] == "openai/gsm8k:1"
-    with pytest.raises(data.DataError, match=r"^openai/gsm8k: cannot load split 'validation' through datasets \(Unknown split"):
+    assert (train[2]["answer"] == "2" and test[0]["question"] == "test q0"
+            and train[0]["source"] == "openai/gsm8k:1")
+    with pytest.raises(data.DataError,
+                       match=r"^openai/gsm8k: cannot load split 'validation' through datasets "
+                             r"\(Unknown split"):
         data.load_file("openai/gsm8k", data.gsm8k_example, split="validation")
 
 
 def test_reject_measures_prompts_exactly_as_they_are_cut(tiny_qwen_chat):
     model, tokenizer = engine.load_model(tiny_qwen_chat, "cpu")
     example = [{"question": "12+34?"}]
-    length = data.encode_prompts(tokenizer, example, grpo.Config(template="chat", system_prompt="", max_prompt_tokens=10**6), "cpu")[0].size(1)
-    fits = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject", max_prompt_tokens=length, max_new_tokens=8)
+    length = data.encode_prompts(tokenizer, example,
+                                 grpo.Config(template="chat", system_prompt="", max_prompt_tokens=10**6),
+                                 "cpu")[0].size(1)
+    fits = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject", max_prompt_tokens=length,
+                       max_new_tokens=8)
     assert data.resolve_prompt_limit(fits, model, tokenizer, example).max_prompt_tokens == length
-    over = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject", max_prompt_tokens=length - 1, max_new_tokens=8)
-    with pytest.raises(grpo.ConfigError, match=f"a prompt of {length} tokens, over max_prompt_tokens={length - 1}"):
+    over = grpo.Config(template="chat", system_prompt="", prompt_overflow="reject",
+                       max_prompt_tokens=length - 1, max_new_tokens=8)
+    with pytest.raises(grpo.ConfigError,
+                       match=f"a prompt of {length} tokens, over max_prompt_tokens={length - 1}"):
         data.resolve_prompt_limit(over, model, tokenizer, example)
 
 
@@ -216,7 +236,8 @@ def smollm2_dir():
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-@pytest.mark.skipif(smollm2_dir() is None, reason="SmolLM2-135M-Instruct is not built here (../shared/tools/smollm2.sh)")
+@pytest.mark.skipif(smollm2_dir() is None,
+                    reason="SmolLM2-135M-Instruct is not built here (../shared/tools/smollm2.sh)")
 def test_a_real_pretrained_model_trains_on_gsm8k_then_reloads(tmp_path):
     """Two GRPO steps of SmolLM2-135M-Instruct (Llama architecture, pad token == EOS token) on GSM8K
     with its chat template, R1's system prompt and <think> prefill, at the pretrained-model defaults
@@ -230,17 +251,21 @@ def test_a_real_pretrained_model_trains_on_gsm8k_then_reloads(tmp_path):
     grpo.train(grpo.parse_config([
         f"--model={smollm2_dir()}", "--task=gsm8k", f"--data_path={SHARED}/train.jsonl",
         f"--eval_data_path={SHARED}/test.jsonl", "--template=chat", "--prefill=<think>", "--max_steps=2",
-        "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=32", "--eval_size=0", "--log_samples_every=1",
-        "--rewards=accuracy:1,tags:0.5,format:0.5", "--lr=1e-5", f"--out_dir={run}"]))
+        "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=32", "--eval_size=0",
+        "--log_samples_every=1", "--rewards=accuracy:1,tags:0.5,format:0.5", "--lr=1e-5",
+        f"--out_dir={run}"]))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["completion_len_mean"] > 0 and r["entropy"] > 0 for r in rows)
-    assert json.loads((run / "train_config.json").read_text())["sft_steps"] == 0     # no cold start on a real model
+    # no cold start on a real model
+    assert json.loads((run / "train_config.json").read_text())["sft_steps"] == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tokenizer = AutoModelForCausalLM.from_pretrained(run), AutoTokenizer.from_pretrained(run)
     original = AutoModelForCausalLM.from_pretrained(smollm2_dir())
     assert tokenizer.chat_template and tokenizer.pad_token_id == tokenizer.eos_token_id
-    assert all(r["zero_std_frac"] < 1 and r["updates"] == 1 and r["grad_norm"] > 0 for r in rows)  # the tags reward varies
+    # the tags reward varies
+    assert all(r["zero_std_frac"] < 1 and r["updates"] == 1 and r["grad_norm"] > 0 for r in rows)
     assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), original.parameters()))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True,
+                                        return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]

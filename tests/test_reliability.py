@@ -27,7 +27,8 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import grpo, shutil, torch
-module, name, nth, run_dir = {{"torch": torch, "os": os, "shutil": shutil}}[sys.argv[1]], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+module, name, nth, run_dir = {{"torch": torch, "os": os, "shutil": shutil}}[sys.argv[1]], sys.argv[2], \
+int(sys.argv[3]), sys.argv[4]
 real, calls = getattr(module, name), [0]
 def wrapper(*args, **kwargs):
     if os.path.exists(os.path.join(run_dir, "latest")):
@@ -78,8 +79,8 @@ def assert_checkpoint_loads(run):
 def test_sigkill_at_each_point_of_a_checkpoint_write(tmp_path, reference, module, name, nth):
     run = tmp_path / "run"
     args = ARGS + ["--max_steps=6", "--save_every=2", "--keep_checkpoints=1", f"--out_dir={run}"]
-    killed = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), module, name, str(nth), str(run), *args],
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), module, name, str(nth), str(run),
+                             *args], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert assert_checkpoint_loads(run) in (2, 4)
     resumed = subprocess.run(grpo_cmd(f"--resume={run}"), capture_output=True, text=True, timeout=300)
@@ -95,7 +96,8 @@ def test_repeated_sigkill_at_random_moments(tmp_path):
     run = tmp_path / "run"
     grpo.train(grpo.parse_config(args + [f"--out_dir={tmp_path / 'whole'}"]))
     rng, mid_save = random.Random(0), 0
-    process = subprocess.Popen(grpo_cmd(*args, f"--out_dir={run}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(grpo_cmd(*args, f"--out_dir={run}"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     last = 0
     for _ in range(8):
         deadline = time.time() + 120
@@ -109,7 +111,8 @@ def test_repeated_sigkill_at_random_moments(tmp_path):
         process.wait()
         mid_save += any(p.name.endswith(".tmp") for p in run.iterdir())
         last = assert_checkpoint_loads(run)
-        process = subprocess.Popen(grpo_cmd(f"--resume={run}"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(grpo_cmd(f"--resume={run}"), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
     assert process.wait(timeout=300) == 0
     assert rows(run) == rows(tmp_path / "whole")
     print(f"{mid_save} of the kills left a half-written file behind")
@@ -124,7 +127,8 @@ def test_signal_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, sig):
     args = ARGS + ["--max_steps=30", "--save_every=1000"]
     grpo.train(grpo.parse_config(args + [f"--out_dir={tmp_path / 'whole'}"]))
     run = tmp_path / "run"
-    process = subprocess.Popen(grpo_cmd(*args, f"--out_dir={run}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(grpo_cmd(*args, f"--out_dir={run}"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
         assert time.time() < deadline and process.poll() is None
@@ -158,13 +162,15 @@ def poison(monkeypatch, bad_calls, kind):
 def load_checkpoint(run, step):
     path = run / f"checkpoint-{step:06d}"
     model = engine.load_model(str(path), "cpu")[0]
-    return [p.detach() for p in model.parameters()], torch.load(path / "trainer_state.pt", weights_only=True)["optimizer"]
+    return ([p.detach() for p in model.parameters()],
+            torch.load(path / "trainer_state.pt", weights_only=True)["optimizer"])
 
 
 @pytest.mark.parametrize("kind", ["gradient", "loss"])
 def test_nonfinite_steps_are_skipped_without_touching_weights_or_adam(tmp_path, monkeypatch, kind):
     poison(monkeypatch, {2, 3}, kind)
-    grpo.train(grpo.parse_config(ARGS + ["--max_steps=4", "--save_every=1", "--keep_checkpoints=10", f"--out_dir={tmp_path}"]))
+    grpo.train(grpo.parse_config(ARGS + ["--max_steps=4", "--save_every=1", "--keep_checkpoints=10",
+                                         f"--out_dir={tmp_path}"]))
     logged = rows(tmp_path)
     assert [r["skipped"] for r in logged] == [False, True, True, False]
     assert [r["skipped_total"] for r in logged] == [0, 1, 2, 2]
@@ -178,13 +184,15 @@ def test_nonfinite_steps_are_skipped_without_touching_weights_or_adam(tmp_path, 
 
 def test_too_many_bad_steps_stop_with_a_message_and_a_usable_checkpoint(tmp_path, monkeypatch, capsys):
     poison(monkeypatch, set(range(1, 100)), "loss")
-    code = grpo.main(ARGS + ["--max_steps=20", "--max_bad_steps=3", "--save_every=1000", f"--out_dir={tmp_path}"])
+    code = grpo.main(ARGS + ["--max_steps=20", "--max_bad_steps=3", "--save_every=1000",
+                             f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and err.startswith("grpo.py: 3 steps in a row had a non-finite loss or gradient")
     assert assert_checkpoint_loads(tmp_path) == 3
     weights, adam = load_checkpoint(tmp_path, 3)
     initial = engine.load_model(str(tmp_path / "tiny"), "cpu")[0]
-    assert all(torch.equal(a, b) for a, b in zip(weights, initial.parameters())) and adam is None  # never stepped
+    # never stepped
+    assert all(torch.equal(a, b) for a, b in zip(weights, initial.parameters())) and adam is None
 
 
 # ----------------------------------------------------------------------------
@@ -206,13 +214,15 @@ def test_empty_dataset(tmp_path):
 
 def test_arithmetic_split_that_leaves_nothing_to_train_on(tmp_path):
     code, err = run_cli(tmp_path, "--digits=1", "--eval_size=100")
-    assert code == 2 and err == "grpo.py: error: arithmetic: eval_size=100 leaves no training question (81 in all)"
+    assert code == 2 and err == ("grpo.py: error: arithmetic: eval_size=100 leaves no training question "
+                                 "(81 in all)")
 
 
 def test_model_path_that_does_not_exist(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     code, err = run_cli(tmp_path, "--model=no-such-owner/no-such-model", env=env)
-    assert code == 2 and err.startswith("grpo.py: error: model: no-such-owner/no-such-model: ") and "\n" not in err
+    assert (code == 2 and err.startswith("grpo.py: error: model: no-such-owner/no-such-model: ")
+            and "\n" not in err)
     code, err = run_cli(tmp_path, f"--model={tmp_path}/missing")
     assert code == 2 and err == f"grpo.py: error: model: {tmp_path}/missing: no such directory"
 
@@ -224,20 +234,26 @@ def test_tokenizer_without_eos(tmp_path, tiny_dir):
     config["eos_token"] = None
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
     code, err = run_cli(tmp_path, f"--model={model_dir}", "--sft_steps=0")
-    assert code == 2 and err == f"grpo.py: error: model: {model_dir}: the tokenizer has no EOS token, so completions could never end"
+    assert code == 2 and err == (f"grpo.py: error: model: {model_dir}: the tokenizer has no EOS token, "
+                                 "so completions could never end")
 
 
 def test_prompts_longer_than_the_context(tmp_path, tiny_dir):
     data = tmp_path / "long.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1=?" + " pad" * (70 * (i == 20)), "answer": i + 1}) + "\n"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=?" + " pad" * (70 * (i == 20)),
+                                        "answer": i + 1}) + "\n"
                             for i in range(40)))
     # the tiny model's context is 256 tokens; 256 - 32 new tokens leaves 224 for the prompt; line 21 has 287
-    common = [f"--model={tiny_dir}", "--task=jsonl", f"--data_path={data}", "--eval_size=10", "--max_new_tokens=32"]
+    common = [f"--model={tiny_dir}", "--task=jsonl", f"--data_path={data}", "--eval_size=10",
+              "--max_new_tokens=32"]
     code, err = run_cli(tmp_path, *common, "--prompt_overflow=reject")
     assert code == 2 and err.startswith(f"grpo.py: error: prompt_overflow: {data}:21: a prompt of 287 tokens")
     assert "over max_prompt_tokens=224" in err
     code, err = run_cli(tmp_path, *common, "--max_new_tokens=300")
-    assert code == 2 and err == "grpo.py: error: max_new_tokens: 300 leaves no room for a prompt in the model's context of 256 tokens"
-    grpo.train(grpo.parse_config(common + ["--max_steps=30", "--prompts_per_step=1", "--group_size=2", "--max_new_tokens=4",
-                                           "--eval_size=0", f"--out_dir={tmp_path / 'ok'}"]))
-    assert sum(r["prompts_cut"] for r in rows(tmp_path / "ok")) == 1     # truncated and counted, once per epoch
+    assert code == 2 and err == ("grpo.py: error: max_new_tokens: 300 leaves no room for a prompt in the "
+                                 "model's context of 256 tokens")
+    grpo.train(grpo.parse_config(common + ["--max_steps=30", "--prompts_per_step=1", "--group_size=2",
+                                           "--max_new_tokens=4", "--eval_size=0",
+                                           f"--out_dir={tmp_path / 'ok'}"]))
+    # truncated and counted, once per epoch
+    assert sum(r["prompts_cut"] for r in rows(tmp_path / "ok")) == 1

@@ -118,7 +118,8 @@ HARD_FORMS = [
     ("<answer>-7, 2</answer>", "2,-7", True),               # signs are not operations
     ("<answer>The answer is 42.</answer>", "42", True),
     ("<answer>8 5</answer>", "85", False),                  # two numbers are not one
-    ("<answer></think><answer>90</answer>", "90", True),    # the last <answer> opened (sampled from the demo model)
+    # the last <answer> opened (sampled from the demo model)
+    ("<answer></think><answer>90</answer>", "90", True),
     ("<answer>}84</answer>", "84", True),                   # a stray brace (sampled too)
     ("<answer>Total: 42</answer>", "42", True),
     ("<answer>(42)</answer>", "42", True),
@@ -140,7 +141,8 @@ def test_math_verify_decides_when_installed(monkeypatch):
     """auto = math-verify when it is installed: a symbolic equality only it can see."""
     if not R.math_verify_installed():
         pytest.skip("math-verify is not installed")
-    assert R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "auto") and not R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "builtin")
+    assert (R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "auto")
+            and not R.answers_match("\\sqrt{8}", "2\\sqrt{2}", "builtin"))
     assert R.answers_match("x+1", "1+x", "auto")      # an expression answers a truth that is one
     R.answers_match.cache_clear()
     monkeypatch.setattr(R, "math_verify_installed", lambda: False)
@@ -210,7 +212,8 @@ def test_overlong(length, expected):
 
 def test_overlong_without_buffer_punishes_only_truncation():
     assert R.overlong_reward("", {"completion_tokens": 16, "max_new_tokens": 16, "overlong_buffer": 0}) == 0.0
-    assert R.overlong_reward("", {"completion_tokens": 17, "max_new_tokens": 16, "overlong_buffer": 0}) == -1.0
+    assert R.overlong_reward("", {"completion_tokens": 17, "max_new_tokens": 16,
+                                  "overlong_buffer": 0}) == -1.0
 
 
 def test_safe_reward_turns_errors_and_nan_into_zero():
@@ -249,13 +252,15 @@ LEAVES = st.one_of(
     st.text(st.characters(whitelist_categories=("Nd",)), min_size=1, max_size=5),
 )
 EXPRESSIONS = st.recursive(
-    LEAVES, lambda inner: st.builds(lambda a, op, b: f"({a}{op}{b})", inner, st.sampled_from(list("+-*/%") + ["**", "//"]), inner),
+    LEAVES, lambda inner: st.builds(lambda a, op, b: f"({a}{op}{b})", inner,
+                                    st.sampled_from(list("+-*/%") + ["**", "//"]), inner),
     max_leaves=40)
 COMPLETIONS = st.one_of(
     st.text(max_size=400),
     EXPRESSIONS,
     EXPRESSIONS.map(lambda e: f"<think>try</think><answer>{e}</answer>"),
-    st.builds(lambda a, b, c: f"<think>{a}</think><answer>{b}</answer>{c}", st.text(), EXPRESSIONS, st.text()),
+    st.builds(lambda a, b, c: f"<think>{a}</think><answer>{b}</answer>{c}", st.text(), EXPRESSIONS,
+              st.text()),
     st.integers(1, 3000).map(lambda n: "(" * n + "1" + ")" * n),
     st.integers(1, 3000).map(lambda n: "<answer>" + "(" * n + "</answer>"),
 )
@@ -277,7 +282,8 @@ def no_model_text_run():
     def guarded(real):
         def run(source, *args, **kwargs):
             caller = sys._getframe(1).f_globals.get("__name__", "")
-            if not (caller.startswith(("sympy.", "importlib")) or getattr(source, "co_filename", "").endswith(".py")):
+            if not (caller.startswith(("sympy.", "importlib"))
+                    or getattr(source, "co_filename", "").endswith(".py")):
                 refused.append(source)
                 raise AssertionError(f"{caller} ran {source!r}")
             return real(source, *args, **kwargs)
@@ -301,8 +307,8 @@ def no_model_text_run():
 
 
 @settings(max_examples=400, deadline=None)
-@given(text=COMPLETIONS, numbers=st.lists(st.integers(0, 10**6), max_size=6), target=st.integers(-10**9, 10**9),
-       tokens=st.integers(0, 10**6))
+@given(text=COMPLETIONS, numbers=st.lists(st.integers(0, 10**6), max_size=6),
+       target=st.integers(-10**9, 10**9), tokens=st.integers(0, 10**6))
 def test_every_reward_returns_a_finite_float_and_never_runs_code(text, numbers, target, tokens):
     example = {"answer": str(target), "numbers": numbers, "target": target, "completion_tokens": tokens,
                "max_new_tokens": 512, "overlong_buffer": 64, "language": "en"}
@@ -314,9 +320,10 @@ def test_every_reward_returns_a_finite_float_and_never_runs_code(text, numbers, 
             assert type(value) is float and math.isfinite(value), name
 
 
-@pytest.mark.parametrize("text", ["<answer>__import__('os').system('touch PWNED')</answer>", "<answer>9**9**9</answer>",
-                                  "<answer>\\frac{__import__('os')}{2}</answer>", "\\boxed{exec('1')}",
-                                  "<answer>open('x','w')</answer>", "<answer>1e999999999</answer>", "<answer>(1,2)</answer>"])
+@pytest.mark.parametrize("text", ["<answer>__import__('os').system('touch PWNED')</answer>",
+                                  "<answer>9**9**9</answer>", "<answer>\\frac{__import__('os')}{2}</answer>",
+                                  "\\boxed{exec('1')}", "<answer>open('x','w')</answer>",
+                                  "<answer>1e999999999</answer>", "<answer>(1,2)</answer>"])
 @pytest.mark.parametrize("checker", CHECKERS)
 def test_answer_checkers_run_no_model_text(text, checker, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

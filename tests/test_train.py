@@ -20,8 +20,9 @@ FAST = ["--sft_steps=60", "--eval_size=16", "--prompts_per_step=4", "--group_siz
         "--log_samples_every=0", "--rewards=accuracy:1,format:0.5,overlong:0.5", "--overlong_buffer=16"]
 TIMINGS = {"t_sample", "t_rewards", "t_logprobs", "t_update", "tokens_per_sec"}
 ROW_KEYS = {"step", "lr", "loss", "reward_mean", "reward_std", "reward_accuracy", "reward_format", "accuracy",
-            "zero_std_frac", "completion_len_mean", "completion_len_max", "truncated_frac", "kl", "clip_low_frac",
-            "clip_high_frac", "entropy", "grad_norm", "updates", "reward_errors", "ref_synced", "reflection_frac"} | TIMINGS
+            "zero_std_frac", "completion_len_mean", "completion_len_max", "truncated_frac", "kl",
+            "clip_low_frac", "clip_high_frac", "entropy", "grad_norm", "updates", "reward_errors",
+            "ref_synced", "reflection_frac"} | TIMINGS
 
 
 def metrics(run_dir):
@@ -35,8 +36,9 @@ def without_timings(rows):
 
 def test_command_line_run_end_to_end(tmp_path):
     run = tmp_path / "run"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *FAST, "--max_steps=3", "--save_every=2",
-                             f"--out_dir={run}"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *FAST, "--max_steps=3",
+                             "--save_every=2", f"--out_dir={run}"], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     assert "---- summary" in result.stdout and "held-out greedy accuracy" in result.stdout
     assert "grpo [" in result.stderr          # the progress bar
@@ -80,7 +82,8 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     runs = [(0, "a"), (0, "b"), (1, "c")]
     for seed, name in runs:
-        grpo.train(grpo.parse_config(FAST + ["--max_steps=2", f"--seed={seed}", f"--out_dir={tmp_path / name}"]))
+        grpo.train(grpo.parse_config(FAST + ["--max_steps=2", f"--seed={seed}",
+                                             f"--out_dir={tmp_path / name}"]))
     a, b, c = (without_timings(metrics(tmp_path / name)) for _, name in runs)
     assert a == b and a != c
 
@@ -89,16 +92,18 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
 def test_beta_zero_loads_no_reference_model(tmp_path, monkeypatch, beta, loads):
     calls = []
     real = engine.load_model
-    monkeypatch.setattr(grpo, "load_model", lambda *a: calls.append(a) or real(*a))
-    grpo.train(grpo.parse_config(FAST + ["--max_steps=1", "--sft_steps=0", f"--beta={beta}", f"--out_dir={tmp_path}"]))
+    monkeypatch.setattr(engine, "load_model", lambda *a: calls.append(a) or real(*a))
+    grpo.train(grpo.parse_config(FAST + ["--max_steps=1", "--sft_steps=0", f"--beta={beta}",
+                                         f"--out_dir={tmp_path}"]))
     assert len(calls) == loads
     assert (metrics(tmp_path)[0]["kl"] is None) == (beta == 0)
 
 
 def test_every_flag_combination_runs(tmp_path):
     grpo.train(grpo.parse_config(FAST + [
-        "--max_steps=2", "--loss_type=dr_grpo", "--scale_rewards=none", "--clip_eps_high=0.28", "--mask_truncated=True",
-        "--drop_zero_std_groups=True", "--rewards=accuracy:1,format:0.5,language:0.1,overlong:1", "--overlong_buffer=4",
+        "--max_steps=2", "--loss_type=dr_grpo", "--scale_rewards=none", "--clip_eps_high=0.28",
+        "--mask_truncated=True", "--drop_zero_std_groups=True",
+        "--rewards=accuracy:1,format:0.5,language:0.1,overlong:1", "--overlong_buffer=4",
         "--top_p=0.9", "--temperature=0.8", "--eval_every=1", "--template=r1zero", f"--out_dir={tmp_path}"]))
     rows = metrics(tmp_path)
     assert len(rows) == 2 and "eval_accuracy" in rows[0] and "reward_overlong" in rows[0]
@@ -113,7 +118,8 @@ def test_pad_token_equal_to_eos_trains(tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, model_dir)
     tokenizer.save_pretrained(model_dir)
     assert engine.load_model(str(model_dir), "cpu")[1].pad_token_id == tokenizer.eos_token_id
-    grpo.train(grpo.parse_config(FAST + ["--max_steps=2", f"--model={model_dir}", f"--out_dir={tmp_path / 'run'}"]))
+    grpo.train(grpo.parse_config(FAST + ["--max_steps=2", f"--model={model_dir}",
+                                         f"--out_dir={tmp_path / 'run'}"]))
     rows = metrics(tmp_path / "run")
     # EOS-padding after the first EOS is not counted as completion text
     assert all(r["completion_len_mean"] < 20 and r["truncated_frac"] < 1 for r in rows)
@@ -132,7 +138,8 @@ def test_compiled_training_matches_eager(tmp_path):
 
 
 def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
-    grpo.train(grpo.parse_config(FAST + ["--max_steps=1", "--sft_steps=0", "--eval_size=0", f"--out_dir={tmp_path}"]))
+    grpo.train(grpo.parse_config(FAST + ["--max_steps=1", "--sft_steps=0", "--eval_size=0",
+                                         f"--out_dir={tmp_path}"]))
     assert grpo.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"grpo.py: error: out_dir: {tmp_path} already holds a run; continue it with --resume={tmp_path}, "
@@ -149,8 +156,8 @@ def test_bfloat16_keeps_fp32_master_weights_and_tracks_float32(tmp_path):
     1 % of weights moved in 5 steps); with fp32 master weights under bf16 compute (nearly) every
     weight moves, and the run's weights follow the fp32 run's."""
     args = ["--sft_steps=0", "--eval_size=0", "--prompts_per_step=4", "--group_size=4", "--max_new_tokens=12",
-            "--rewards=overlong:1,format:1", "--overlong_buffer=12", "--log_samples_every=0", "--warmup_steps=0",
-            "--lr=1e-6", "--min_lr_ratio=1.0", "--beta=0.04", "--max_steps=20"]
+            "--rewards=overlong:1,format:1", "--overlong_buffer=12", "--log_samples_every=0",
+            "--warmup_steps=0", "--lr=1e-6", "--min_lr_ratio=1.0", "--beta=0.04", "--max_steps=20"]
     for dtype in ("float32", "bfloat16"):
         grpo.train(grpo.parse_config(args + [f"--dtype={dtype}", f"--out_dir={tmp_path / dtype}"]))
     start = flat(engine.load_model(str(tmp_path / "float32" / "tiny"), "cpu")[0])
@@ -181,11 +188,12 @@ def test_sampled_entropy_is_the_mean_over_completion_tokens(tiny):
     ids = torch.tensor([tokenizer("12+34\n")["input_ids"]] * 3)
     eos = engine.stop_ids(model, tokenizer)
     u = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
-    tokens, logp, entropy = engine.sample(model, ids, torch.ones_like(ids), 10, eos, tokenizer.pad_token_id, 0.7, 1.0, u,
-                                          return_stats=True)
+    how = engine.Sampling(10, eos, tokenizer.pad_token_id, 0.7, 1.0, u)
+    tokens, logp, entropy = engine.sample(model, ids, torch.ones_like(ids), how)
     full = torch.cat([ids, tokens], 1)
     with torch.no_grad():  # the same log-probs and entropies from one pass over the sampled sequences
-        expected_logp, expected = engine.completion_logprobs(model, full, torch.ones_like(full), tokens.size(1), 0.7)
+        expected_logp, expected = engine.completion_logprobs(model, full, torch.ones_like(full),
+                                                             tokens.size(1), 0.7)
     assert torch.allclose(entropy, expected, atol=1e-4) and torch.allclose(logp, expected_logp, atol=1e-4)
 
 
@@ -194,8 +202,10 @@ def test_demo_defaults_apply_to_the_demo_model_only(capsys, tmp_path):
     assert (demo.sft_steps, demo.sft_lr, demo.lr, demo.max_new_tokens) == (150, 1e-3, 3e-4, 32)
     pretrained = grpo.parse_config(["--model=HuggingFaceTB/SmolLM2-135M-Instruct", "--task=gsm8k",
                                     "--data_path=" + os.path.join(SHARED, "train.jsonl")])
-    assert (pretrained.sft_steps, pretrained.sft_lr, pretrained.lr, pretrained.max_new_tokens) == (0, 1e-5, 1e-6, 256)
-    assert grpo.parse_config(["--model=x/y", "--lr=3e-5", "--sft_steps=10"]).lr == 3e-5       # asked for: kept
+    assert ((pretrained.sft_steps, pretrained.sft_lr, pretrained.lr, pretrained.max_new_tokens)
+            == (0, 1e-5, 1e-6, 256))
+    # asked for: kept
+    assert grpo.parse_config(["--model=x/y", "--lr=3e-5", "--sft_steps=10"]).lr == 3e-5
     assert grpo.parse_config(["--model=x/y", "--sft_steps=10"]).sft_steps == 10
     with pytest.raises(SystemExit):
         grpo.main(["--help"])
@@ -213,8 +223,8 @@ def test_dropout_is_off_in_the_policy_by_default(tmp_path, disable):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     _, tokenizer = engine.load_model(data.build_tiny_model(str(tmp_path / "tok"), 0), "cpu")
     shapes = dict(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    for model in (LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                               attention_dropout=0.5, **shapes)),
+    for model in (LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, attention_dropout=0.5, **shapes)),
                   GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.5, embd_pdrop=0.5,
                                              attn_pdrop=0.5, **shapes))):
         if disable:
@@ -235,7 +245,8 @@ def test_each_phase_is_timed_after_the_device_finishes_it(tmp_path, monkeypatch)
     grpo.train(grpo.parse_config(["--sft_steps=0", "--eval_size=0", "--prompts_per_step=2", "--group_size=2",
                                   "--max_new_tokens=4", "--max_steps=2", f"--out_dir={tmp_path}"]))
     rows = metrics(tmp_path)
-    assert devices == ["cpu"] * 10                      # a step's start and its four phases' ends, each through clock
+    # a step's start and its four phases' ends, each through clock
+    assert devices == ["cpu"] * 10
     assert all(r["t_rewards"] == r["t_logprobs"] == r["t_update"] == 10.0 for r in rows)
 
 
@@ -243,8 +254,9 @@ def test_samples_log_holds_each_question_with_its_group(tmp_path):
     """samples.jsonl every log_samples_every steps: each question of the step with its G
     completions, each reward, the weighted total, the advantage (the group's (r - mean) / (std +
     eps), recomputed here by hand), the length and whether it was truncated."""
-    grpo.train(grpo.parse_config([*FAST[:-3], "--rewards=accuracy:1,format:0.5,overlong:0.5", "--overlong_buffer=16",
-                                  "--log_samples_every=2", "--max_steps=4", "--sft_steps=10", f"--out_dir={tmp_path}"]))
+    grpo.train(grpo.parse_config([*FAST[:-3], "--rewards=accuracy:1,format:0.5,overlong:0.5",
+                                  "--overlong_buffer=16", "--log_samples_every=2", "--max_steps=4",
+                                  "--sft_steps=10", f"--out_dir={tmp_path}"]))
     with open(tmp_path / "samples.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [2] * 4 + [4] * 4 and all(len(r["completions"]) == 4 for r in rows)
@@ -253,7 +265,8 @@ def test_samples_log_holds_each_question_with_its_group(tmp_path):
         for c in row["completions"]:
             parts = c["rewards"]
             assert set(parts) == {"accuracy", "format", "overlong"} and 0 < c["length"] <= 20
-            assert c["reward"] == pytest.approx(parts["accuracy"] + 0.5 * parts["format"] + 0.5 * parts["overlong"], abs=1e-6)
+            assert c["reward"] == pytest.approx(parts["accuracy"] + 0.5 * parts["format"]
+                                                + 0.5 * parts["overlong"], abs=1e-6)
             assert not c["truncated"] or c["length"] == 20    # no EOS: the whole max_new_tokens
         spread = rewards.std()
         expected = (rewards - rewards.mean()) / (spread + 1e-4) if spread > 0 else torch.zeros(4)
@@ -264,8 +277,8 @@ def test_samples_log_holds_each_question_with_its_group(tmp_path):
 def test_a_resumed_run_drops_the_sample_rows_past_its_checkpoint(tmp_path):
     """As for metrics.jsonl: rows a crashed run wrote after its last checkpoint (and a torn last
     line) are dropped when it resumes, and those steps are logged again, once."""
-    args = [*FAST[:-3], "--rewards=accuracy:1,format:0.5", "--log_samples_every=1", "--sft_steps=4", "--save_every=2",
-            f"--out_dir={tmp_path}"]
+    args = [*FAST[:-3], "--rewards=accuracy:1,format:0.5", "--log_samples_every=1", "--sft_steps=4",
+            "--save_every=2", f"--out_dir={tmp_path}"]
     grpo.train(grpo.parse_config([*args, "--max_steps=2"]))
     with open(tmp_path / "samples.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "prompt": "left by a crash"}) + "\n" + '{"step": 4, "pro')
@@ -282,17 +295,21 @@ def test_a_reward_of_your_own_from_a_file(tmp_path, capsys):
     (tmp_path / "mine.py").write_text(
         "def near_target(completion, example):\n    return -abs(len(completion) - example['target_len'])\n\n"
         "def broken(completion, example):\n    raise RuntimeError('a bug in my reward')\n")
-    rows = [{"prompt": f"{a}+{b}", "answer": str(a + b), "target_len": 5} for a in range(10) for b in range(10)]
+    rows = [{"prompt": f"{a}+{b}", "answer": str(a + b), "target_len": 5}
+            for a in range(10) for b in range(10)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = f"accuracy:1,{tmp_path}/mine.py:near_target:0.1,{tmp_path}/mine.py:broken:1"
-    grpo.train(grpo.parse_config(["--task=jsonl", f"--data_path={tmp_path}/data.jsonl", "--eval_size=10", "--sft_steps=0",
-                                  "--max_new_tokens=8", "--prompts_per_step=2", "--group_size=4", "--max_steps=2",
-                                  "--log_samples_every=1", f"--rewards={spec}", f"--out_dir={tmp_path}/run"]))
+    grpo.train(grpo.parse_config(["--task=jsonl", f"--data_path={tmp_path}/data.jsonl", "--eval_size=10",
+                                  "--sft_steps=0", "--max_new_tokens=8", "--prompts_per_step=2",
+                                  "--group_size=4", "--max_steps=2", "--log_samples_every=1",
+                                  f"--rewards={spec}", f"--out_dir={tmp_path}/run"]))
     row = metrics(tmp_path / "run")[0]
-    assert row[f"reward_{tmp_path}/mine.py:broken"] == 0.0 and row["reward_errors"] == 8   # every completion, counted
+    # every completion, counted
+    assert row[f"reward_{tmp_path}/mine.py:broken"] == 0.0 and row["reward_errors"] == 8
     with open(tmp_path / "run" / "samples.jsonl") as f:
         completions = [c for line in f for c in json.loads(line)["completions"]]
-    assert all(c["rewards"][f"{tmp_path}/mine.py:near_target"] == -abs(len(c["text"]) - 5) for c in completions)
+    assert all(c["rewards"][f"{tmp_path}/mine.py:near_target"] == -abs(len(c["text"]) - 5)
+               for c in completions)
     capsys.readouterr()
     for bad, message in [(f"{tmp_path}/nope.py:f", f"cannot load {tmp_path}/nope.py: no such file"),
                          (f"{tmp_path}/mine.py:gone", "has no function 'gone'")]:
