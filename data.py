@@ -319,6 +319,8 @@ def build_tiny_model(path, seed, arch="llama", chat=False):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
                               Qwen2ForCausalLM)
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # save_pretrained's bar would cut into the run's own lines
     specials = ["<pad>", "<eos>", "<unk>"] + (["<|im_start|>", "<|im_end|>", "<|endoftext|>"] if chat else [])
     tags = ["<think>", "</think>", "<answer>", "</answer>"]
     chars = [chr(c) for c in range(32, 127)] + ["\n"]

@@ -42,6 +42,7 @@ def test_command_line_run_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "---- summary" in result.stdout and "held-out greedy accuracy" in result.stdout
     assert "grpo [" in result.stderr          # the progress bar
+    assert "Writing model shards" not in result.stderr  # ours is the only one
     summary = json.loads((run / "summary.json").read_text())
     assert {"accuracy_before", "accuracy_after", "wall_seconds"} <= set(summary)
     rows = metrics(run)
