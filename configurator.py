@@ -84,6 +84,19 @@ def read_text(path):
         raise ConfigError(f"{path}:{line}: not UTF-8 text") from None
 
 
+MAX_DEPTH = 100  # nesting of a value in a config file (a list of lists is 3)
+
+
+def depth(node):
+    """How deeply the syntax tree under `node` nests, counted without recursion."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
 def read_config_file(cls, path):
     """{key: value} from a file of `key = literal` lines (a docstring and comments allowed)."""
     try:
@@ -101,6 +114,8 @@ def read_config_file(cls, path):
             raise ConfigError(f"{path}:{node.lineno}: only `key = value` lines are allowed")
         key, where = node.targets[0].id, f"{path}:{node.lineno}: "
         check_key(cls, key, where)
+        if depth(node.value) > MAX_DEPTH:  # the same answer at any stack depth
+            raise ConfigError(f"{path}: nested too deeply to be a config")
         if key in lines:
             raise ConfigError(f"{where}{key} is set twice (lines {lines[key]} and {node.lineno})")
         try:

@@ -560,3 +560,17 @@ def test_plain_numbers_are_judged_without_math_verify(monkeypatch):
     with pytest.raises(AssertionError):          # anything else still goes to math-verify
         R.answers_match("1/2", "\\frac{1}{2}")
     R.answers_match.cache_clear()
+
+
+def test_a_deeply_nested_config_value_is_refused_the_same_at_any_recursion_limit(capsys, tmp_path):
+    """torch's compiler raises Python's recursion limit; the answer must not depend on it."""
+    import sys
+    path = tmp_path / "c.py"
+    path.write_text("lr = " + "-" * 3000 + "1\n")
+    limit = sys.getrecursionlimit()
+    try:
+        for allowed in (1000, 20000):
+            sys.setrecursionlimit(allowed)
+            one_line_refusal(*main(capsys, f"--config={path}"), f"{path}: nested too deeply")
+    finally:
+        sys.setrecursionlimit(limit)
