@@ -8,8 +8,11 @@ it are two sampling paths that pick the same tokens from the same uniforms: tran
 with the model's own cache (any family; `sample`), and `StaticDecoder`, a KV cache the engine owns
 with one decode step that picks its own token (Llama, Qwen2, Qwen3, Mistral; compiled on CUDA).
 """
+import copy
 import inspect
+import types
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
@@ -26,15 +29,24 @@ class EngineOptions:
     bf16: Optional[bool] = None    # bf16 autocast over fp32 weights; None = on CUDA, or with dtype=bfloat16
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # the last needs flash-attn
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    decoder: Literal["auto", "static", "hf"] = "auto"  # static: the engine's KV cache (Llama, Qwen, Mistral)
+    decoder: Literal["auto", "static", "hf", "vllm"] = "auto"  # static: own KV cache; vllm: vllm_sampler.py
+    vllm_gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory (on CPU: of RAM); TRL colocate: 0.3
+    vllm_sleep: Optional[bool] = None  # free vLLM's memory between rollouts (sleep mode); None = on CUDA
     compile_decode: Optional[bool] = None  # torch.compile the static decode step; None = on CUDA
     share_prompt: bool = True      # a group's G sequences share one pass over their prompt (same result)
     disable_dropout: bool = True   # dropout off: the update sees the policy that sampled (TRL: the same)
     compile: bool = False          # torch.compile the log-prob forward (no gain measured, ~100 s to compile)
 
     def checks(self):
+        vllm = self.decoder == "vllm"
         return [(self.dtype != "bfloat16" or self.bf16 is not False,
                  "bf16: dtype=bfloat16 computes in bf16; bf16=False contradicts it"),
+                (not vllm or runs.installed("vllm"),
+                 "decoder: vllm needs the vllm package (pip install -r requirements-vllm.txt)"),
+                (not vllm or getattr(self, "sharding", "ddp") != "fsdp",
+                 "decoder: vllm samples a whole copy of the policy on each rank: not with sharding=fsdp"),
+                (0 < self.vllm_gpu_memory_utilization <= 1,
+                 "vllm_gpu_memory_utilization: must be in (0, 1]"),
                 (self.attn_implementation != "flash_attention_2" or runs.installed("flash_attn"),
                  "attn_implementation: flash_attention_2 needs the flash-attn package")]
 
@@ -179,7 +191,8 @@ class Engine:
     as loaded). share_prompt: a group's G sequences share one forward pass over their prompt.
     decoder: "static" samples with StaticDecoder where the model's family allows (compiled with
     compile_decode), "hf" with transformers' forward and cache (`sample`); "auto" is static where
-    the family allows, except under FSDP, whose sharded layers only gather inside their forward."""
+    the family allows, except under FSDP, whose sharded layers only gather inside their forward.
+    Under bf16 autocast over fp32 weights the static decoder samples a bf16 copy (Bf16Copy)."""
 
     def __init__(self, model, tokenizer, bf16=False, share_prompt=True, decoder="hf", compile_decode=False):
         self.model, self.tokenizer, self.bf16, self.share_prompt = model, tokenizer, bf16, share_prompt
@@ -187,8 +200,10 @@ class Engine:
         why_not = StaticDecoder.unsupported(model, 0)
         if decoder == "static" and why_not:
             raise ConfigError(f"decoder: static decoding cannot run this model: {why_not}")
-        self.decoder = StaticDecoder(model, compile_decode) if decoder != "hf" and not why_not else None
-        self.why_not_static = why_not if decoder != "hf" else "decoder=hf"
+        static = decoder in ("auto", "static")
+        self.decoder = StaticDecoder(model, compile_decode) if static and not why_not else None
+        self.why_not_static, self.copy = why_not if static else f"decoder={decoder}", None
+        self.vllm = None  # a vllm_sampler.VllmSampler, set by open_policy with decoder=vllm
 
     def uses_static(self, length):
         """Whether sampling `length` tokens (prompt + completion) takes the static decoder: not under
@@ -206,11 +221,34 @@ class Engine:
         """Sampled completions of the policy for left-padded prompts [B, P] (see `sample`)."""
         how = Sampling(max_new_tokens, self.eos_ids, self.pad_id, temperature, top_p, uniforms,
                        self.share_prompt)
+        if self.vllm is not None:
+            how = how._replace(uniforms=draw_uniforms(prompt_ids, how) if uniforms is None else uniforms)
+            return Sampled(**self.vllm.sample(self.model, prompt_ids, prompt_mask, how))
         self.model.eval()
         with self.autocast():
             if self.uses_static(prompt_ids.size(1) + max_new_tokens):
-                return self.decoder.sample(prompt_ids, prompt_mask, how)
+                return self.static_decoder().sample(prompt_ids, prompt_mask, how)
             return sample(self.model, prompt_ids, prompt_mask, how)
+
+    def timings(self):
+        """The sampler's own phases since the last call, for the metrics: t_weight_sync, the seconds
+        spent pushing weights into vLLM (None without it)."""
+        return {"t_weight_sync": self.vllm.take_sync_seconds() if self.vllm is not None else None}
+
+    def static_decoder(self):
+        """The static decoder, on a bf16 copy of the weights when they are fp32 under bf16 autocast
+        (made at the first call, refreshed whenever the weights have moved since), so that each
+        token reads 2 bytes per parameter rather than casting 4 to 2 again. LoRA's adapters and a
+        bf16 frozen base need no copy."""
+        adapters = any(".lora_" in name for name, _ in self.model.named_parameters())
+        fp32 = any(p.dtype == torch.float32 for p in self.model.parameters())
+        if self.copy is None and self.bf16 and fp32 and not adapters:
+            self.copy = Bf16Copy(unwrap(self.model))
+            self.decoder = StaticDecoder(self.copy.model, self.decoder.compiled, self.decoder.bucket,
+                                         self.decoder.backend)
+        if self.copy is not None:
+            self.copy.refresh()
+        return self.decoder
 
     def logprobs(self, ids, attention, num_completion, temperature=1.0, model=None, with_entropy=False):
         """(log-probs [B, C] of the last num_completion tokens of ids [B, L] under `model` (the
@@ -228,6 +266,26 @@ class Engine:
                           for i in range(0, len(ids), micro_batch_size)])
 
 
+class Bf16Copy:
+    """A bf16 copy of a model's weights to sample with (2 bytes per parameter more memory), its
+    modules the model's own (a deep copy whose parameters are bf16), refreshed in place with one
+    foreach copy whenever the model's own weights have changed (their version counters moved)."""
+
+    def __init__(self, model):
+        self.source = list(model.parameters())
+        memo = {id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                for p in self.source}
+        self.model = copy.deepcopy(model, memo).eval()
+        self.copies, self.versions = [memo[id(p)] for p in self.source], [p._version for p in self.source]
+
+    @torch.no_grad()
+    def refresh(self):
+        versions = [p._version for p in self.source]
+        if versions != self.versions:
+            torch._foreach_copy_(self.copies, self.source)
+            self.versions = versions
+
+
 def open_reference(path, options, device, weights=None):
     """The frozen reference model in options.dtype (bf16 halves its memory): RL's starting point at
     `path`, or with `weights` (a resumed run's synced copy) those; sharded as the policy is."""
@@ -242,6 +300,9 @@ def open_policy(path, options, device, dtype):
     """The policy (weights in dtype) and its Engine, as `options` (EngineOptions) ask: dropout off
     (disable_dropout), gradient checkpointing, bf16 autocast by default on CUDA and with
     dtype=bfloat16 on any device, the static decoder compiled on CUDA. Says which sampler runs."""
+    if options.decoder == "vllm":
+        import vllm_sampler
+        vllm_sampler.check_model(path)
     model, tokenizer = load_model(path, device, dtype, options.attn_implementation)
     if options.disable_dropout:
         disable_dropout(model)
@@ -250,8 +311,13 @@ def open_policy(path, options, device, dtype):
     bf16 = (device.type == "cuda" or options.dtype == "bfloat16") if options.bf16 is None else options.bf16
     compile_decode = device.type == "cuda" if options.compile_decode is None else options.compile_decode
     engine = Engine(model, tokenizer, bf16, options.share_prompt, options.decoder, compile_decode)
-    say("sampling: " + (f"static KV cache{', compiled' if compile_decode else ''}" if engine.decoder else
-                        f"transformers ({engine.why_not_static})"))
+    if options.decoder == "vllm":
+        engine.vllm = vllm_sampler.VllmSampler(path, model, options, bf16)
+        vllm_sampler.started(engine.vllm)
+        return model, engine
+    graphs = " with CUDA graphs, which the first sampling says it captured" if device.type == "cuda" else ""
+    say("sampling: " + (f"static KV cache{', compiled' + graphs if compile_decode else ''}" if engine.decoder
+                        else f"transformers ({engine.why_not_static})"))
     return model, engine
 
 
@@ -368,15 +434,22 @@ def decode_loop(first, advance, how):
     return Sampled(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1))
 
 
-def pick_token(logits, temperature, top_p, uniform):
+def picking(temperature, top_p):
+    """How a step picks its token: greedy (temperature 0), sample, or nucleus (top_p < 1)."""
+    return "greedy" if temperature == 0 else "nucleus" if top_p < 1 else "sample"
+
+
+def pick_token(logits, temperature, top_p, uniform, mode=None):
     """One token per row from logits [B, V]: argmax when temperature is 0, else a sample of
     softmax(logits / temperature) restricted to the top_p nucleus, by inverse CDF: the first token
     whose cumulative probability exceeds uniform [B] * total. As the uniforms are drawn per
-    completion, a completion does not depend on which rank or batch it is sampled in."""
-    if temperature == 0:
+    completion, a completion does not depend on which rank or batch it is sampled in.
+    temperature and top_p may be 0-d tensors (the compiled step's), with mode (picking) given."""
+    mode = mode or picking(temperature, top_p)
+    if mode == "greedy":
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1:
+    if mode == "nucleus":
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps the top token always
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
@@ -433,31 +506,65 @@ def rotate_half(x):
     return torch.cat([-second, first], -1)
 
 
-class StaticDecoder:
-    """Decoding with a preallocated KV cache for the Llama-shaped families (FAST_FAMILIES): every
-    row's keys and values live at the same cache slots (a left-padded prompt's pads are masked),
-    attention reads the cache with grouped-query heads as they are (no K/V copied per query
-    head), and one decode step embeds, attends, picks the next token from its uniform and records
-    that token's log-prob and the entropy, all on the device. It reuses the Hugging Face model's
-    own modules (projections, norms, MLP, rotary), so it always samples the current weights.
-    compile: torch.compile the decode step (on CUDA with CUDA graphs, "reduce-overhead"); prompts
-    are then left-padded to a multiple of `bucket` tokens so that a new prompt length does not
-    compile again."""
+def batch_bucket(rows):
+    """The batch a decode step runs at for `rows` rows: a power of two from 8 up to 64, then a
+    multiple of 64, so that few shapes (each a CUDA graph) serve a run's batches."""
+    return max(8, 1 << (rows - 1).bit_length()) if rows <= 64 else -(-rows // 64) * 64
 
-    def __init__(self, model, compile=False, bucket=64):
+
+class DecodeState(NamedTuple):
+    """Every tensor a decode step reads and writes, allocated once per (batch, prompt width, new
+    tokens) and reused by every call of that shape, at static addresses (CUDA graphs replay on
+    them): each layer's keys and values [R, KV, W + T, D], which cache slots each row sees, the
+    step's input token and position, the cache slot and output column it writes, the call's
+    uniforms [R, T], temperature and top_p (0-d, so that a new value does not compile again), which
+    rows have ended, the stop ids, and the outputs: tokens, log-probs and entropies [R, T]."""
+    caches: list
+    key_mask: torch.Tensor
+    token: torch.Tensor
+    position: torch.Tensor
+    slot: torch.Tensor
+    column: torch.Tensor
+    uniforms: torch.Tensor
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    done: torch.Tensor
+    eos_ids: torch.Tensor
+    pad_id: torch.Tensor
+    tokens: torch.Tensor
+    logps: torch.Tensor
+    entropies: torch.Tensor
+
+
+class StaticDecoder:
+    """Decoding with a KV cache the engine owns, for the Llama-shaped families (FAST_FAMILIES).
+    Every row's keys and values live at the same cache slots (a left-padded prompt's pads are
+    masked); a decode step embeds, attends (the query heads of each KV head folded into the query
+    length, so that plain attention needs no grouped-query support), picks the next token from its
+    uniform, records its log-prob and the entropy and updates which rows have ended, all on the
+    device, in place on one DecodeState per shape, with no host sync: whether every row has ended
+    is asked every 8 tokens. It reuses the Hugging Face model's modules (projections, norms, MLP,
+    rotary), so it samples the weights it is given as they are now.
+    compile: torch.compile the step (on CUDA "reduce-overhead", i.e. CUDA graphs) with dynamic
+    shapes, so that batch and length buckets share one graph per way of picking (greedy, sampled,
+    nucleus); prompts are left-padded to a multiple of `bucket` tokens and batches to batch_bucket.
+    A compile that fails says so in one line and the eager step goes on."""
+
+    MAX_STATES = 4  # shapes whose DecodeState is kept (each holds a KV cache for its batch and length)
+
+    def __init__(self, model, compile=False, bucket=64, backend="inductor"):
         self.model = unwrap(model)
-        self.body, self.bucket = self.model.model, bucket if compile else 1
-        self.step = self.decode_step
+        self.body, self.bucket, self.backend, self.states = self.model.model, bucket, backend, OrderedDict()
+        self.step, self.compiled, self.reported = self.decode_step, compile, False
         if compile:
-            mode = "reduce-overhead" if self.model.device.type == "cuda" else None
-            self.step = torch.compile(self.decode_step, mode=mode, dynamic=False)
+            graphs = self.model.device.type == "cuda" and backend == "inductor"
+            self.step = torch.compile(own_code(self.decode_step), backend=backend, dynamic=True,
+                                      fullgraph=True, mode="reduce-overhead" if graphs else None)
 
     @staticmethod
     def unsupported(model, length):
         """Why `model` cannot be decoded here for sequences of `length` tokens, or None."""
         config = unwrap(model).config
-        if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
-            return "torch < 2.5 has no grouped-query attention in scaled_dot_product_attention"
         if config.model_type not in FAST_FAMILIES:
             return f"{config.model_type} is not one of {', '.join(FAST_FAMILIES)}"
         window = getattr(config, "sliding_window", None)
@@ -465,6 +572,20 @@ class StaticDecoder:
         if window and sliding and getattr(config, "use_sliding_window", True) and window < length:
             return f"its sliding window ({window} tokens) is shorter than prompt + completion ({length})"
         return None
+
+    def attend(self, q, k_cache, v_cache, mask, scale):
+        """Attention of queries q [B, H, S, D] to the cache [B, KV, L, D] through mask [B, 1, S, L].
+        One query (decoding): each KV head's G = H / KV query heads become G query positions,
+        [B, KV, G, D], so that no K/V is copied per query head and no grouped-query kernel is
+        needed. Several (the prompt): K/V repeated per query head."""
+        B, H, S, D = q.shape
+        groups = H // k_cache.size(1)
+        if S == 1:
+            out = torch.nn.functional.scaled_dot_product_attention(q.view(B, -1, groups, D), k_cache, v_cache,
+                                                                   attn_mask=mask, scale=scale)
+            return out.reshape(B, H, 1, D)
+        keys, values = (cache.repeat_interleave(groups, 1) for cache in (k_cache, v_cache))
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     def forward(self, ids, positions, mask, caches, slots):
         """Logits [B, V] after the last of tokens ids [B, S] at positions [B, S], whose keys and
@@ -484,73 +605,150 @@ class StaticDecoder:
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
             v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
-            out = torch.nn.functional.scaled_dot_product_attention(q, k_cache.to(q.dtype),
-                                                                   v_cache.to(q.dtype),
-                                                                   attn_mask=mask, scale=attention.scaling,
-                                                                   enable_gqa=True)
-            x = x + attention.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+            # q to the cache's dtype, rather than the whole cache to q's
+            out = self.attend(q.to(k_cache.dtype), k_cache, v_cache, mask, attention.scaling)
+            x = x + attention.o_proj(out.to(x.dtype).transpose(1, 2).reshape(B, S, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.lm_head(self.body.norm(x[:, -1]))
 
-    def decode_step(self, token, position, slot, cache, uniform, pick):
-        """One token for every row: the model's next-token logits after `token` [B] at `position`
-        [B], stored at cache `slot` [1]; cache: (key mask [B, L], each layer's (K, V)); pick:
-        (temperature, top_p) -> (next token [B], its log-prob [B] and the entropy [B] of
-        softmax(logits / temperature))."""
-        key_mask, caches = cache
-        key_mask.index_fill_(1, slot, True)
-        logits = self.forward(token[:, None], position[:, None], key_mask[:, None, None, :], caches,
+    def decode_step(self, s, mode):
+        """One token for every row, in place on the DecodeState s: the logits after s.token at
+        s.position, its keys and values stored at cache slot s.slot, the next token picked (mode:
+        greedy, sample or nucleus) from the uniforms' column s.column and written there with its
+        log-prob and entropy (pad after a row's end), then the ends and counters moved on."""
+        slot = s.slot.view(1)
+        s.key_mask.index_fill_(1, slot, True)
+        logits = self.forward(s.token[:, None], s.position[:, None], s.key_mask[:, None, None, :], s.caches,
                               slot).float()
-        return pick_and_score(logits, *pick, uniform)
+        uniform = s.uniforms.index_select(1, s.column.view(1)).squeeze(1)
+        token, logp, entropy = pick_and_score(logits, s.temperature, s.top_p, uniform, mode)
+        token = torch.where(s.done, s.pad_id, token)
+        for out, value in ((s.tokens, token), (s.logps, logp), (s.entropies, entropy)):
+            out.index_copy_(1, s.column.view(1), value[:, None].to(out.dtype))
+        s.done.logical_or_(torch.isin(token, s.eos_ids))
+        s.token.copy_(token)
+        for counter in (s.position, s.slot, s.column):
+            counter.add_(1)
+
+    def state(self, rows, width, how, device):
+        """The DecodeState of this shape: made (and its tensors marked as static addresses) once."""
+        new_tokens = how.max_new_tokens
+        key = (rows, width, new_tokens, len(how.eos_ids))
+        if key in self.states:
+            self.states.move_to_end(key)
+        else:
+            if len(self.states) == self.MAX_STATES:
+                self.states.popitem(last=False)
+            config, attention = self.model.config, self.body.layers[0].self_attn
+            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                     else self.model.dtype)
+            shape = (rows, config.num_key_value_heads, width + new_tokens, attention.head_dim)
+
+            def zeros(*size, dtype=torch.float32):
+                return torch.zeros(size, dtype=dtype, device=device)
+            caches = [(zeros(*shape, dtype=dtype), zeros(*shape, dtype=dtype)) for _ in self.body.layers]
+            long, flag = torch.long, torch.bool
+            state = DecodeState(
+                caches, key_mask=zeros(rows, width + new_tokens, dtype=flag), token=zeros(rows, dtype=long),
+                position=zeros(rows, dtype=long), slot=zeros(dtype=long), column=zeros(dtype=long),
+                uniforms=zeros(rows, new_tokens), temperature=zeros(), top_p=zeros(),
+                done=zeros(rows, dtype=flag), eos_ids=how.eos_ids.clone(), pad_id=zeros(dtype=long),
+                tokens=zeros(rows, new_tokens, dtype=long), logps=zeros(rows, new_tokens),
+                entropies=zeros(rows, new_tokens))
+            for tensor in [*(t for pair in caches for t in pair), *state[1:]]:
+                torch._dynamo.mark_static_address(tensor)
+            self.states[key] = state
+        return self.states[key]
 
     @torch.no_grad()
     def sample(self, prompt_ids, prompt_mask, how):
         """As `sample` (the same tokens for the same uniforms) -> Sampled."""
+        try:
+            return self.run(prompt_ids, prompt_mask, how)
+        except Exception as err:  # compiling failed (a missing compiler, Triton, ...): the eager step goes on
+            if self.step == self.decode_step:
+                raise
+            say(f"sampling: compiling the decode step failed ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); the eager step goes on")
+            self.step, self.compiled = self.decode_step, False
+            return self.run(prompt_ids, prompt_mask, how)
+
+    def run(self, prompt_ids, prompt_mask, how):
+        B, device, T = len(prompt_ids), prompt_ids.device, how.max_new_tokens
         uniforms = draw_uniforms(prompt_ids, how) if how.uniforms is None else how.uniforms
-        # left-pad to the bucket: one compile per bucket
-        width = -(-prompt_ids.size(1) // self.bucket) * self.bucket
+        bucket = self.bucket if self.compiled else 1
+        width = -(-prompt_ids.size(1) // bucket) * bucket  # left-pad to the bucket
         prompt_ids = torch.nn.functional.pad(prompt_ids, (width - prompt_ids.size(1), 0), value=how.pad_id)
         prompt_mask = torch.nn.functional.pad(prompt_mask, (width - prompt_mask.size(1), 0))
+        s = self.state(batch_bucket(B) if self.compiled else B, width, how, device)
+        logits = self.prefill(s, prompt_ids, prompt_mask, how.share_prompt)
+        token, logp, entropy = pick_and_score(logits, how.temperature, how.top_p, uniforms[:, 0])
+        done = torch.isin(token, how.eos_ids)
+        for out, value in ((s.tokens, token), (s.logps, logp), (s.entropies, entropy)):
+            out[:B, 0] = value
+        for tensor, value, rest in ((s.token, token, how.pad_id), (s.done, done, True),
+                                    (s.position, positions_of(prompt_mask)[:, -1] + 1, 0)):
+            tensor[:B], tensor[B:] = value, rest  # rows past B only fill the batch's bucket
+        s.uniforms[:B], s.uniforms[B:] = uniforms, 0.0
+        for tensor, value in ((s.slot, width), (s.column, 1), (s.temperature, how.temperature),
+                              (s.top_p, how.top_p), (s.pad_id, how.pad_id)):
+            tensor.fill_(value)
+        s.eos_ids.copy_(how.eos_ids)
+        mode, columns, skips = picking(how.temperature, how.top_p), T, cudagraph_skips()
+        for column in range(1, T):
+            if column % 8 == 0 and every_rank_done(s.done):  # a wait for the device, so every 8 tokens
+                columns = column
+                break
+            self.step(s, mode)
+        if self.compiled and device.type == "cuda" and not self.reported:
+            self.reported = True
+            say("sampling: the compiled step " + ("captured CUDA graphs" if cudagraph_skips() == skips else
+                                                  "did not capture CUDA graphs (torch's log says why)"))
+        return Sampled(*(out[:B, :columns].clone() for out in (s.tokens, s.logps, s.entropies)))
+
+    def prefill(self, s, prompt_ids, prompt_mask, share):
+        """Each distinct prompt of prompt_ids [B, W] run once, its keys and values copied into the
+        rows of the state's caches that have it; which slots the rows see set -> last logits [B, V]."""
+        B, width, device = *prompt_ids.shape, prompt_ids.device
         both = torch.cat([prompt_ids, prompt_mask], 1)
-        distinct, rows = (torch.unique_consecutive(both, dim=0, return_inverse=True) if how.share_prompt
-                          else (both, None))
+        distinct, rows = (torch.unique_consecutive(both, dim=0, return_inverse=True) if share
+                          else (both, torch.arange(B, device=device)))
         ids, mask = distinct.split(width, 1)
-        length, device = width + how.max_new_tokens, prompt_ids.device
-        caches = self.new_caches(len(ids), length, device)
+        caches = [(torch.zeros_like(k[:len(ids), :, :width]), torch.zeros_like(v[:len(ids), :, :width]))
+                  for k, v in s.caches]
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        # pads see themselves
-        seen = (mask.bool()[:, None, :] & causal) | torch.eye(width, dtype=torch.bool, device=device)
-        seen = torch.nn.functional.pad(seen, (0, how.max_new_tokens))[:, None]
+        pads_see_themselves = torch.eye(width, dtype=torch.bool, device=device)
+        seen = (mask.bool()[:, None, :] & causal) | pads_see_themselves
         slots = torch.arange(width, device=device)
-        logits = self.forward(ids, positions_of(mask), seen, caches, slots).float()
-        if rows is not None:
-            caches, logits = [(k[rows], v[rows]) for k, v in caches], logits[rows]
-        key_mask = torch.nn.functional.pad(prompt_mask.bool(), (0, how.max_new_tokens))
-        position = positions_of(prompt_mask)[:, -1]
-
-        def advance(token, t):
-            nonlocal position
-            position = position + 1
-            slot = torch.tensor([width + t], device=device)
-            return self.step(token, position, slot, (key_mask, caches), uniforms[:, t + 1],
-                             (how.temperature, how.top_p))
-        first = pick_and_score(logits, how.temperature, how.top_p, uniforms[:, 0])
-        return decode_loop(first, advance, how)
-
-    def new_caches(self, rows, length, device):
-        config, attention = self.model.config, self.body.layers[0].self_attn
-        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                 else self.model.dtype)
-        shape = (rows, config.num_key_value_heads, length, attention.head_dim)
-        return [(torch.zeros(shape, dtype=dtype, device=device),
-                 torch.zeros(shape, dtype=dtype, device=device))
-                for _ in self.body.layers]
+        logits = self.forward(ids, positions_of(mask), seen[:, None], caches, slots)
+        for (k, v), (k_prompt, v_prompt) in zip(s.caches, caches):
+            k[:B, :, :width], v[:B, :, :width] = k_prompt[rows], v_prompt[rows]
+        s.key_mask.zero_()
+        s.key_mask[:B, :width] = prompt_mask.bool()
+        return logits.float()[rows]
 
 
-def pick_and_score(logits, temperature, top_p, uniform):
+def own_code(method):
+    """The bound `method` over a copy of its code object. torch.compile keeps compiled graphs, and
+    counts recompiles against its limit (8), per code object: with its own copy each decoder (a
+    new model, a phase of r1.py) starts from none instead of adding to those of every other."""
+    function = method.__func__
+    twin = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    return types.MethodType(twin, method.__self__)
+
+
+def cudagraph_skips():
+    """How often torch's inductor has declined to capture a CUDA graph in this process."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def pick_and_score(logits, temperature, top_p, uniform, mode=None):
     """pick_token, and the picked token's log-prob and the entropy under softmax(logits /
     temperature) (temperature 0: the plain softmax) -> three [B] tensors."""
-    token = pick_token(logits, temperature, top_p, uniform)
-    scaled = logits / (temperature or 1.0)
+    mode = mode or picking(temperature, top_p)
+    token = pick_token(logits, temperature, top_p, uniform, mode)
+    scaled = logits if mode == "greedy" else logits / temperature
     entropy = torch.special.entr(torch.softmax(scaled, -1)).sum(-1)
     return token, torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1), entropy

@@ -330,7 +330,7 @@ def train(cfg):
                       "entropy": (sampled.entropy * mask).sum(), "prompts_cut": prompts_cut,
                       "reflecting": sum(map(reflects, texts))}
             row = runs.step_metrics(step + 1, whole, counts, update, (t0, t1, t2, t3, t4))
-            row.update(lr=lr, ref_synced=synced, skipped_total=skipped_steps)
+            row.update(lr=lr, ref_synced=synced, skipped_total=skipped_steps, **engine.timings())
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row.update({f"eval_{k}": v for k, v in data.evaluate(engine, run.test_set, cfg).items()})
             run.log.write(row)

@@ -312,7 +312,8 @@ def step_metrics(step, whole, counts, update, times):
             "completion_len_wrong": mean_or_none(lengths[correct <= 0]),
             "truncated_frac": truncated.mean().item(), "reflection_frac": total["reflecting"] / len(rewards),
             "kl": per_token.get("kl"), "clip_low_frac": per_token.get("clip_low"),
-            "clip_high_frac": per_token.get("clip_high"), "entropy": total["entropy"] / total["tokens"],
+            "clip_high_frac": per_token.get("clip_high"),
+            "entropy": finite_or_none(total["entropy"] / total["tokens"]),
             "mismatch_abs": per_token.get("mismatch_abs"), "mismatch_kl": per_token.get("mismatch_kl"),
             "grad_norm": update.grad_norm, "updates": updates, "reward_errors": int(total["reward_errors"]),
             "skipped": update.skipped, "prompts_cut": int(total["prompts_cut"]),
@@ -321,6 +322,11 @@ def step_metrics(step, whole, counts, update, times):
 
 
 PHASES = ("sample", "rewards", "logprobs", "update")  # a step's parts, timed in this order
+
+
+def finite_or_none(value):
+    """value, or None where it is not finite (vLLM gives no entropy: NaN)."""
+    return value if math.isfinite(value) else None
 
 
 def mean_or_none(values):

@@ -1,6 +1,8 @@
 """Throughput of grpo.py's two hot paths on a randomly initialised model (no download):
 sampling (KV-cache decoding) and the policy update (log-probs, loss, backward, AdamW), eager and
 torch.compile'd, with peak memory, against the machine's ceilings measured in the same run.
+"eager" samples with the static decoder's eager step and updates the plain model; "compiled"
+samples with its compiled step (CUDA graphs on CUDA) and updates a torch.compile'd model.
 
     python bench/gpu_bench.py                                  # Qwen2.5-0.5B shape, CUDA, bf16 autocast
     python bench/gpu_bench.py --modes=eager,compiled,hf_dynamic,hf_static   # + transformers' generate
@@ -76,8 +78,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--decoder", default="auto", choices=("auto", "static", "hf"),
-                        help="sampling path (the engine's static KV cache, compiled on CUDA, "
-                             "or transformers')")
+                        help="sampling path (the engine's static KV cache or transformers')")
+    parser.add_argument("--output", default="", help="also write the results here (JSON)")
     args = parser.parse_args(argv)
     from transformers import Qwen2Config, Qwen2ForCausalLM
     device = torch.device(args.device)
@@ -86,16 +88,17 @@ def main(argv=None):
     shape = SHAPES[args.shape]
     model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=4096)).to(device)
     params = sum(p.numel() for p in model.parameters())
+    vocab, hidden, layers = shape["vocab_size"], shape["hidden_size"], shape["num_hidden_layers"]
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                 else contextlib.nullcontext)
-    sampler = engine.Engine(model, types.SimpleNamespace(eos_token_id=0, pad_token_id=0),
-                            bf16=device.type == "cuda", decoder=args.decoder,
-                            compile_decode=device.type == "cuda")
-    vocab, hidden, layers = shape["vocab_size"], shape["hidden_size"], shape["num_hidden_layers"]
+    stops = types.SimpleNamespace(eos_token_id=0, pad_token_id=0)
+    samplers = {compiled: engine.Engine(model, stops, bf16=device.type == "cuda", decoder=args.decoder,
+                                        compile_decode=compiled) for compiled in (False, True)}
+    for sampler in samplers.values():
+        sampler.eos_ids = torch.tensor([vocab + 1], device=device)  # no EOS: every row runs the full length
     B, P, T = args.batch, args.prompt_tokens, args.new_tokens
     prompts = torch.randint(0, vocab, (B, P), device=device)
     prompt_mask = torch.ones_like(prompts)
-    sampler.eos_ids = torch.tensor([vocab + 1], device=device)  # no EOS: every row runs the full length
     cfg = grpo.Config(micro_batch_size=args.micro_batch_size, beta=0.0, clip_eps_high=0.2, temperature=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     bandwidth, flops_peak = ceilings(device)
@@ -108,7 +111,7 @@ def main(argv=None):
     forward_flops = (2 * body * B * (P + T) + 2 * vocab * hidden * B * T
                      + layers * B * 2 * (P + T) ** 2 * hidden)
     results = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape,
-               "decoder": "static" if sampler.decoder else "hf",
+               "decoder": "static" if samplers[False].decoder else "hf",
                "parameters": params, "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "batch": B, "prompt_tokens": P, "new_tokens": T,
@@ -132,6 +135,7 @@ def main(argv=None):
             sample_s = timed(generate, device, args.repeats)
         else:
             net = torch.compile(model, dynamic=True) if mode == "compiled" else model
+            sampler = samplers[mode == "compiled"]
 
             def generate():
                 nonlocal completions
@@ -147,8 +151,7 @@ def main(argv=None):
                 grpo.accumulate_gradients(sampler, net, rollout, cfg)
                 optimizer.step()
 
-            sample_s = (timed(generate, device, args.repeats) if mode == "eager" or completions is None
-                        else None)
+            sample_s = timed(generate, device, args.repeats)
             update_s = timed(update, device, args.repeats)
             row.update(update_s=update_s, update_tokens_per_s=B * (P + T) / update_s)
             if flops_peak:
@@ -163,6 +166,9 @@ def main(argv=None):
         print(f"{mode:>10}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if v is not None),
               flush=True)
     print(json.dumps(results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
     return results
 
 

@@ -3,6 +3,7 @@ format compliance before and after, one grpo.py run per case.
 
     python bench/real_model.py --model=$(../shared/tools/smollm2.sh)  # every case, ~25 min on 2 cores
     python bench/real_model.py --model=PATH --cases=one_digit --seeds=0,1,2
+    python bench/real_model.py --model=PATH --cases=one_digit --flags=--decoder=vllm  # vLLM's venv
 
 The cases (all: chat template, no cold start, beta 0, lr 1e-5, 4 questions x 6 completions per step):
   one_digit  one-digit sums ("3+7"), no system prompt, accuracy reward only: where the model starts
@@ -48,12 +49,13 @@ def main(argv=None):
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out_dir", default="runs/real_model")
+    parser.add_argument("--flags", default="", help="more grpo.py flags for every case, e.g. --decoder=vllm")
     args = parser.parse_args(argv)
     results = []
     for case in args.cases.split(","):
         for seed in map(int, args.seeds.split(",")):
             argv = [f"--model={args.model}", *COMMON, *CASES[case], f"--seed={seed}",
-                    f"--out_dir={os.path.join(args.out_dir, f'{case}_seed{seed}')}"]
+                    f"--out_dir={os.path.join(args.out_dir, f'{case}_seed{seed}')}", *args.flags.split()]
             print(f"\n==== {case}, seed {seed}: python grpo.py {' '.join(argv)}", flush=True)
             started = time.time()
             summary = grpo.train(grpo.parse_config(argv))

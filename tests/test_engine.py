@@ -53,11 +53,11 @@ def test_stops_at_any_stop_id_with_pad_equal_to_eos_and_rows_that_end_at_once_or
     first = engine.sample(model, ids, mask,
                           engine.Sampling(1, torch.tensor([tokenizer.eos_token_id]), 0, 0.0))[0][:, 0]
     stops = torch.tensor(sorted({tokenizer.eos_token_id, int(first[0])}))  # row 0 ends at its first token
-    hf, static = both_paths(model, ids, mask, stops, tokenizer.eos_token_id, 0.0, None)  # pad is an EOS id
+    hf, static = both_paths(model, ids, mask, stops, tokenizer.eos_token_id, 0.0, 1.0)  # pad is an EOS id
     assert torch.equal(static[0], hf[0])
     assert static[0][0, 0] == first[0] and (static[0][0, 1:] == tokenizer.eos_token_id).all()
     never = torch.tensor([len(tokenizer) + 5])                     # no row ever ends: all run the full length
-    hf, static = both_paths(model, ids, mask, never, tokenizer.pad_token_id, 0.0, None)
+    hf, static = both_paths(model, ids, mask, never, tokenizer.pad_token_id, 0.0, 1.0)
     assert static[0].shape == (len(ids), 12) and torch.equal(static[0], hf[0])
 
 

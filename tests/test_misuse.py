@@ -574,3 +574,19 @@ def test_a_deeply_nested_config_value_is_refused_the_same_at_any_recursion_limit
             one_line_refusal(*main(capsys, f"--config={path}"), f"{path}: nested too deeply")
     finally:
         sys.setrecursionlimit(limit)
+
+
+@pytest.mark.parametrize("flags, installed, why", [
+    (["--decoder=vllm"], False,
+     "decoder: vllm needs the vllm package (pip install -r requirements-vllm.txt)"),
+    (["--decoder=vllm", "--sharding=fsdp"], True,
+     "decoder: vllm samples a whole copy of the policy on each rank: not with sharding=fsdp"),
+    (["--decoder=vllm", "--vllm_gpu_memory_utilization=1.5"], True,
+     "vllm_gpu_memory_utilization: must be in (0, 1]")])
+def test_what_vllm_cannot_do_is_refused_before_any_model_loads(capsys, monkeypatch, tmp_path, flags,
+                                                               installed, why):
+    real = runs.installed
+    monkeypatch.setattr(runs, "installed", lambda name: installed if name == "vllm" else real(name))
+    code, err = main(capsys, *flags, f"--out_dir={tmp_path / 'run'}")
+    assert (code, err) == (2, f"grpo.py: error: {why}")
+    assert not (tmp_path / "run").exists()

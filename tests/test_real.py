@@ -140,6 +140,32 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
     result = bench.main(["--shape=tiny", "--device=cpu", "--batch=4", "--prompt_tokens=8", "--new_tokens=8",
                          "--repeats=1"])
     assert result["eager"]["sample_tokens_per_s"] > 0 and result["compiled"]["update_tokens_per_s"] > 0
+    assert result["compiled"]["sample_tokens_per_s"] > 0  # each row times its own sampler
+
+
+def load_bench(name):
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_gpu_check_runs_every_part_at_a_tiny_size_on_cpu(tmp_path):
+    output = tmp_path / "check.json"
+    result = load_bench("gpu_check").main(["--smoke", "--device=cpu", f"--output={output}"])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(result))
+    families = result["families"].values()
+    assert all(r["eager_equals_transformers"] and r["compiled_equals_eager"] for r in families)
+    assert {"eager_b8", "eager_b16", "compiled_b8", "compiled_b16"} == set(result["decode"])
+    assert result["grpo_run"]["steps"] == 3 and result["update"]["eager"]["update_tokens_per_s"] > 0
+
+
+def test_the_decode_benchmark_runs_beside_a_baseline_commit(capsys):
+    load_bench("decode").main(["--shapes=demo (~1M)", "--repeats=1", "--baseline=HEAD"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| demo")]
+    assert len(rows) == 1 and rows[0].count("|") == 8 and "differ" not in rows[0]
 
 
 def test_share_prompt_benchmark_runs(capsys):

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM as AutoModel
 # has groups with unequal rewards and really updates the policy
 FAST = ["--sft_steps=60", "--eval_size=16", "--prompts_per_step=4", "--group_size=4", "--max_new_tokens=20",
         "--log_samples_every=0", "--rewards=accuracy:1,format:0.5,overlong:0.5", "--overlong_buffer=16"]
-TIMINGS = {"t_sample", "t_rewards", "t_logprobs", "t_update", "tokens_per_sec"}
+TIMINGS = {"t_sample", "t_rewards", "t_logprobs", "t_update", "t_weight_sync", "tokens_per_sec"}
 ROW_KEYS = {"step", "lr", "loss", "reward_mean", "reward_std", "reward_accuracy", "reward_format", "accuracy",
             "zero_std_frac", "completion_len_mean", "completion_len_max", "truncated_frac", "kl",
             "clip_low_frac", "clip_high_frac", "entropy", "grad_norm", "updates", "reward_errors",
