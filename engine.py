@@ -269,21 +269,20 @@ class Engine:
 class Bf16Copy:
     """A bf16 copy of a model's weights to sample with (2 bytes per parameter more memory), its
     modules the model's own (a deep copy whose parameters are bf16), refreshed in place with one
-    foreach copy whenever the model's own weights have changed (their version counters moved)."""
+    foreach copy whenever the model's own weights may have changed (runs.WeightsMoved)."""
 
     def __init__(self, model):
-        self.source = list(model.parameters())
+        self.source, self.moved = list(model.parameters()), runs.WeightsMoved(model)
         memo = {id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
                 for p in self.source}
         self.model = copy.deepcopy(model, memo).eval()
-        self.copies, self.versions = [memo[id(p)] for p in self.source], [p._version for p in self.source]
+        self.copies = [memo[id(p)] for p in self.source]
+        self.moved()  # the copy is of the weights as they are now
 
     @torch.no_grad()
     def refresh(self):
-        versions = [p._version for p in self.source]
-        if versions != self.versions:
+        if self.moved():
             torch._foreach_copy_(self.copies, self.source)
-            self.versions = versions
 
 
 def open_reference(path, options, device, weights=None):
@@ -550,7 +549,9 @@ class StaticDecoder:
     nucleus); prompts are left-padded to a multiple of `bucket` tokens and batches to batch_bucket.
     A compile that fails says so in one line and the eager step goes on."""
 
-    MAX_STATES = 4  # shapes whose DecodeState is kept (each holds a KV cache for its batch and length)
+    # shapes whose DecodeState is kept between calls, through the update too (each holds a KV cache
+    # for its batch and length): the memory CUDA graphs cost, as a graph replays on those addresses
+    MAX_STATES = 4
 
     def __init__(self, model, compile=False, bucket=64, backend="inductor"):
         self.model = unwrap(model)
@@ -656,7 +657,7 @@ class StaticDecoder:
                 tokens=zeros(rows, new_tokens, dtype=long), logps=zeros(rows, new_tokens),
                 entropies=zeros(rows, new_tokens))
             for tensor in [*(t for pair in caches for t in pair), *state[1:]]:
-                torch._dynamo.mark_static_address(tensor)
+                torch._dynamo.mark_static_address(tensor, guard=False)  # a new state re-records, no recompile
             self.states[key] = state
         return self.states[key]
 
@@ -665,6 +666,8 @@ class StaticDecoder:
         """As `sample` (the same tokens for the same uniforms) -> Sampled."""
         try:
             return self.run(prompt_ids, prompt_mask, how)
+        except torch.OutOfMemoryError:  # not the compiler's failure: the eager step would not fit either
+            raise
         except Exception as err:  # compiling failed (a missing compiler, Triton, ...): the eager step goes on
             if self.step == self.decode_step:
                 raise

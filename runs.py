@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -155,6 +156,30 @@ def reshard(*models):
         for module in model.modules():
             if hasattr(module, "reshard"):
                 module.reshard()
+
+
+class WeightsMoved:
+    """Called, whether `model`'s weights may have changed since the last call: their version
+    counters moved (load_state_dict, in-place edits, a plain optimizer step) or an optimizer has
+    stepped (a fused AdamW step writes in place without moving them). For copies of the weights
+    that must follow training: the engine's bf16 copy and vLLM's."""
+
+    def __init__(self, model):
+        self.model, self.versions, self.stepped = model, None, True  # its parameters as they are at each call
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        alive = weakref.ref(self)  # the hook is global: it must not keep this (and the model) alive
+        self.hook = register_optimizer_step_post_hook(
+            lambda *args: alive() is not None and setattr(alive(), "stepped", True))
+
+    def __del__(self):
+        if hasattr(self, "hook"):  # not when __init__ failed
+            self.hook.remove()
+
+    def __call__(self):
+        versions = [p._version for p in self.model.parameters()]  # LoRA's adapters may have come since
+        moved = self.stepped or versions != self.versions
+        self.versions, self.stepped = versions, False
+        return moved
 
 
 def comm_device():

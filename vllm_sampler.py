@@ -21,6 +21,7 @@ import time
 
 import torch
 
+import runs
 from runs import ConfigError, say
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine runs in this process
@@ -81,22 +82,23 @@ class VllmSampler:
                        skip_tokenizer_init=True, logprobs_mode="processed_logprobs", seed=0,
                        gpu_memory_utilization=options.vllm_gpu_memory_utilization,
                        enable_sleep_mode=self.sleeps, enforce_eager=device.type != "cuda", **extra)
-        self.versions, self.sync_seconds, self.device = None, 0.0, device
+        self.moved, self.sync_seconds, self.device = runs.WeightsMoved(model), 0.0, device
         self.vocab = model.get_output_embeddings().weight.size(0)
         if self.sleeps:
             self.llm.sleep(level=2)
-            self.versions = None
 
     def sync(self, model):
-        """Push the policy's weights into vLLM when they changed since the last push (timed)."""
-        versions = [p._version for p in model.parameters()]
-        if versions == self.versions:
+        """Push the policy's weights into vLLM when they may have changed since the last push, or
+        always when asleep (sleep level 2 drops them), then drop the KV cache vLLM kept of earlier
+        prompts, which the old weights computed (timed)."""
+        if not self.moved() and not self.sleeps:
             return
         start = time.perf_counter()
         with torch.no_grad():
             weights = plain_weights(model)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.versions, self.sync_seconds = versions, self.sync_seconds + time.perf_counter() - start
+        self.llm.reset_prefix_cache()
+        self.sync_seconds += time.perf_counter() - start
 
     def take_sync_seconds(self):
         """Seconds spent pushing weights since the last call (a step's t_weight_sync)."""
@@ -124,7 +126,6 @@ class VllmSampler:
         outputs = [request.outputs[0] for request in self.llm.generate(prompts, params, use_tqdm=False)]
         if self.sleeps:
             self.llm.sleep(level=2)  # weights and KV cache freed: the next call pushes the weights again
-            self.versions = None
         width = max(len(out.token_ids) for out in outputs)
         tokens = torch.full((len(outputs), width), how.pad_id, dtype=torch.long)
         logp = torch.zeros(len(outputs), width)

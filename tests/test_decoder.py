@@ -188,7 +188,8 @@ def test_bf16_sampling_is_near_transformers_bf16(name, tokenizer):
     assert (static.logp - logp).abs().mean() < 0.05
 
 
-def test_a_bf16_copy_of_fp32_weights_follows_every_update(tiny):
+@pytest.mark.parametrize("step", ["sgd", "fused_adamw"])  # a fused step leaves the version counters
+def test_a_bf16_copy_of_fp32_weights_follows_every_update(tiny, step):
     model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
     sampler = engine.Engine(model, tokenizer, bf16=True, decoder="static")
     ids, mask = prompts(tokenizer, ["12+34", "5+6"], group=2)
@@ -201,7 +202,8 @@ def test_a_bf16_copy_of_fp32_weights_follows_every_update(tiny):
         patch.setattr(torch, "_foreach_copy_", lambda *a: refreshes.append(1) or real(*a))
         sampler.sample(ids, mask, 12, 1.0, 1.0, how(tokenizer, len(ids)).uniforms)  # unchanged: no copy
         assert refreshes == []
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        optimizer = (torch.optim.SGD(model.parameters(), lr=0.5) if step == "sgd" else
+                     torch.optim.AdamW(model.parameters(), lr=0.05, fused=True))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             attention = torch.cat([mask, torch.ones_like(before.tokens)], 1)
             logp, _ = sampler.logprobs(torch.cat([ids, before.tokens], 1), attention, before.tokens.size(1))

@@ -111,10 +111,16 @@ def fresh(folder):
     return model, engine.Engine(model, tokenizer, decoder="hf"), sampler, *prompts(tokenizer, QUESTIONS)
 
 
-def test_after_an_update_vllm_samples_the_new_weights(tmp_path):
+@pytest.mark.parametrize("step", ["sgd", "fused_adamw"])  # a fused step leaves the version counters
+def test_after_an_update_vllm_samples_the_new_weights(tmp_path, step):
+    """Long prompts too: vLLM keeps the KV cache of prompts it has seen (prefix caching), which the
+    old weights computed; after a push it must not be used."""
     model, ours, sampler, ids, mask = fresh(tmp_path / "m")
+    ids, mask = prompts(ours.tokenizer, QUESTIONS + ["+".join(str(n) for n in range(50)) + "="])
     before = vllm_sample(sampler, model, ids, mask, settings(ours)).tokens
-    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    vllm_sample(sampler, model, ids, mask, settings(ours))  # the prompts are in vLLM's prefix cache now
+    optimizer = (torch.optim.SGD(model.parameters(), lr=2.0) if step == "sgd" else
+                 torch.optim.AdamW(model.parameters(), lr=0.2, fused=True))
     full = torch.cat([ids, before], 1)
     logp, _ = ours.logprobs(full, torch.cat([mask, torch.ones_like(before)], 1), before.size(1))
     logp.sum().backward()
