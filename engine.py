@@ -157,16 +157,19 @@ class WithoutAdapters(torch.nn.Module):
 
 
 @torch.no_grad()
-def merged_weights(lora):
-    """The base model's state dict under its own parameter names with every adapter folded in,
-    W + (alpha / rank) B A: what plain from_pretrained loads as the adapted model."""
-    base, adapter = lora.get_base_model(), lora.active_adapter
+def merged_weights(model):
+    """The base model's state dict under its own parameter names with every active adapter folded
+    in, W + (alpha / rank) B A: what plain from_pretrained loads as the adapted model. model: a
+    PeftModel, or the model peft put its adapters into (then the same as its state dict without
+    them; a tied output head is named too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items()
              if ".lora_" not in key}
     for name, module in base.named_modules():
         if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
             weight = module.base_layer.weight
-            state[f"{name}.weight"] = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+            state[f"{name}.weight"] = weight + delta.to(weight.dtype)
     return state
 
 
@@ -204,6 +207,7 @@ class Engine:
         self.decoder = StaticDecoder(model, compile_decode) if static and not why_not else None
         self.why_not_static, self.copy = why_not if static else f"decoder={decoder}", None
         self.vllm = None  # a vllm_sampler.VllmSampler, set by open_policy with decoder=vllm
+        self.wants_copy = None  # whether the static decoder samples a Bf16Copy (static_decoder)
 
     def uses_static(self, length):
         """Whether sampling `length` tokens (prompt + completion) takes the static decoder: not under
@@ -240,9 +244,10 @@ class Engine:
         (made at the first call, refreshed whenever the weights have moved since), so that each
         token reads 2 bytes per parameter rather than casting 4 to 2 again. LoRA's adapters and a
         bf16 frozen base need no copy."""
-        adapters = any(".lora_" in name for name, _ in self.model.named_parameters())
-        fp32 = any(p.dtype == torch.float32 for p in self.model.parameters())
-        if self.copy is None and self.bf16 and fp32 and not adapters:
+        if self.copy is None and self.bf16 and self.wants_copy is None:  # decided once, at the first call
+            fp32 = any(p.dtype == torch.float32 for p in self.model.parameters())
+            self.wants_copy = fp32 and not any(".lora_" in name for name, _ in self.model.named_parameters())
+        if self.copy is None and self.wants_copy:
             self.copy = Bf16Copy(unwrap(self.model))
             self.decoder = StaticDecoder(self.copy.model, self.decoder.compiled, self.decoder.bucket,
                                          self.decoder.backend)
@@ -311,7 +316,7 @@ def open_policy(path, options, device, dtype):
     compile_decode = device.type == "cuda" if options.compile_decode is None else options.compile_decode
     engine = Engine(model, tokenizer, bf16, options.share_prompt, options.decoder, compile_decode)
     if options.decoder == "vllm":
-        engine.vllm = vllm_sampler.VllmSampler(path, model, options, bf16)
+        engine.vllm = vllm_sampler.VllmSampler(path, model, options, bf16, merged_weights)
         vllm_sampler.started(engine.vllm)
         return model, engine
     graphs = " with CUDA graphs, which the first sampling says it captured" if device.type == "cuda" else ""

@@ -46,26 +46,14 @@ def check_model(path):
                           f"({path}); use decoder=auto")
 
 
-def plain_weights(model):
-    """(name, tensor) pairs of the model's weights as from_pretrained names them, each LoRA adapter
-    folded in (W + scale B A), without copies where nothing is folded. From the state dict, so that
-    a tied output head is named too (vLLM's in-place reload leaves a head it is not given as it was)."""
-    weights = {name.replace(".base_layer.", "."): value for name, value in model.state_dict().items()
-               if ".lora_" not in name}
-    for name, module in model.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            weight = module.base_layer.weight.detach()
-            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-            weights[f"{name}.weight"] = weight + delta.to(weight.dtype)
-    return list(weights.items())
-
-
 class VllmSampler:
     """An in-process vllm.LLM over the model at `path`, sampling the weights of `model` as they are
     at each call (see the module's docstring). options: EngineOptions (vllm_gpu_memory_utilization,
-    vllm_sleep); bf16: sample in bf16, else in the model's own dtype."""
+    vllm_sleep); bf16: sample in bf16, else in the model's own dtype; weights(model): its state dict
+    under from_pretrained's names, LoRA folded in (engine.merged_weights), whole: vLLM's in-place
+    reload leaves a tied output head it is not given as it was."""
 
-    def __init__(self, path, model, options, bf16):
+    def __init__(self, path, model, options, bf16, weights):
         import torch.distributed as dist
         from vllm import LLM
         device = model.device
@@ -83,6 +71,7 @@ class VllmSampler:
                        gpu_memory_utilization=options.vllm_gpu_memory_utilization,
                        enable_sleep_mode=self.sleeps, enforce_eager=device.type != "cuda", **extra)
         self.moved, self.sync_seconds, self.device = runs.WeightsMoved(model), 0.0, device
+        self.weights = weights
         self.vocab = model.get_output_embeddings().weight.size(0)
         if self.sleeps:
             self.llm.sleep(level=2)
@@ -95,7 +84,7 @@ class VllmSampler:
             return
         start = time.perf_counter()
         with torch.no_grad():
-            weights = plain_weights(model)
+            weights = list(self.weights(model).items())
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         self.sync_seconds += time.perf_counter() - start

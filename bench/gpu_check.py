@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 import engine  # noqa: E402
 import grpo  # noqa: E402
-from gpu_bench import SHAPES, ceilings, sync  # noqa: E402
+from gpu_bench import SHAPES, ceilings, sync, timed  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -117,16 +117,12 @@ def vllm_decode(shape, device, batches, prompt_tokens, new_tokens, folder):
     out = {}
     for sleep in ((False, True) if device.type == "cuda" else (False,)):
         options = types.SimpleNamespace(vllm_gpu_memory_utilization=0.3, vllm_sleep=sleep)
-        sampler = vllm_sampler.VllmSampler(folder, model, options, bf16)
+        sampler = vllm_sampler.VllmSampler(folder, model, options, bf16, engine.merged_weights)
         for B in batches:
             prompts = torch.randint(1, vocab - 1, (B, prompt_tokens), device=device)
             how = engine.Sampling(new_tokens, torch.tensor([vocab + 1]), 0, 1.0)
             how = how._replace(uniforms=engine.draw_uniforms(prompts, how))
-            sampler.sample(model, prompts, torch.ones_like(prompts), how)  # warm-up
-            start = time.perf_counter()
-            sampler.sample(model, prompts, torch.ones_like(prompts), how)
-            sync(device)
-            seconds = time.perf_counter() - start
+            seconds = timed(lambda: sampler.sample(model, prompts, torch.ones_like(prompts), how), device, 1)
             out[f"sleep{int(sleep)}_b{B}"] = {"tokens_per_s": B * new_tokens / seconds, "seconds": seconds}
         sampler.take_sync_seconds()
         with torch.no_grad():

@@ -39,7 +39,7 @@ def one_model(name, path, args):
     how = how._replace(uniforms=engine.draw_uniforms(ids, how))
     options = types.SimpleNamespace(vllm_gpu_memory_utilization=args.memory, vllm_sleep=False)
     start = time.perf_counter()
-    vllm = vllm_sampler.VllmSampler(path, model, options, bf16=False)
+    vllm = vllm_sampler.VllmSampler(path, model, options, False, engine.merged_weights)
     started = time.perf_counter() - start
     static = engine.StaticDecoder(model)
     paths = {"hf": lambda: engine.sample(model, ids, mask, how),

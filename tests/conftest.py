@@ -40,3 +40,20 @@ def draw(model, ids, mask, *how, **named):
     """engine.sample's tokens, with the settings engine.Sampling(*how, **named)."""
     import engine
     return engine.sample(model, ids, mask, engine.Sampling(*how, **named)).tokens
+
+
+def left_padded(tokenizer, texts):
+    """Prompt ids [B, W] and mask [B, W] of `texts`, each row left-padded to the longest."""
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+
+def load_bench(name):
+    """bench/NAME.py as a module (bench/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench

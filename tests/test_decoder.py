@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
 import grpo
+from conftest import left_padded
 from test_families import build
 
 FAST = ["llama", "qwen2", "qwen3", "mistral"]
@@ -24,10 +25,7 @@ def tokenizer(tiny):
 
 def prompts(tokenizer, questions, group=1):
     """Left-padded prompt ids and mask of `questions`, each repeated `group` times."""
-    rows = [tokenizer(q + "\n")["input_ids"] for q in questions for _ in range(group)]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return left_padded(tokenizer, [q + "\n" for q in questions for _ in range(group)])
 
 
 def how(tokenizer, rows, new_tokens=12, temperature=1.0, top_p=1.0, seed=0):

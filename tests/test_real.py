@@ -11,7 +11,7 @@ import engine
 import grpo
 import rewards as R
 import runs
-from conftest import SHARED
+from conftest import SHARED, load_bench
 
 
 def gsm8k_test_rows():
@@ -132,24 +132,10 @@ def test_hub_dataset_names_need_the_datasets_package(capsys, monkeypatch):
 
 
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
-    import importlib.util
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(ROOT, "bench", "gpu_bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--shape=tiny", "--device=cpu", "--batch=4", "--prompt_tokens=8", "--new_tokens=8",
-                         "--repeats=1"])
+    result = load_bench("gpu_bench").main(["--shape=tiny", "--device=cpu", "--batch=4", "--prompt_tokens=8",
+                                           "--new_tokens=8", "--repeats=1"])
     assert result["eager"]["sample_tokens_per_s"] > 0 and result["compiled"]["update_tokens_per_s"] > 0
     assert result["compiled"]["sample_tokens_per_s"] > 0  # each row times its own sampler
-
-
-def load_bench(name):
-    import importlib.util
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_the_gpu_check_runs_every_part_at_a_tiny_size_on_cpu(tmp_path):
@@ -169,13 +155,8 @@ def test_the_decode_benchmark_runs_beside_a_baseline_commit(capsys):
 
 
 def test_share_prompt_benchmark_runs(capsys):
-    import importlib.util
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("share_prompt",
-                                                  os.path.join(ROOT, "bench", "share_prompt.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--prompts=2", "--group_size=3", "--max_new_tokens=4", "--repeats=1"])
+    result = load_bench("share_prompt").main(["--prompts=2", "--group_size=3", "--max_new_tokens=4",
+                                              "--repeats=1"])
     assert len(result) == 3 and all(on > 0 and off > 0 for on, off in result.values())
     assert "| update (forward + backward) |" in capsys.readouterr().out
 

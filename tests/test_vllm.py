@@ -15,6 +15,7 @@ import data  # noqa: E402
 import engine  # noqa: E402
 import grpo  # noqa: E402
 import vllm_sampler  # noqa: E402
+from conftest import left_padded, load_bench  # noqa: E402
 from test_train import FAST  # noqa: E402
 
 OPTIONS = types.SimpleNamespace(vllm_gpu_memory_utilization=0.05, vllm_sleep=False)
@@ -27,7 +28,7 @@ def pair(request, tmp_path_factory):
     path = data.build_tiny_model(str(tmp_path_factory.mktemp(request.param)), 0, arch=request.param)
     model, tokenizer = engine.load_model(path, "cpu")
     model.eval()
-    sampler = vllm_sampler.VllmSampler(path, model, OPTIONS, bf16=False)
+    sampler = vllm_sampler.VllmSampler(path, model, OPTIONS, False, engine.merged_weights)
     return model, engine.Engine(model, tokenizer, decoder="hf"), sampler
 
 
@@ -35,13 +36,6 @@ def vllm_sample(sampler, model, ids, mask, how):
     """As Engine.sample with decoder=vllm: the uniforms drawn, the result an engine.Sampled."""
     how = how._replace(uniforms=engine.draw_uniforms(ids, how) if how.uniforms is None else how.uniforms)
     return engine.Sampled(**sampler.sample(model, ids, mask, how))
-
-
-def prompts(tokenizer, questions):
-    rows = [tokenizer(q)["input_ids"] for q in questions]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
 
 
 QUESTIONS = ["12+34=", "5+6=", "99+1=", "7=", "123+456+789="]  # mixed lengths, left-padded
@@ -54,7 +48,7 @@ def settings(ours, new_tokens=12, temperature=0.0, top_p=1.0, eos=None, uniforms
 
 def test_greedy_tokens_equal_the_engines_with_mixed_lengths_and_stop_ids(pair):
     model, ours, sampler = pair
-    ids, mask = prompts(ours.tokenizer, QUESTIONS)
+    ids, mask = left_padded(ours.tokenizer, QUESTIONS)
     how = settings(ours)
     theirs, mine = vllm_sample(sampler, model, ids, mask, how), engine.sample(model, ids, mask, how)
     assert torch.equal(theirs.tokens, mine.tokens)
@@ -87,7 +81,7 @@ def nucleus_logprobs(logits, tokens, temperature, top_p):
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
 def test_sampled_log_probs_are_the_trainers_of_the_sampled_distribution(pair, temperature, top_p):
     model, ours, sampler = pair
-    ids, mask = prompts(ours.tokenizer, QUESTIONS * 2)
+    ids, mask = left_padded(ours.tokenizer, QUESTIONS * 2)
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(1))
     how = settings(ours, temperature=temperature, top_p=top_p, uniforms=u)
     out = vllm_sample(sampler, model, ids, mask, how)
@@ -107,8 +101,8 @@ def fresh(folder):
     """A tiny Llama of its own (its weights will change), its engine and a VllmSampler over it."""
     path = data.build_tiny_model(str(folder), 0)
     model, tokenizer = engine.load_model(path, "cpu")
-    sampler = vllm_sampler.VllmSampler(path, model, OPTIONS, bf16=False)
-    return model, engine.Engine(model, tokenizer, decoder="hf"), sampler, *prompts(tokenizer, QUESTIONS)
+    sampler = vllm_sampler.VllmSampler(path, model, OPTIONS, False, engine.merged_weights)
+    return model, engine.Engine(model, tokenizer, decoder="hf"), sampler, *left_padded(tokenizer, QUESTIONS)
 
 
 @pytest.mark.parametrize("step", ["sgd", "fused_adamw"])  # a fused step leaves the version counters
@@ -116,7 +110,7 @@ def test_after_an_update_vllm_samples_the_new_weights(tmp_path, step):
     """Long prompts too: vLLM keeps the KV cache of prompts it has seen (prefix caching), which the
     old weights computed; after a push it must not be used."""
     model, ours, sampler, ids, mask = fresh(tmp_path / "m")
-    ids, mask = prompts(ours.tokenizer, QUESTIONS + ["+".join(str(n) for n in range(50)) + "="])
+    ids, mask = left_padded(ours.tokenizer, QUESTIONS + ["+".join(str(n) for n in range(50)) + "="])
     before = vllm_sample(sampler, model, ids, mask, settings(ours)).tokens
     vllm_sample(sampler, model, ids, mask, settings(ours))  # the prompts are in vLLM's prefix cache now
     optimizer = (torch.optim.SGD(model.parameters(), lr=2.0) if step == "sgd" else
@@ -173,13 +167,8 @@ def test_an_architecture_vllm_lacks_is_refused_in_one_line(tmp_path, capsys, mon
 
 
 def test_the_sampling_benchmark_runs(capsys):
-    import importlib.util
-    from conftest import ROOT
-    path = os.path.join(ROOT, "bench", "vllm_sampling.py")
-    spec = importlib.util.spec_from_file_location("vllm_sampling", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--prompts=2", "--group_size=2", "--new_tokens=4", "--repeats=1", "--memory=0.05"])
+    load_bench("vllm_sampling").main(["--prompts=2", "--group_size=2", "--new_tokens=4", "--repeats=1",
+                                      "--memory=0.05"])
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| demo (1M) | 4 x 4 |")]
 
 
@@ -188,7 +177,8 @@ def test_many_long_prompts_sample_with_seeds(pair):
     chunks, which rewinds a seeded generator, which CPU generators cannot do; on CPU the sampler
     turns chunked prefill off."""
     model, ours, sampler = pair
-    ids, mask = prompts(ours.tokenizer, ["+".join(str(n) for n in range(i, i + 65)) + "=" for i in range(64)])
+    long = ["+".join(str(n) for n in range(i, i + 65)) + "=" for i in range(64)]
+    ids, mask = left_padded(ours.tokenizer, long)
     u = torch.rand(len(ids), 8, generator=torch.Generator().manual_seed(2))
     first = vllm_sample(sampler, model, ids, mask, settings(ours, new_tokens=8, temperature=1.0, uniforms=u))
     again = vllm_sample(sampler, model, ids, mask, settings(ours, new_tokens=8, temperature=1.0, uniforms=u))
