@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import runs
+import tools
 from configurator import ConfigError
 from rewards import REWARDS, format_reward, safe_reward
 
@@ -74,6 +75,30 @@ def arithmetic_task(seed, n_test, digits=2):
     pairs = [(a, b) for a in numbers for b in numbers]
     random.Random(seed).shuffle(pairs)
     examples = [addition_example(a, b) for a, b in pairs]
+    return examples[n_test:], examples[:n_test]
+
+
+TOOL_SHARE = 0.25  # products: the share of worked solutions that call the calculator (the cold start's)
+
+
+def product_example(a, b, calls):
+    """`a*b` with a worked solution that states the product, or (calls) first asks a calculator for
+    it in tools.py's default tags: 47*38 -> <think>47*38</think><answer>1786</answer>, or
+    <think><tool>47*38</tool><result>1786</result></think><answer>1786</answer>."""
+    call, close, result, end = tools.ToolOptions.tool_tags
+    work = f"{call}{a}*{b}{close}{result}{a * b}{end}" if calls else f"{a}*{b}"
+    solution = f"<think>{work}</think><answer>{a * b}</answer>"
+    return {"question": f"{a}*{b}", "answer": str(a * b), "solution": solution}
+
+
+def products_task(seed, n_test, digits=2):
+    """All products of two `digits`-digit numbers, shuffled by `seed`; the first n_test are the test
+    set. A seeded TOOL_SHARE of the worked solutions call the calculator: a task to delegate."""
+    numbers = range(10 ** (digits - 1), 10 ** digits)
+    pairs = [(a, b) for a in numbers for b in numbers]
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    examples = [product_example(a, b, rng.random() < TOOL_SHARE) for a, b in pairs]
     return examples[n_test:], examples[:n_test]
 
 
@@ -217,11 +242,14 @@ def file_task(make_example):
     return load
 
 
-def arithmetic_split(seed, data_path, eval_data_path, eval_size, digits):
-    train, test = arithmetic_task(seed, eval_size, digits)
-    if not train:
-        raise DataError(f"arithmetic: eval_size={eval_size} leaves no training question ({len(test)} in all)")
-    return train, test
+def enumerated_split(make, name):
+    """The split of a task that enumerates its questions, make(seed, n_test, digits)."""
+    def load(seed, data_path, eval_data_path, eval_size, digits):
+        train, test = make(seed, eval_size, digits)
+        if not train:
+            raise DataError(f"{name}: eval_size={eval_size} leaves no training question ({len(test)} in all)")
+        return train, test
+    return load
 
 
 def countdown_split(seed, data_path, eval_data_path, eval_size, digits):
@@ -238,7 +266,8 @@ class Task:
 # every task: adding one is adding a line here (and a reward to rewards.REWARDS if it judges
 # answers its own way)
 TASKS = {
-    "arithmetic": Task(arithmetic_split, "accuracy"),
+    "arithmetic": Task(enumerated_split(arithmetic_task, "arithmetic"), "accuracy"),
+    "products": Task(enumerated_split(products_task, "products"), "accuracy"),  # for tools=calculator
     "countdown": Task(countdown_split, "countdown"),
     "gsm8k": Task(file_task(gsm8k_example), "accuracy", needs_file=True),
     "jsonl": Task(file_task(jsonl_example), "accuracy", needs_file=True),
@@ -256,7 +285,7 @@ class DataOptions:
     task: Literal[tuple(TASKS)] = "arithmetic"  # data.TASKS; gsm8k and jsonl read data_path
     data_path: str = ""            # training JSONL (or hub dataset) for gsm8k / jsonl
     eval_data_path: str = ""       # held-out JSONL (its first eval_size rows); "" = data_path's first
-    digits: int = 2                # arithmetic: digits per operand
+    digits: int = 2                # arithmetic, products: digits per operand
     template: Literal[TEMPLATES] = "plain"  # prompt template (R1-Zero: r1zero)
     system_prompt: Optional[str] = None  # chat: the system message; None = R1's instruction, "" = none
     prefill: str = ""              # the answer's opening, after the prompt (R1: "<think>"); rewards see it
@@ -436,10 +465,11 @@ def correctness(task):
 @torch.no_grad()
 def evaluate(engine, examples, cfg):
     """Held-out metrics of the policy (engine.Engine): greedy pass@1 `accuracy`, `format`
-    compliance and mean completion `length` (tokens); with eval_k > 0 also `pass_at_k` (some of k
+    compliance, the share of completions that write a tool call (`tool_call_frac`, with tools or
+    without) and mean completion `length` (tokens); with eval_k > 0 also `pass_at_k` (some of k
     samples at `temperature` is correct) and `sampled_accuracy` (the mean over those samples)."""
     correct, k, T = correctness(cfg.task), cfg.eval_k, cfg.max_new_tokens
-    names = ["accuracy", "format", "length"] + (["pass_at_k", "sampled_accuracy"] if k else [])
+    names = ["accuracy", "format", "tool_call_frac", "length"] + (["pass_at_k", "sampled_accuracy"] * (k > 0))
     # the same number of batches on every rank; repeats do not count
     shard, counted = runs.padded_share(examples)
     totals = torch.zeros(len(names))
@@ -448,7 +478,8 @@ def evaluate(engine, examples, cfg):
         ids, mask, _ = encode_prompts(engine.tokenizer, chunk, cfg, engine.model.device)
         out = engine.sample(ids, mask, T, temperature=0).tokens
         texts = decode(engine.tokenizer, out, cfg.prefill)
-        row = [[safe_reward(correct, t, e)[0], format_reward(t, e)] for t, e in zip(texts, chunk)]
+        row = [[safe_reward(correct, t, e)[0], format_reward(t, e), tools.calls_in(t, cfg.tool_tags) > 0]
+               for t, e in zip(texts, chunk)]
         row = torch.cat([torch.tensor(row),
                          completion_mask(out, engine.eos_ids).sum(1, keepdim=True).cpu()], 1)
         if k:

@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple, Optional
 import torch
 
 import runs
+import tools
 from runs import ConfigError, distribute, every_rank_done, say
 
 
@@ -76,10 +77,15 @@ class LoraOptions:
 
 class Sampled(NamedTuple):
     """Completions [B, T] (pad after each row's first stop token) with the sampler's log-prob of
-    each token and the entropy at each position, [B, T] each (mask them with completion_mask)."""
+    each token and the entropy at each position, [B, T] each (mask them with completion_mask);
+    policy [B, T], 1 on the policy's own tokens, 0 on tools' results (and 0 in logp and entropy
+    there), tool_errors [B], the calls of each that failed, and segments (tools.py)."""
     tokens: torch.Tensor
     logp: torch.Tensor
     entropy: torch.Tensor
+    policy: Optional[torch.Tensor] = None
+    tool_errors: Optional[torch.Tensor] = None
+    segments: Optional[list] = None  # with tools, each transcript's runs: [["policy", text], ["tool", text]]
 
 
 def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
@@ -207,6 +213,7 @@ class Engine:
         self.decoder = StaticDecoder(model, compile_decode) if static and not why_not else None
         self.why_not_static, self.copy = why_not if static else f"decoder={decoder}", None
         self.vllm = None  # a vllm_sampler.VllmSampler, set by open_policy with decoder=vllm
+        self.tools = None  # a tools.Toolbox, set by open_policy with tools
         self.wants_copy = None  # whether the static decoder samples a Bf16Copy (static_decoder)
 
     def uses_static(self, length):
@@ -222,15 +229,24 @@ class Engine:
 
     @torch.no_grad()
     def sample(self, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None):
-        """Sampled completions of the policy for left-padded prompts [B, P] (see `sample`)."""
+        """Sampled completions of the policy for left-padded prompts [B, P] (see `sample`); with
+        tools, transcripts sampled in rounds with the tools' results between them (tools.py)."""
         how = Sampling(max_new_tokens, self.eos_ids, self.pad_id, temperature, top_p, uniforms,
                        self.share_prompt)
+        if self.tools is not None:
+            return Sampled(**self.tools.sample(self.sample_once, prompt_ids, prompt_mask, how))
+        out = self.sample_once(prompt_ids, prompt_mask, how)
+        return out._replace(policy=torch.ones_like(out.logp), tool_errors=torch.zeros_like(out.logp[:, 0]))
+
+    def sample_once(self, prompt_ids, prompt_mask, how):
+        """One call of the sampler that runs: vLLM, the static decoder or transformers' path."""
         if self.vllm is not None:
-            how = how._replace(uniforms=draw_uniforms(prompt_ids, how) if uniforms is None else uniforms)
+            drawn = draw_uniforms(prompt_ids, how) if how.uniforms is None else how.uniforms
+            how = how._replace(uniforms=drawn)
             return Sampled(**self.vllm.sample(self.model, prompt_ids, prompt_mask, how))
         self.model.eval()
         with self.autocast():
-            if self.uses_static(prompt_ids.size(1) + max_new_tokens):
+            if self.uses_static(prompt_ids.size(1) + how.max_new_tokens):
                 return self.static_decoder().sample(prompt_ids, prompt_mask, how)
             return sample(self.model, prompt_ids, prompt_mask, how)
 
@@ -290,9 +306,12 @@ class Bf16Copy:
             torch._foreach_copy_(self.copies, self.source)
 
 
-def open_reference(path, options, device, weights=None):
+def open_reference(path, options, device, weights=None, lora=None):
     """The frozen reference model in options.dtype (bf16 halves its memory): RL's starting point at
-    `path`, or with `weights` (a resumed run's synced copy) those; sharded as the policy is."""
+    `path`, or with `weights` (a resumed run's synced copy) those; sharded as the policy is. With
+    LoRA (`lora`: the policy with adapters) the base itself, adapters off (WithoutAdapters)."""
+    if lora is not None:
+        return WithoutAdapters(lora)
     model = load_model(path, device, options.dtype,
                        options.attn_implementation)[0].eval().requires_grad_(False)
     if weights is not None:
@@ -315,6 +334,7 @@ def open_policy(path, options, device, dtype):
     bf16 = (device.type == "cuda" or options.dtype == "bfloat16") if options.bf16 is None else options.bf16
     compile_decode = device.type == "cuda" if options.compile_decode is None else options.compile_decode
     engine = Engine(model, tokenizer, bf16, options.share_prompt, options.decoder, compile_decode)
+    engine.tools = tools.open_toolbox(options, tokenizer, engine.eos_ids)
     if options.decoder == "vllm":
         engine.vllm = vllm_sampler.VllmSampler(path, model, options, bf16, merged_weights)
         vllm_sampler.started(engine.vllm)

@@ -6,8 +6,8 @@ samples a group of G completions, scores them, and gives every token of completi
 advantage A_i = (r_i - mean(r)) / (std(r) + eps) of its reward within the group, in a PPO-style
 clipped objective with a k3 KL penalty towards a frozen reference model. Read top to bottom: the
 config, the math, one GRPO step, the loop, then plumbing to skip. Beside it: objectives.py (later
-variants), engine.py (loading, sampling, log-probs), rewards.py, data.py (tasks, evaluation),
-sft.py (the cold start), runs.py (torchrun, checkpoints, logs).
+variants), engine.py (loading, sampling, log-probs), tools.py (tool calls), rewards.py, data.py
+(tasks, evaluation), sft.py (the cold start), runs.py (torchrun, checkpoints, logs).
 
   python grpo.py                                  # offline CPU demo: tiny model, cold start, GRPO
   python grpo.py --config configs/gspo_demo.py    # a variant: configs/ is the catalogue
@@ -31,17 +31,16 @@ import torch
 import data
 import objectives
 import runs
+import tools
 from configurator import ConfigError, fields_in_order, parse_args
-from engine import EngineOptions, LoraOptions, WithoutAdapters, add_lora, merged_weights, open_policy
-from engine import open_reference
+from engine import EngineOptions, LoraOptions, add_lora, merged_weights, open_policy, open_reference
 from rewards import RewardOptions, parse_reward_spec, reflects, score
 from runs import RunOptions, all_sum, gather, my_share, say
 from sft import ColdStart, cold_start
 
 # ----------------------------------------------------------------------------
-# config: defaults -> --config FILE -> --key=value; the defaults are the CPU demo's. Config also
-# gathers the option groups that live beside their code (the objective's variants, the engine,
-# LoRA, the cold start, the task, the rewards, the run), each checking its own values.
+# config: defaults -> --config FILE -> --key=value; the defaults are the CPU demo's. Config also gathers
+# the option groups beside their code (variants, engine, LoRA, cold start, task, rewards, tools, run).
 
 
 @dataclasses.dataclass
@@ -59,7 +58,8 @@ class Objective(objectives.Variants):
 
 
 @dataclasses.dataclass
-class Config(Objective, EngineOptions, LoraOptions, ColdStart, data.DataOptions, RewardOptions, RunOptions):
+class Config(Objective, EngineOptions, LoraOptions, ColdStart, data.DataOptions, RewardOptions,
+             tools.ToolOptions, RunOptions):
     # run
     model: str = "tiny"            # hub name or local path; "tiny" builds a ~1M-param Llama locally
     out_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, summary
@@ -273,7 +273,6 @@ def train(cfg):
     cfg, engine, model, optimizer, device = run.cfg, run.engine, run.train_model, run.optimizer, run.device
     G, T, tokenizer, spec = cfg.group_size, cfg.max_new_tokens, engine.tokenizer, run.reward_spec
     weights, judge, before = torch.tensor([w for _, w in spec]), data.correctness(cfg.task), run.before
-    shared = {key: getattr(cfg, key) for key in ("language", "max_new_tokens", "overlong_buffer")}
     bad_steps, skipped_steps = run.state.get("bad_steps", (0, 0))
     show, rl_start = runs.Progress("grpo"), time.time()
 
@@ -287,12 +286,13 @@ def train(cfg):
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
             sampled = engine.sample(prompt_ids, prompt_mask, T, cfg.temperature, cfg.top_p, uniforms)
             mask = data.completion_mask(sampled.tokens, engine.eos_ids)
+            acted = mask * sampled.policy  # the policy's own tokens; a tool's results are the world's
             truncated = ~torch.isin(sampled.tokens, engine.eos_ids).any(1)
             texts = data.decode(tokenizer, sampled.tokens, cfg.prefill)
             t1 = runs.clock(device)
 
             # 2. rewards [N, K] of the K reward functions, group-relative advantages, what the loss sees
-            scores, failures, correct = score(texts, examples, mask.sum(1), spec, judge, shared)
+            scores, failures, correct = score(texts, examples, mask.sum(1), spec, judge, run.shared)
             scores, correct = gather(scores), gather(correct)  # every rank sees the whole step from here on
             t2 = runs.clock(device)
             rewards = scores @ weights
@@ -302,7 +302,7 @@ def train(cfg):
             if cfg.advantage == "reinforce_pp":  # variant: REINFORCE++'s whitening over the batch
                 advantages = objectives.reinforce_pp_advantages(rewards, G, cfg.adv_eps, zero_std)
             advantages = my_share(advantages).to(device)
-            loss_mask = objectives.dapo_filters(mask, my_share(zero_std).to(device), truncated,  # variant
+            loss_mask = objectives.dapo_filters(acted, my_share(zero_std).to(device), truncated,  # variant
                                                 cfg.drop_zero_std_groups, cfg.mask_truncated)
 
             # 3. old and reference log-probs: one no-grad pass each, only when needed
@@ -325,17 +325,17 @@ def train(cfg):
 
             # 5. log, evaluate, checkpoint
             whole = {"rewards": rewards, "scores": {name: scores[:, j] for j, (name, _) in enumerate(spec)},
-                     "correct": correct, "zero_std": zero_std, "lengths": mask.sum(1), "truncated": truncated}
-            counts = {"loss_tokens": loss_mask.sum(), "tokens": mask.sum(), "reward_errors": failures,
-                      "entropy": (sampled.entropy * mask).sum(), "prompts_cut": prompts_cut,
-                      "reflecting": sum(map(reflects, texts))}
+                     "correct": correct, "zero_std": zero_std, "lengths": mask.sum(1), "truncated": truncated,
+                     "calls": tools.count_calls(texts, cfg.tool_tags), "segments": sampled.segments}
+            counts = {"loss_tokens": loss_mask.sum(), "tokens": acted.sum(), "reward_errors": failures,
+                      "entropy": (sampled.entropy * acted).sum(), "prompts_cut": prompts_cut,
+                      "reflecting": sum(map(reflects, texts)), "tool_errors": sampled.tool_errors.sum()}
             row = runs.step_metrics(step + 1, whole, counts, update, (t0, t1, t2, t3, t4))
             row.update(lr=lr, ref_synced=synced, skipped_total=skipped_steps, **engine.timings())
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row.update({f"eval_{k}": v for k, v in data.evaluate(engine, run.test_set, cfg).items()})
             run.log.write(row)
-            show(step + 1, cfg.max_steps, f"reward {row['reward_mean']:.2f} acc {row['accuracy']:.2f} "
-                                          f"len {row['completion_len_mean']:.1f}")
+            show(step + 1, cfg.max_steps, runs.progress_line(row))
             if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
                 runs.log_samples(run.log, step + 1, examples, texts, whole, advantages)
             signalled = runs.any_rank(signals)  # a signal to any rank stops them all
@@ -428,8 +428,7 @@ def setup(cfg):
     train_model = runs.distribute(model, cfg, device) if lora else train_model  # DDP over the adapters
     ref_model = None  # beta = 0: none at all; with LoRA: the base itself, adapters off
     if cfg.beta > 0:
-        ref_weights = state.get("ref_model")  # a resumed run's synced reference
-        ref_model = WithoutAdapters(lora) if lora else open_reference(init_path, cfg, device, ref_weights)
+        ref_model = open_reference(init_path, cfg, device, state.get("ref_model"), lora)  # resumed: synced
     merged = (lambda: merged_weights(lora)) if lora else None  # LoRA: the run holds the merged model
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
@@ -441,11 +440,12 @@ def setup(cfg):
     if before and not state:
         say(f"before RL: greedy accuracy {before['accuracy']:.1%} on {len(test_set)} held-out questions")
     train_model = torch.compile(train_model, dynamic=True) if cfg.compile else train_model
+    shared = {key: getattr(cfg, key) for key in ("language", "max_new_tokens", "overlong_buffer")}  # rewards'
     return SimpleNamespace(cfg=cfg, reward_spec=parse_reward_spec(cfg.rewards), device=device,
                            train_set=train_set, test_set=test_set, model=model, train_model=train_model,
                            engine=engine, ref_model=ref_model, optimizer=optimizer, lora=lora, merged=merged,
                            init_path=init_path, saved_cfg=saved_cfg, state=state, before=before,
-                           started=started, log=runs.RunLog(cfg.out_dir, cfg, fresh=not state))
+                           started=started, shared=shared, log=runs.RunLog(cfg.out_dir, cfg, fresh=not state))
 
 
 def start(cfg):

@@ -396,11 +396,11 @@ def is_number(text):
         return False
 
 
-def load_reward(source, function):
+def load_reward(source, function, takes=("completion", "example")):
     """The function `function` of a .py file (a path) or of an importable module: a reward of
-    your own, (completion, example) -> float; example holds every field of your data row. A file
-    that fails or exits at import, or a function that cannot take (completion, example), raises
-    ValueError saying so."""
+    your own, (completion, example) -> float; example holds every field of your data row (tools.py
+    loads its tools here too, takes=("text",)). A file that fails or exits at import, or a function
+    that cannot take the arguments `takes` names, raises ValueError saying so."""
     try:
         if source.endswith(".py"):
             spec = importlib.util.spec_from_file_location(f"reward_{abs(hash(source))}", source)
@@ -420,9 +420,9 @@ def load_reward(source, function):
     if not callable(fn):
         raise ValueError(f"{source} has no function {function!r}")
     try:
-        inspect.signature(fn).bind("completion", {})
+        inspect.signature(fn).bind(*takes)
     except TypeError:
-        raise ValueError(f"{source}:{function} must take (completion, example); "
+        raise ValueError(f"{source}:{function} must take ({', '.join(takes)}); "
                          f"it takes {inspect.signature(fn)}") from None
     except ValueError:  # no signature to read (a builtin): its calls are guarded all the same
         pass

@@ -326,11 +326,15 @@ def step_metrics(step, whole, counts, update, times):
     total = dict(zip([*sums, *counts], all_sum(torch.stack(values)).tolist()))
     lengths, truncated = gather(whole["lengths"].float()), gather(whole["truncated"].float())
     rewards, correct = whole["rewards"], whole["correct"].to(lengths.device)
+    calls = gather(whole["calls"].float().to(device))  # each completion's tool calls, as its text writes them
     per_token = {k: total[k] / (max(1.0, total["loss_tokens"]) * updates) for k in sums} if updates else {}
     return {"step": step, "loss": total["loss"] / updates if updates else None,
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
             **{f"reward_{name}": column.mean().item() for name, column in whole["scores"].items()},
             "accuracy": whole["correct"].mean().item(),
+            "accuracy_with_tool": mean_or_none(correct[calls > 0]),
+            "accuracy_without_tool": mean_or_none(correct[calls == 0]), "tool_calls": calls.mean().item(),
+            "tool_call_frac": (calls > 0).float().mean().item(), "tool_errors": int(total["tool_errors"]),
             "zero_std_frac": whole["zero_std"].float().mean().item(),
             "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
             "completion_len_correct": mean_or_none(lengths[correct > 0]),
@@ -349,6 +353,13 @@ def step_metrics(step, whole, counts, update, times):
 PHASES = ("sample", "rewards", "logprobs", "update")  # a step's parts, timed in this order
 
 
+def progress_line(row):
+    """A step's figures for the progress line: reward, accuracy, length, and tool calls if any."""
+    calls = f" calls {row['tool_calls']:.2f}" if row["tool_calls"] else ""
+    return (f"reward {row['reward_mean']:.2f} acc {row['accuracy']:.2f} len {row['completion_len_mean']:.1f}"
+            + calls)
+
+
 def finite_or_none(value):
     """value, or None where it is not finite (vLLM gives no entropy: NaN)."""
     return value if math.isfinite(value) else None
@@ -361,7 +372,9 @@ def mean_or_none(values):
 def log_samples(log, step, examples, texts, whole, advantages):
     """Two completions printed, and samples.jsonl's rows (log: RunLog): each question of this
     rank's share of the step with its G completions, each reward (whole: as step_metrics takes
-    it), the weighted total, the advantage, the length in tokens and truncation."""
+    it), the weighted total, the advantage, the length in tokens and truncation; with tools, the
+    transcript's runs (whole["segments"]: [["policy", text], ["tool", result], ...] each) and its
+    calls."""
     G, rewards = len(texts) // len(examples), my_share(whole["rewards"])
     scores = {name: my_share(column) for name, column in whole["scores"].items()}
     for g in range(min(2, len(examples))):
@@ -369,7 +382,9 @@ def log_samples(log, step, examples, texts, whole, advantages):
             f"(reward {rewards[g * G]:.2f}, answer {examples[g]['answer']})", file=sys.stderr)
     completions = [{"text": text, "rewards": {name: float(column[i]) for name, column in scores.items()},
                     "reward": float(rewards[i]), "advantage": float(advantages[i]),
-                    "length": int(whole["lengths"][i]), "truncated": bool(whole["truncated"][i])}
+                    "length": int(whole["lengths"][i]), "truncated": bool(whole["truncated"][i]),
+                    **({"tool_calls": int(whole["calls"][i]), "segments": whole["segments"][i]}
+                       if whole.get("segments") else {})}
                    for i, text in enumerate(texts)]
     log.samples([{"step": step, "prompt": example["question"], "answer": example["answer"],
                   "completions": completions[g * G:(g + 1) * G]} for g, example in enumerate(examples)])
@@ -378,7 +393,8 @@ def log_samples(log, step, examples, texts, whole, advantages):
 def summarise(cfg, before, after, questions, wall_start, rl_seconds):
     """summary.json (held-out metrics before and after RL on `questions` questions, steps, ranks,
     times: RL's, and the wall clock since wall_start) and the closing lines."""
-    summary = {f"{name}_{when}": metrics.get(name) for name in ("accuracy", "format", "length")
+    names = ("accuracy", "format", "tool_call_frac", "length")
+    summary = {f"{name}_{when}": metrics.get(name) for name in names
                for when, metrics in (("before", before), ("after", after))}
     summary.update(eval_questions=questions, steps=cfg.max_steps, ranks=world_size(), rl_seconds=rl_seconds,
                    wall_seconds=time.time() - wall_start, run_dir=os.path.abspath(cfg.out_dir))
@@ -388,6 +404,9 @@ def summarise(cfg, before, after, questions, wall_start, rl_seconds):
         say(f"held-out greedy accuracy: {before['accuracy']:.1%} before RL -> {after['accuracy']:.1%} after "
             f"{cfg.max_steps} GRPO steps ({100 * (after['accuracy'] - before['accuracy']):+.1f} points)")
         say(f"format compliance: {before['format']:.1%} -> {after['format']:.1%}")
+        if cfg.tools or before.get("tool_call_frac") or after.get("tool_call_frac"):
+            say(f"completions that call a tool: {before.get('tool_call_frac', 0):.1%} -> "
+                f"{after['tool_call_frac']:.1%}" + ("" if cfg.tools else " (no tools ran: tools=\"\")"))
     say(f"wall time {summary['wall_seconds']:.0f}s (GRPO {summary['rl_seconds']:.0f}s); run directory "
         f"{summary['run_dir']}")
     say("  metrics.jsonl (a row per step), summary.json, the final model: from_pretrained(run directory)")

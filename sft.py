@@ -13,6 +13,7 @@ import torch
 
 import data
 import runs
+import tools
 from configurator import ConfigError
 from engine import completion_logprobs
 
@@ -41,10 +42,13 @@ def sft_loss(engine, batch, cfg, model=None):
     "solution". Returns (loss, number of completion tokens on all ranks)."""
     device = engine.model.device
     prompt_ids, prompt_mask, _ = data.encode_prompts(engine.tokenizer, batch, cfg, device)
-    completion_ids = data.encode_completions(engine.tokenizer, [e["solution"] for e in batch], device)
+    solutions = [e["solution"] for e in batch]
+    completion_ids = data.encode_completions(engine.tokenizer, solutions, device)
     ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
-    mask = data.completion_mask(completion_ids, engine.eos_ids)
+    # a result in a worked solution is the tool's text, as in a sampled transcript: no loss on it
+    mask = data.completion_mask(completion_ids, engine.eos_ids) * tools.written_mask(
+        engine.tokenizer, solutions, cfg.tool_tags, completion_ids.shape).to(device)
     with engine.autocast():  # every row its own prompt pass, as the update's (share_prompt is for groups)
         logp, _ = completion_logprobs(engine.model if model is None else model, ids, attention,
                                       completion_ids.size(1), with_entropy=False)

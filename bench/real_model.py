@@ -9,6 +9,8 @@ The cases (all: chat template, no cold start, beta 0, lr 1e-5, 4 questions x 6 c
   one_digit  one-digit sums ("3+7"), no system prompt, accuracy reward only: where the model starts
              between 5 % and 60 % (about 10 %) and GRPO has something to sharpen
   two_digit  two-digit sums, same settings, longer: where the model starts near 0
+  products_tools, products_no_tools
+             two-digit products with the calculator the system prompt describes, and without it
   r1_format  one-digit sums under R1's system prompt and <think> prefill, with the strict format
              reward, which the model never earns at first (no signal), beside the tags reward's
              partial credit (0.25 per think/answer tag written once), which it does
@@ -25,6 +27,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import grpo  # noqa: E402
 
+CALCULATOR = ("You have a calculator: write <tool>EXPRESSION</tool>, e.g. <tool>12*34</tool>, and its result "
+              "appears as <result>408</result>. Then write only the final number inside <answer> </answer>.")
 COMMON = ["--task=arithmetic", "--template=chat", "--beta=0", "--lr=1e-5", "--warmup_steps=0",
           "--min_lr_ratio=1.0", "--prompts_per_step=4", "--group_size=6", "--log_samples_every=0",
           "--save_every=1000", "--keep_checkpoints=1"]
@@ -39,6 +43,12 @@ CASES = {
                      "--rewards=accuracy:1,tags:0.5,format:0.5", "--max_new_tokens=64", "--max_steps=40",
                      "--system_prompt=Think briefly inside <think> </think>, then write only the final "
                      "number inside <answer> </answer>."],
+    # two-digit products with a calculator the instruction describes (no cold start shows it); the
+    # same without one: tools= (a call is then text nothing answers)
+    "products_tools": ["--task=products", "--eval_size=40", "--rewards=accuracy:1", "--max_new_tokens=64",
+                       "--max_steps=40", "--tools=calculator", f"--system_prompt={CALCULATOR}"],
+    "products_no_tools": ["--task=products", "--eval_size=40", "--rewards=accuracy:1", "--max_new_tokens=64",
+                          "--max_steps=40", "--tools=", f"--system_prompt={CALCULATOR}"],
 }
 
 

@@ -57,3 +57,32 @@ def load_bench(name):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+@pytest.fixture(scope="session")
+def caller_dir(tmp_path_factory):
+    """The tiny model taught by SFT (200 steps, ~30 s on 2 cores) to answer `a*b+c` with two
+    calculator calls: <think><tool>a*b</tool><result>P</result><tool>P+c</tool><result>Q</result>
+    </think><answer>Q</answer> (its results out of the loss, as the cold start leaves them)."""
+    import random
+
+    import data
+    import engine
+    import grpo
+    import runs
+    import sft
+    path = data.build_tiny_model(str(tmp_path_factory.mktemp("caller")), seed=0)
+    cfg = grpo.parse_config([f"--model={path}", "--max_prompt_tokens=64"])
+    model, policy = engine.open_policy(path, cfg, torch.device("cpu"), "float32")
+    rng, examples = random.Random(0), []
+    for _ in range(4000):
+        a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(1, 9)
+        p, q = a * b, a * b + c
+        calls = f"<tool>{a}*{b}</tool><result>{p}</result><tool>{p}+{c}</tool><result>{q}</result>"
+        solution = f"<think>{calls}</think><answer>{q}</answer>"  # ~84 tokens
+        examples.append({"question": f"{a}*{b}+{c}", "solution": solution})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        sft.sft(model, policy, examples, cfg, 200, lambda step: 1e-3)
+    runs.save_model(path, model, policy.tokenizer)
+    return path

@@ -100,12 +100,12 @@ def test_help_lists_every_key(capsys):
     assert stop.value.code == 0
     for field in grpo.dataclasses.fields(grpo.Config):
         assert f"--{field.name}=" in out
-    assert "{group | batch | none}" in out and "{arithmetic | countdown | gsm8k | jsonl}" in out
+    assert "{group | batch | none}" in out and "{arithmetic | products | countdown | gsm8k | jsonl}" in out
 
 
 @pytest.mark.parametrize("arg, message", [
     ("--loss_type=ppo", "loss_type: 'ppo' is not one of grpo, dapo, dr_grpo, cispo"),
-    ("--task=mmlu", "task: 'mmlu' is not one of arithmetic, countdown, gsm8k, jsonl"),
+    ("--task=mmlu", "task: 'mmlu' is not one of arithmetic, products, countdown, gsm8k, jsonl"),
 ])
 def test_a_choice_is_checked_where_it_is_declared(capsys, arg, message):
     code, err = run_main(capsys, arg)

@@ -88,6 +88,30 @@ def test_a_run_resumes_on_another_number_of_ranks_and_sharding(tmp_path, one_pro
     assert_same_run(one_process, run_dir)
 
 
+def test_two_ranks_with_tools_make_the_same_steps_as_one_process(tmp_path, caller_dir):
+    """With the calculator: one rank's rows may still be calling while the other's are done, so
+    every rank samples each round (the samplers' stop checks are collectives). From a model that
+    calls (caller_dir), as a long cold start would amplify the ranks' float rounding."""
+    triples = zip(range(10, 74), range(99, 35, -1), [1, 5, 9, 3] * 16)
+    rows = [{"prompt": f"{a}*{b}+{c}", "answer": str(a * b + c)} for a, b, c in triples]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["--task=jsonl", f"--data_path={tmp_path / 'rows.jsonl'}", "--tools=calculator",
+            f"--model={caller_dir}", "--max_new_tokens=100", "--lr=1e-3", "--max_steps=3",
+            "--prompts_per_step=4", "--group_size=4",
+            "--eval_size=8", "--save_every=3", "--log_samples_every=0"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    launch(args + [f"--out_dir={one}"])
+    launch(args + [f"--out_dir={two}"], ranks=2)
+    (weights_one, rows_one), (weights_two, rows_two) = run_outputs(one), run_outputs(two)
+    for ours, theirs in zip(rows_two, rows_one):
+        for key in ("reward_mean", "tool_calls", "tool_call_frac", "completion_len_mean", "accuracy"):
+            assert ours[key] == theirs[key], key
+        for key in ("loss", "kl", "grad_norm", "entropy"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), key
+    assert all(r["tool_calls"] > 0 and r["grad_norm"] > 0 for r in rows_one)
+    assert max((weights_two[k] - weights_one[k]).abs().max().item() for k in weights_one) < 1e-4
+
+
 @pytest.mark.skipif(not runs.installed("peft"), reason="LoRA needs peft")
 def test_two_ranks_train_the_same_lora_adapters_as_one_process(tmp_path):
     """DDP over the adapters alone (after a full-weight cold start): the same steps and the same

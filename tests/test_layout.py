@@ -6,7 +6,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = {"grpo", "objectives", "engine", "vllm_sampler", "rewards", "data", "sft", "configurator", "runs",
-           "r1", "plot"}
+           "r1", "plot", "tools"}
 ALLOWED = {  # what each module may import of the project, at any depth of its code
     "configurator": set(),
     "rewards": set(),
@@ -14,10 +14,11 @@ ALLOWED = {  # what each module may import of the project, at any depth of its c
     "plot": set(),
     "runs": {"configurator"},
     "vllm_sampler": {"runs"},
-    "engine": {"runs", "vllm_sampler"},
-    "data": {"configurator", "rewards", "runs"},
-    "sft": {"configurator", "data", "engine", "runs"},
-    "grpo": {"configurator", "data", "engine", "objectives", "rewards", "runs", "sft"},
+    "tools": {"configurator", "rewards", "runs"},
+    "engine": {"runs", "tools", "vllm_sampler"},
+    "data": {"configurator", "rewards", "runs", "tools"},
+    "sft": {"configurator", "data", "engine", "runs", "tools"},
+    "grpo": {"configurator", "data", "engine", "objectives", "rewards", "runs", "sft", "tools"},
     "r1": {"configurator", "data", "engine", "grpo", "rewards", "runs", "sft"},
 }
 

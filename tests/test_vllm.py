@@ -14,6 +14,7 @@ vllm = pytest.importorskip("vllm")
 import data  # noqa: E402
 import engine  # noqa: E402
 import grpo  # noqa: E402
+import tools  # noqa: E402
 import vllm_sampler  # noqa: E402
 from conftest import left_padded, load_bench  # noqa: E402
 from test_train import FAST  # noqa: E402
@@ -95,6 +96,19 @@ def test_sampled_log_probs_are_the_trainers_of_the_sampled_distribution(pair, te
     assert (out.logp - expected)[ended].abs().max() < 1e-4
     again = vllm_sample(sampler, model, ids, mask, how)
     assert torch.equal(again.tokens, out.tokens)                   # seeds from the uniforms: it repeats
+
+
+def test_with_tools_vllm_writes_the_same_greedy_transcript(caller_dir):
+    """The rounds of tools.py over vLLM: each round's prompt is the transcript so far."""
+    model, tokenizer = engine.load_model(caller_dir, "cpu")
+    ours, theirs = engine.Engine(model.eval(), tokenizer, decoder="hf"), engine.Engine(model, tokenizer)
+    theirs.vllm = vllm_sampler.VllmSampler(caller_dir, model, OPTIONS, False, engine.merged_weights)
+    ours.tools = theirs.tools = tools.Toolbox(tools.ToolOptions(tools="calculator"), tokenizer, ours.eos_ids)
+    ids, mask = left_padded(tokenizer, ["12*34+5\n", "71*23+9\n", "40*40+1\n", "88*19+2\n"])
+    mine, vllms = ours.sample(ids, mask, 100, 0.0), theirs.sample(ids, mask, 100, 0.0)
+    assert torch.equal(mine.tokens, vllms.tokens) and torch.equal(mine.policy, vllms.policy)
+    assert torch.allclose(mine.logp, vllms.logp, atol=1e-4)
+    assert (mine.policy == 0).any() and mine.segments == vllms.segments
 
 
 def fresh(folder):
