@@ -469,7 +469,8 @@ def evaluate(engine, examples, cfg):
     without) and mean completion `length` (tokens); with eval_k > 0 also `pass_at_k` (some of k
     samples at `temperature` is correct) and `sampled_accuracy` (the mean over those samples)."""
     correct, k, T = correctness(cfg.task), cfg.eval_k, cfg.max_new_tokens
-    names = ["accuracy", "format", "tool_call_frac", "length"] + (["pass_at_k", "sampled_accuracy"] * (k > 0))
+    names = ["accuracy", "format", "tool_call_frac", "length"]
+    names += ["pass_at_k", "sampled_accuracy"] if k else []
     # the same number of batches on every rank; repeats do not count
     shard, counted = runs.padded_share(examples)
     totals = torch.zeros(len(names))

@@ -135,9 +135,9 @@ def clipped_surrogate(log_ratio, advantages, eps_low, eps_high, delta=0.0):
 
 def loss_denominator(loss_mask, loss_type, max_new_tokens):
     """What a loss type divides the summed per-token loss by, counted on loss_mask [N, T] (this
-    rank's rows; sum it over ranks): grpo, the completions in the loss; dapo (and cispo), their
-    tokens; dr_grpo, every completion sampled times max_new_tokens, a constant that does not move
-    when DAPO's filters leave completions out (as TRL's: rows x max_completion_length)."""
+    rank's rows, the policy's own tokens; sum it over ranks): grpo, the completions in the loss;
+    dapo (and cispo), their tokens; dr_grpo, every completion sampled times max_new_tokens, a
+    constant that DAPO's filters and tools' results do not move (TRL's: rows x max_completion_length)."""
     if loss_type == "grpo":
         return (loss_mask.sum(1) > 0).sum()
     if loss_type in ("dapo", "cispo"):

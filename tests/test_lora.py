@@ -72,7 +72,8 @@ def test_sampling_goes_through_the_adapters(tiny_dir):
     prompt = IDS[:, :4]
     for decoder in ("static", "hf"):
         eng = engine.Engine(model, tokenizer, decoder=decoder)
-        tokens, sampler_logp, _ = eng.sample(prompt, torch.ones_like(prompt), 6, uniforms=torch.rand(2, 6))
+        out = eng.sample(prompt, torch.ones_like(prompt), 6, uniforms=torch.rand(2, 6))
+        tokens, sampler_logp = out.tokens, out.logp
         full = torch.cat([prompt, tokens], 1)
         mask = data.completion_mask(tokens, eng.eos_ids)
         trainer_logp = engine.completion_logprobs(model, full, torch.ones_like(full), 6,

@@ -165,10 +165,11 @@ def test_lengths_of_right_and_wrong_completions_by_hand():
     def row(correct):
         update = grpo.Update({}, None, 0, False)
         counts = {"loss_tokens": 0.0, "tokens": 24.0, "entropy": 0.0, "reward_errors": 0, "prompts_cut": 0,
-                  "reflecting": 0}
+                  "reflecting": 0, "tool_errors": 0}
         whole = {"rewards": torch.tensor(correct), "scores": {"accuracy": torch.tensor(correct)},
                  "correct": torch.tensor(correct), "zero_std": torch.tensor([False, False]),
-                 "lengths": torch.tensor([3, 5, 7, 9]), "truncated": torch.zeros(4, dtype=torch.bool)}
+                 "lengths": torch.tensor([3, 5, 7, 9]), "truncated": torch.zeros(4, dtype=torch.bool),
+                 "calls": torch.zeros(4)}
         return runs.step_metrics(1, whole, counts, update, (0.0, 1.0, 1.5, 2.0, 3.0))
     mixed = row([1.0, 0.0, 1.0, 0.0])
     assert mixed["completion_len_correct"] == 5.0 and mixed["completion_len_wrong"] == 7.0

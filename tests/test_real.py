@@ -102,7 +102,7 @@ log_samples_every = 1
     saved_config = (run / "train_config.json").read_text()
     result = grpo.evaluate_only(grpo.parse_config(["--config", str(config), f"--model={run}",
                                                    "--eval_only=True", "--eval_k=3", f"--out_dir={run}"]))
-    assert set(result) == {"accuracy", "format", "length", "pass_at_k", "sampled_accuracy"}
+    assert set(result) == {"accuracy", "format", "tool_call_frac", "length", "pass_at_k", "sampled_accuracy"}
     assert 0 <= result["sampled_accuracy"] <= result["pass_at_k"] <= 1 and result["length"] > 0
     evaluation = json.loads((run / "eval.json").read_text())
     assert evaluation["model"] == str(run) and evaluation["config"]["eval_k"] == 3

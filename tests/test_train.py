@@ -190,7 +190,8 @@ def test_sampled_entropy_is_the_mean_over_completion_tokens(tiny):
     eos = engine.stop_ids(model, tokenizer)
     u = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
     how = engine.Sampling(10, eos, tokenizer.pad_token_id, 0.7, 1.0, u)
-    tokens, logp, entropy = engine.sample(model, ids, torch.ones_like(ids), how)
+    out = engine.sample(model, ids, torch.ones_like(ids), how)
+    tokens, logp, entropy = out.tokens, out.logp, out.entropy
     full = torch.cat([ids, tokens], 1)
     with torch.no_grad():  # the same log-probs and entropies from one pass over the sampled sequences
         expected_logp, expected = engine.completion_logprobs(model, full, torch.ones_like(full),
