@@ -72,6 +72,7 @@ def calculator(text):
 
 TOOLS = {"calculator": calculator}  # name -> function; a tool of your own joins as "FILE.py:FUNCTION"
 BUILTIN = frozenset(TOOLS.values())  # bounded and pure: run inline, without a thread
+BUILTIN_NAMES = tuple(TOOLS)
 
 
 def parse_tools(spec):
@@ -93,9 +94,6 @@ def parse_tools(spec):
     return tools
 
 
-BUILTIN_NAMES = tuple(TOOLS)
-
-
 def calls_in(text, tags):
     """The calls written in a completion's text: whole open...close pairs of the call tags (tags
     inside a tool's result are defused, so these are the policy's)."""
@@ -103,7 +101,8 @@ def calls_in(text, tags):
 
 
 def count_calls(texts, tags):
-    """calls_in of each text -> [B]: with tools the calls made, without them the calls written."""
+    """calls_in of each text -> [B]: the calls it writes, run or not (without tools, or past
+    max_tool_calls)."""
     return torch.tensor([calls_in(text, tags) for text in texts])
 
 

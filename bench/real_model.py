@@ -1,7 +1,7 @@
 """GRPO on a real pretrained model on a CPU: SmolLM2-135M-Instruct, held-out greedy accuracy and
 format compliance before and after, one grpo.py run per case.
 
-    python bench/real_model.py --model=$(../shared/tools/smollm2.sh)  # every case, ~25 min on 2 cores
+    python bench/real_model.py --model=$(../shared/tools/smollm2.sh)  # every case, ~60 min on 2 cores
     python bench/real_model.py --model=PATH --cases=one_digit --seeds=0,1,2
     python bench/real_model.py --model=PATH --cases=one_digit --flags=--decoder=vllm  # vLLM's venv
 
