@@ -233,16 +233,16 @@ class Engine:
         tools, transcripts sampled in rounds with the tools' results between them (tools.py)."""
         how = Sampling(max_new_tokens, self.eos_ids, self.pad_id, temperature, top_p, uniforms,
                        self.share_prompt)
+        how = how._replace(uniforms=draw_uniforms(prompt_ids, how) if uniforms is None else uniforms)
         if self.tools is not None:
             return Sampled(**self.tools.sample(self.sample_once, prompt_ids, prompt_mask, how))
         out = self.sample_once(prompt_ids, prompt_mask, how)
         return out._replace(policy=torch.ones_like(out.logp), tool_errors=torch.zeros_like(out.logp[:, 0]))
 
     def sample_once(self, prompt_ids, prompt_mask, how):
-        """One call of the sampler that runs: vLLM, the static decoder or transformers' path."""
+        """One call of the sampler that runs (vLLM, the static decoder or transformers' path), its
+        uniforms drawn."""
         if self.vllm is not None:
-            drawn = draw_uniforms(prompt_ids, how) if how.uniforms is None else how.uniforms
-            how = how._replace(uniforms=drawn)
             return Sampled(**self.vllm.sample(self.model, prompt_ids, prompt_mask, how))
         self.model.eval()
         with self.autocast():

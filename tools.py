@@ -189,12 +189,11 @@ class Toolbox:
     @torch.no_grad()
     def sample(self, sample_once, prompt_ids, prompt_mask, how):
         """Transcripts for left-padded prompts [B, P], sampled by rounds of sample_once(ids, mask,
-        how) (the engine's sampler) with `how` (engine.Sampling) -> {tokens, logp, entropy, policy,
-        tool_errors, segments}: [B, T] each (logp and entropy 0 on results), tool_errors [B], and
-        each transcript's runs, [["policy", text], ["tool", result text], ...]."""
-        B, T, device = len(prompt_ids), how.max_new_tokens, prompt_ids.device
-        draw = torch.rand if how.temperature > 0 else torch.zeros
-        uniforms = draw(B, T, device=device) if how.uniforms is None else how.uniforms
+        how) (the engine's sampler) with `how` (engine.Sampling, its uniforms [B, T] drawn: zeros
+        for greedy) -> {tokens, logp, entropy, policy, tool_errors, segments}: [B, T] each (logp
+        and entropy 0 on results), tool_errors [B], and each transcript's runs, [["policy", text],
+        ["tool", result text], ...]."""
+        B, T, device, uniforms = len(prompt_ids), how.max_new_tokens, prompt_ids.device, how.uniforms
         prompts = [row[keep.bool()].tolist() for row, keep in zip(prompt_ids, prompt_mask)]
         rows = [{"tokens": [], "logp": [], "entropy": [], "policy": [], "segments": []} for _ in range(B)]
         errors, going, stops = [0] * B, list(range(B)), set(how.eos_ids.tolist())

@@ -59,6 +59,7 @@ def transcript(toolbox, script, T=120, uniforms=None, junk="zz", eos=True):
     sampler = Scripted(toolbox.tokenizer, script, junk, eos)
     ids, mask = prompts(toolbox.tokenizer, list(script))
     eos = torch.tensor([toolbox.tokenizer.eos_token_id])
+    uniforms = torch.rand(len(ids), T) if uniforms is None else uniforms
     how = engine.Sampling(T, eos, toolbox.tokenizer.pad_token_id, 1.0, 1.0, uniforms)
     return engine.Sampled(**toolbox.sample(sampler, ids, mask, how)), sampler
 
