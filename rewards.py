@@ -11,12 +11,9 @@ REWARDS maps the names used in the config (`rewards="accuracy:1,format:0.5"`) to
 import ast
 import copy
 import functools
-import importlib
 import importlib.util
-import inspect
 import math
 import numbers
-import os
 import re
 import signal
 import unicodedata
@@ -24,6 +21,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
+
+from usercode import load_function
 
 MAX_TEXT = 20_000        # characters of a completion a reward will look at
 MAX_EXPRESSION = 200     # characters of a countdown expression
@@ -373,7 +372,7 @@ def parse_reward_spec(spec):
         name, weight = (":".join(fields[:2]), fields[2:]) if custom else (fields[0], fields[1:])
         weight = weight[0] if weight else ""
         if custom and name not in REWARDS:
-            REWARDS[name] = load_reward(*fields[:2])
+            REWARDS[name] = load_function(*fields[:2], takes=("completion", "example"))
         if name not in REWARDS:
             raise ValueError(f"unknown reward {name!r} (known: {', '.join(REWARDS)}; or FILE.py:FUNCTION)")
         try:
@@ -394,39 +393,6 @@ def is_number(text):
         return True
     except ValueError:
         return False
-
-
-def load_reward(source, function, takes=("completion", "example")):
-    """The function `function` of a .py file (a path) or of an importable module: a reward of
-    your own, (completion, example) -> float; example holds every field of your data row (tools.py
-    loads its tools here too, takes=("text",)). A file that fails or exits at import, or a function
-    that cannot take the arguments `takes` names, raises ValueError saying so."""
-    try:
-        if source.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(f"reward_{abs(hash(source))}", source)
-            if spec is None or not os.path.isfile(source):
-                raise FileNotFoundError("no such file")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(source)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as err:  # a missing file or module, one that fails to import, or calls sys.exit
-        why = f"it exits at import (SystemExit: {err.code})" if isinstance(err, SystemExit) else (
-            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-        raise ValueError(f"cannot load {source}: {why}") from None
-    fn = getattr(module, function, None)
-    if not callable(fn):
-        raise ValueError(f"{source} has no function {function!r}")
-    try:
-        inspect.signature(fn).bind(*takes)
-    except TypeError:
-        raise ValueError(f"{source}:{function} must take ({', '.join(takes)}); "
-                         f"it takes {inspect.signature(fn)}") from None
-    except ValueError:  # no signature to read (a builtin): its calls are guarded all the same
-        pass
-    return fn
 
 
 def safe_reward(fn, completion, example):

@@ -27,15 +27,15 @@ counted in `tool_errors`; the run goes on. A tool stuck inside C code that holds
 (a catastrophic regex, say) cannot be waited out; one stuck in Python or I/O is left running.
 """
 import dataclasses
+import os
 import re
-import threading
-import time
 
 import torch
 
 import runs
+import usercode
 from configurator import ConfigError
-from rewards import evaluate_arithmetic, load_reward
+from rewards import evaluate_arithmetic
 
 
 @dataclasses.dataclass
@@ -44,22 +44,34 @@ class ToolOptions:
     tools: str = ""                # "calculator,FILE.py:FUNCTION": (text) -> str each; "" = none
     tool_tags: tuple = ("<tool>", "</tool>", "<result>", "</result>")  # a call's open, close; its result's
     max_tool_calls: int = 4        # calls run per completion; later ones stay plain text
-    tool_timeout: float = 5.0      # seconds a tool of your own may take; past it the call is an error
+    tool_timeout: float = 5.0      # seconds a call (and the import) of a tool of yours may take
     max_tool_chars: int = 1000     # a longer result is an error
+    tool_workers: int = 8          # processes running tools of yours at once (each imports your file)
 
     def checks(self):
-        try:
-            problem = parse_tools(self.tools) and ""
-        except ValueError as err:
-            problem = f"tools: {err}"
-        tags = self.tool_tags
+        tags, format_tags = self.tool_tags, ("<think>", "</think>", "<answer>", "</answer>")
         written = all(isinstance(t, str) and len(t) > 2 and t[0] == "<" and t[-1] == ">" for t in tags)
-        return [(not problem, problem),
-                (len(tags) == 4 and len(set(tags)) == 4 and written,
-                 "tool_tags: four different tags written <...>: a call's open and close, its result's"),
-                (self.max_tool_calls >= 0, "max_tool_calls: must not be negative"),
-                (self.tool_timeout > 0, "tool_timeout: must be positive"),
-                (self.max_tool_chars >= 1, "max_tool_chars: must be at least 1")]
+        rules = [(len(tags) == 4 and len(set(tags)) == 4 and written,
+                  "tool_tags: four different tags written <...>: a call's open and close, its result's"),
+                 (not set(tags) & set(format_tags),
+                  f"tool_tags: {', '.join(t for t in tags if t in format_tags)} is a tag of the answer's "
+                  "format (<think>, <answer>): a tool would write what the rewards grade"),
+                 (not any(t in self.prefill for t in tags if isinstance(t, str)),
+                  "prefill: holds a tool tag; a call is the policy's to write, not the prompt's"),
+                 (self.max_tool_calls >= 0, "max_tool_calls: must not be negative"),
+                 (0 < self.tool_timeout <= MAX_TIMEOUT,
+                  f"tool_timeout: must be positive and at most {MAX_TIMEOUT:g} seconds"),
+                 (self.max_tool_chars >= 1, "max_tool_chars: must be at least 1"),
+                 (self.tool_workers >= 1, "tool_workers: must be at least 1")]
+        if all(ok for ok, _ in rules):  # then import the tools of yours, each in a worker, as a run will
+            try:
+                check_tools(parse_tools(self.tools), self.tool_timeout)
+            except ValueError as err:
+                rules.append((False, f"tools: {err}"))
+        return rules
+
+
+MAX_TIMEOUT = 3600.0  # seconds: an hour per call
 
 
 def calculator(text):
@@ -70,28 +82,36 @@ def calculator(text):
     return str(value.numerator) if value.denominator == 1 else f"{float(value):.10g}"
 
 
-TOOLS = {"calculator": calculator}  # name -> function; a tool of your own joins as "FILE.py:FUNCTION"
-BUILTIN = frozenset(TOOLS.values())  # bounded and pure: run inline, without a thread
-BUILTIN_NAMES = tuple(TOOLS)
+TOOLS = {"calculator": calculator}  # name -> function: built in, bounded and pure, so run inline
 
 
 def parse_tools(spec):
-    """'calculator,my_tools.py:lookup' -> [("calculator", calculator), ("lookup", lookup)]: the
-    names a call may give and the functions. A tool of your own is SOURCE:FUNCTION (a .py file or
-    an importable module), a function (text) -> str. Raises ValueError naming the bad part."""
+    """'calculator,my_tools.py:lookup' -> [("calculator", calculator), ("lookup", ("/abs/my_tools.py",
+    "lookup"))]: the names a call may give, and a built-in function or a tool of yours, SOURCE:FUNCTION
+    (a .py file, its path made absolute, or an importable module), a function (text) -> str that
+    runs in a worker process. Raises ValueError naming the bad part."""
+    parts = [part.strip() for part in spec.split(",")]
+    if spec.strip() and not any(parts):
+        raise ValueError(f"{spec!r} names no tool (tools=\"\" for none)")
     tools = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        if part not in TOOLS:
-            source, _, function = part.rpartition(":")
-            if not source:
-                raise ValueError(f"unknown tool {part!r} (built in: {', '.join(sorted(BUILTIN_NAMES))}; "
-                                 "or FILE.py:FUNCTION)")
-            TOOLS[part] = load_reward(source, function, takes=("text",))
-        tools.append((part.rpartition(":")[2], TOOLS[part]))
+    for part in filter(None, parts):
+        source, _, function = part.rpartition(":")
+        if part not in TOOLS and not source:
+            raise ValueError(f"unknown tool {part!r} (built in: {', '.join(sorted(TOOLS))}; or FILE.py:FUNCTION)")
+        if source.endswith(".py"):
+            source = os.path.abspath(os.path.expanduser(source))
+        tools.append((function, TOOLS[part]) if part in TOOLS else (function, (source, function)))
     names = [name for name, _ in tools]
     if len(set(names)) < len(names):
         raise ValueError(f"two tools are named {next(n for n in names if names.count(n) > 1)!r}")
     return tools
+
+
+def check_tools(tools, timeout):
+    """Import each source of the tools of yours among `tools` (parse_tools') in a worker process, as
+    a run will, within `timeout` seconds; ValueError saying why one cannot load."""
+    for source in dict.fromkeys(tool[0] for _, tool in tools if not callable(tool)):
+        usercode.Worker([tool for _, tool in tools if tool[0] == source], timeout, 1).stop()
 
 
 def calls_in(text, tags):
@@ -115,38 +135,39 @@ def defused(output, tags):
 
 
 def checked(output, limit):
-    """(output, None) for a string of at most `limit` characters, else (None, why it is not)."""
+    """(output as a plain str, None) for text of at most `limit` characters that UTF-8 can encode,
+    else (None, why it is not)."""
     if not isinstance(output, str):
         return None, f"the tool returned {type(output).__name__}, not a string"
+    output = str.__str__(output)  # a plain copy: a subclass's own methods are not asked
     if len(output) > limit:
         return None, f"the tool returned {len(output)} characters, over max_tool_chars={limit}"
+    try:
+        output.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return None, f"the tool returned text that is not valid Unicode ({output[err.start]!r})"
     return output, None
 
 
-def run_calls(calls, options):
-    """Each (function, input) of `calls` run -> [(output text, failed)]. Tools of your own run in
-    daemon threads at once, all waited on until tool_timeout seconds after the start; the built-in
-    ones inline. An exception of any kind (SystemExit too) is a failed call."""
+def run_calls(calls, options, workers=None):
+    """Each (tool, input) of `calls` run -> [(output text, failed)]. A built-in tool (a function) runs
+    inline; a tool of yours (an index into workers' functions) on `workers` (usercode.Workers), in
+    processes at once, each call killed with its process past tool_timeout. A call that raises
+    anything, returns no string of at most max_tool_chars characters, overruns or ends its process
+    has failed: its output says why."""
     answers = [None] * len(calls)
-
-    def work(i, fn, text):
-        try:
-            answers[i] = checked(fn(text), options.max_tool_chars)
-        except BaseException as err:  # the tool's failure is its result, never the run's end
-            answers[i] = None, f"{type(err).__name__}: {str(err).strip()[:200]}".rstrip(": ")
-    threads = []
-    for i, (fn, text) in enumerate(calls):
-        if fn in BUILTIN:
-            work(i, fn, text)
-        else:
-            threads.append(threading.Thread(target=work, args=(i, fn, text), daemon=True))
-            threads[-1].start()
-    deadline = time.monotonic() + options.tool_timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    late = f"no result within tool_timeout={options.tool_timeout:g} s"
-    return [(output, False) if output is not None else ("error: " + why, True)
-            for output, why in (answer or (None, late) for answer in answers)]
+    for i, (tool, text) in enumerate(calls):
+        if callable(tool):
+            try:
+                answers[i] = tool(text), None
+            except Exception as err:
+                answers[i] = None, usercode.failure(err)
+    mine = [i for i, (tool, _) in enumerate(calls) if not callable(tool)]
+    for i, answer in zip(mine, workers.map([calls[i] for i in mine]) if mine else []):
+        answers[i] = answer
+    answers = [checked(output, options.max_tool_chars) if why is None else (None, why)
+               for output, why in answers]
+    return [(output, False) if why is None else ("error: " + why, True) for output, why in answers]
 
 
 class Toolbox:
@@ -154,7 +175,12 @@ class Toolbox:
     module's docstring), for the tokenizer the policy writes with."""
 
     def __init__(self, options, tokenizer, eos_ids):
-        self.options, self.tokenizer, self.tools = options, tokenizer, parse_tools(options.tools)
+        self.options, self.tokenizer = options, tokenizer
+        tools = parse_tools(options.tools)
+        mine = [tool for _, tool in tools if not callable(tool)]  # (source, function): in workers, by index
+        self.tools = [(name, tool if callable(tool) else mine.index(tool)) for name, tool in tools]
+        self.workers = usercode.Workers(mine, options.tool_timeout, options.max_tool_chars,
+                                        options.tool_workers) if mine else None
         self.banned = set(eos_ids.tolist()) | {tokenizer.pad_token_id}  # a result never ends the completion
         open_tag, close_tag = map(re.escape, options.tool_tags[:2])
         self.call = re.compile(open_tag + "(.*?)" + close_tag, re.DOTALL)
@@ -163,7 +189,7 @@ class Toolbox:
         """(function, input) of a call's text: the tool it names before a colon, else the first."""
         name, colon, rest = text.partition(":")
         named = dict(self.tools).get(name.strip()) if colon else None
-        return (named, rest.strip()) if named else (self.tools[0][1], text.strip())
+        return (named, rest.strip()) if named is not None else (self.tools[0][1], text.strip())
 
     def first_call(self, ids):
         """(length of the shortest prefix of `ids` whose text holds a whole call, the call's input),
@@ -219,7 +245,7 @@ class Toolbox:
                 if call:
                     calls.append(self.route(call[1]))
                     still.append(i)
-            for i, (output, failed) in zip(still, run_calls(calls, self.options)):
+            for i, (output, failed) in zip(still, run_calls(calls, self.options, self.workers)):
                 result = self.result_ids(output)[:T - len(rows[i]["tokens"])]
                 self.append(rows[i], result, [0.0] * len(result), [0.0] * len(result), policy=0.0)
                 errors[i] += failed
@@ -272,7 +298,12 @@ def written_mask(tokenizer, texts, tags, shape):
 
 
 def open_toolbox(options, tokenizer, eos_ids):
-    """The Toolbox of options.tools, or None without tools (`tools=""`)."""
+    """The Toolbox of options.tools, or None without tools (`tools=""`). A tag that is a special token
+    of the tokenizer is refused, tools or not: decoding drops it, so no call could be read or counted."""
+    specials = [tag for tag in getattr(options, "tool_tags", ()) if tag in tokenizer.all_special_tokens]
+    if specials:
+        raise ConfigError(f"tool_tags: {specials[0]} is a special token of this tokenizer, which decoding "
+                          "drops: no call could be read")
     try:
         return Toolbox(options, tokenizer, eos_ids) if getattr(options, "tools", "") else None
     except ValueError as err:

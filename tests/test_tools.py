@@ -227,7 +227,8 @@ def test_a_call_goes_to_the_tool_it_names(tmp_path, tiny):
     (tmp_path / "t.py").write_text("def lookup(text):\n    return {'Paris': 'France'}.get(text, '?')\n")
     box = tools.Toolbox(options(tools=f"calculator,{tmp_path}/t.py:lookup"), tokenizer,
                         torch.tensor([tokenizer.eos_token_id]))
-    assert box.route("lookup: Paris")[0]("Paris") == "France"
+    assert box.route("lookup: Paris") == (0, "Paris")  # the first tool of yours: in a worker
+    assert tools.run_calls([box.route("lookup: Paris")], box.options, box.workers) == [("France", False)]
     assert box.route("2*3") == (tools.calculator, "2*3")
     assert box.route("nothing: 2*3") == (tools.calculator, "nothing: 2*3")
 
@@ -328,7 +329,7 @@ def test_a_bad_tool_is_refused_in_one_line_before_the_model_loads(tmp_path):
               "tools: two tools are named 'one'"),
              ("--tool_tags=('<a>', '<b>', '<c>')",
               "tool_tags: four different tags written <...>: a call's open and close, its result's"),
-             ("--tool_timeout=0", "tool_timeout: must be positive")]
+             ("--tool_timeout=0", "tool_timeout: must be positive and at most 3600 seconds")]
     for arg, message in cases:
         code, err = run_cli(tmp_path, arg)
         assert (code, err) == (2, f"grpo.py: error: {message}"), arg
