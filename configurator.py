@@ -15,12 +15,16 @@ import itertools
 import json
 import math
 import os
+import stat
 import sys
 import typing
 
 
 class ConfigError(ValueError):
     """A config problem the user must fix; the message names the key or file."""
+
+
+Path = typing.NewType("Path", str)  # a str field naming a file or folder: ~ means the home directory
 
 
 def choices(cls, key):
@@ -39,6 +43,7 @@ def coerce(cls, key, value, from_text):
     kind = typing.get_type_hints(cls)[key]
     optional = typing.get_origin(kind) is typing.Union
     kind = typing.get_args(kind)[0] if optional else kind
+    path, kind = kind is Path, str if kind is Path else kind
     if from_text and kind is bool and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if from_text and kind is not str:
@@ -59,7 +64,18 @@ def coerce(cls, key, value, from_text):
         raise ConfigError(f"{key}: {value!r} is not a finite number")
     if any(type(v) is int and not -2**63 <= v < 2**63 for v in numbers):
         raise ConfigError(f"{key}: {value} does not fit in 64 bits")
-    return value
+    if any(type(v) is str and not encodable(v) for v in numbers):  # "\ud800", or bytes no UTF-8 reads
+        raise ConfigError(f"{key}: {value!r} is not valid Unicode text")
+    return os.path.expanduser(value) if path else value
+
+
+def encodable(text):
+    """Whether UTF-8 can encode `text` (no lone surrogate): what a tokenizer and a JSON file take."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def check_key(cls, key, where=""):
@@ -70,13 +86,21 @@ def check_key(cls, key, where=""):
                           + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 
+MAX_FILE = 1 << 22  # bytes of a config or run file read whole: 4 MiB
+
+
 def read_text(path):
-    """The text of a UTF-8 file; anything else raises ConfigError naming the file and line."""
+    """The text of a regular UTF-8 file of at most MAX_FILE bytes; anything else (a device, a FIFO, a
+    file too large, not UTF-8) raises ConfigError naming the file (and line)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # /dev/zero never ends, a FIFO never opens
+            raise ConfigError(f"{path}: not a regular file")
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_FILE + 1)
     except OSError as err:
         raise ConfigError(f"{path}: {err.strerror}") from None
+    if len(raw) > MAX_FILE:
+        raise ConfigError(f"{path}: larger than {MAX_FILE >> 20} MiB, too large for a config")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -163,7 +187,19 @@ def parse_args(cls, argv, saved_config=None, fixed=()):
                 raise ConfigError(f"{key}: the run was trained with {key}={values[key]!r}; "
                                   "its checkpoint cannot "
                                   f"continue with {overrides[key]!r} (start a new run in another out_dir)")
-    return cls(**{**values, **overrides})
+    cfg = cls(**{**values, **overrides})
+    cfg.given = set(overrides) | (set() if overrides.get("resume") else set(values))  # what unread() reads
+    return cfg
+
+
+def unread(cfg, ignored, keys, why):
+    """Rules that refuse, where the config as resolved does not read `keys` (ignored is True), each
+    one given (in a config file or on the command line) with a value other than its default: `why`
+    says why it would be ignored. A resumed run's saved values count as given where the command line
+    repeats them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return [(not ignored or key not in getattr(cfg, "given", ()) or getattr(cfg, key) == defaults[key],
+             f"{key}: {getattr(cfg, key)!r} would be ignored: {why}") for key in keys]
 
 
 def fields_in_order(cfg):

@@ -21,7 +21,7 @@ import torch
 
 import runs
 import tools
-from configurator import ConfigError
+from configurator import ConfigError, Path, encodable, unread
 from rewards import REWARDS, format_reward, safe_reward
 
 # DeepSeek-R1-Zero's template (R1 paper, Table 1); the model continues after "Assistant:".
@@ -135,9 +135,9 @@ def countdown_task(seed, n_train, n_test):
 
 def read_jsonl(path):
     """Yield (line number, dict) for each non-blank line; a bad line (not UTF-8, not JSON, nested
-    too deeply, a key twice, no object) raises DataError naming it."""
+    too deeply, a key twice, no object, text no tokenizer can take) raises DataError naming it."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -155,7 +155,24 @@ def read_jsonl(path):
                                 f"{err if isinstance(err, ValueError) else 'nested too deeply'}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
+            bad = next((text for text in strings(row) if not encodable(text)), None)
+            if bad is not None:  # valid JSON ("\ud800"), but no tokenizer or file can take it
+                raise DataError(f"{path}:{lineno}: {bad[:40]!r} is not valid Unicode text (a lone surrogate)")
             yield lineno, row
+
+
+def strings(value):
+    """Every str inside a JSON value (its keys too), without recursion."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def unique_keys(pairs):
@@ -196,6 +213,8 @@ def jsonl_example(row, path, lineno):
         raise DataError(f"{path}:{lineno}: 'answer' must be a non-empty string or a finite number, "
                         f"not {json.dumps(answer)}")
     example["answer"] = str(answer)
+    if "solution" in row:  # a worked completion for the cold start
+        require_text(row, "solution", path, lineno)
     return example
 
 
@@ -252,8 +271,11 @@ def enumerated_split(make, name):
     return load
 
 
+COUNTDOWN_TRAIN = 100_000  # countdown questions made to train on; as many at most held out
+
+
 def countdown_split(seed, data_path, eval_data_path, eval_size, digits):
-    return countdown_task(seed, 100_000, eval_size)
+    return countdown_task(seed, COUNTDOWN_TRAIN, eval_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,16 +297,23 @@ TASKS = {
 
 
 def load_task(task, seed, data_path="", eval_data_path="", eval_size=200, digits=2):
-    """(train, test) example lists of a task of TASKS."""
-    return TASKS[task].load(seed, data_path, eval_data_path, eval_size, digits)
+    """(train, test) example lists of a task of TASKS; a test set that takes long to evaluate is said."""
+    train, test = TASKS[task].load(seed, data_path, eval_data_path, eval_size, digits)
+    if len(test) > LONG_EVALUATION:
+        runs.say(f"note: each evaluation samples all {len(test)} held-out questions (before and after RL, "
+                 "and every eval_every steps): it takes long; eval_size sets how many")
+    return train, test
+
+
+LONG_EVALUATION = 10_000  # held-out questions beyond which evaluating is said to take long
 
 
 @dataclasses.dataclass
 class DataOptions:
     # the task and its prompts (data.py)
     task: Literal[tuple(TASKS)] = "arithmetic"  # data.TASKS; gsm8k and jsonl read data_path
-    data_path: str = ""            # training JSONL (or hub dataset) for gsm8k / jsonl
-    eval_data_path: str = ""       # held-out JSONL (its first eval_size rows); "" = data_path's first
+    data_path: Path = ""           # training JSONL (or hub dataset) for gsm8k / jsonl
+    eval_data_path: Path = ""      # held-out JSONL (its first eval_size rows); "" = data_path's first
     digits: int = 2                # arithmetic, products: digits per operand
     template: Literal[TEMPLATES] = "plain"  # prompt template (R1-Zero: r1zero)
     system_prompt: Optional[str] = None  # chat: the system message; None = R1's instruction, "" = none
@@ -295,11 +324,20 @@ class DataOptions:
     def checks(self):
         hub = "" if importlib.util.find_spec("datasets") else " (hub datasets need the `datasets` package)"
         files = [(key, getattr(self, key)) for key in ("data_path", "eval_data_path") if getattr(self, key)]
-        return [(not TASKS[self.task].needs_file or self.data_path,
-                 f"data_path: task {self.task} needs a JSONL file"),
+        reads_file = TASKS[self.task].needs_file
+        return [(not reads_file or self.data_path, f"data_path: task {self.task} needs a JSONL file"),
+                *unread(self, not reads_file, ("data_path", "eval_data_path"),
+                        f"task={self.task} reads no file (task=jsonl or gsm8k does)"),
+                *unread(self, self.task not in ("arithmetic", "products"), ("digits",),
+                        f"task={self.task} has no operands"),
+                *unread(self, self.template != "chat", ("system_prompt",),
+                        f"template={self.template} has no system message (chat has)"),
                 *[(os.path.isfile(path) or is_hub_dataset(path), f"{key}: {path}: no such file{hub}")
                   for key, path in files],
                 (1 <= self.digits <= 3, "digits: from 1 to 3 (every pair of operands is enumerated)"),
+                (self.task != "countdown" or self.eval_size <= COUNTDOWN_TRAIN,
+                 f"eval_size: at most {COUNTDOWN_TRAIN} countdown questions held out (each is made, and "
+                 f"evaluated, one by one: {self.eval_size} would take hours)"),
                 (self.max_prompt_tokens >= 0, "max_prompt_tokens: must not be negative")]
 
 
@@ -443,6 +481,11 @@ def resolve_prompt_limit(cfg, model, tokenizer, examples):
         raise ConfigError(f"max_new_tokens: {cfg.max_new_tokens} leaves no room for a prompt in the model's "
                           f"context of {context} tokens")
     cfg = dataclasses.replace(cfg, max_prompt_tokens=min(cfg.max_prompt_tokens or room, room))
+    try:  # a first prompt, before the run directory changes: a chat template may be missing or refuse
+        prompt_token_ids(tokenizer, examples[:1], cfg)
+    except Exception as err:
+        raise ConfigError(f"template: {cfg.template} cannot render a prompt with this tokenizer "
+                          f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})")
     if cfg.prompt_overflow == "reject":  # measured exactly as encode_prompts will cut them
         for i, ids in enumerate(prompt_token_ids(tokenizer, examples, cfg)):
             if len(ids) > cfg.max_prompt_tokens:

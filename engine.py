@@ -10,6 +10,7 @@ with one decode step that picks its own token (Llama, Qwen2, Qwen3, Mistral; com
 """
 import copy
 import inspect
+import os
 import types
 import warnings
 from collections import OrderedDict
@@ -20,7 +21,11 @@ import torch
 
 import runs
 import tools
-from runs import ConfigError, distribute, every_rank_done, say
+from configurator import ConfigError, unread
+from runs import distribute, every_rank_done, say
+
+
+MIN_TEMPERATURE = 1e-3  # the sampling temperature's floor: below it sampling is greedy in effect
 
 
 @dataclass
@@ -40,7 +45,10 @@ class EngineOptions:
 
     def checks(self):
         vllm = self.decoder == "vllm"
-        return [(self.dtype != "bfloat16" or self.bf16 is not False,
+        return [(self.temperature >= MIN_TEMPERATURE,
+                 f"temperature: {self.temperature:g} is below {MIN_TEMPERATURE:g}: logits / T leave "
+                 "float32's range (and every group's samples are alike, which teaches nothing)"),
+                (self.dtype != "bfloat16" or self.bf16 is not False,
                  "bf16: dtype=bfloat16 computes in bf16; bf16=False contradicts it"),
                 (not vllm or runs.installed("vllm"),
                  "decoder: vllm needs the vllm package (pip install -r requirements-vllm.txt)"),
@@ -49,7 +57,11 @@ class EngineOptions:
                 (0 < self.vllm_gpu_memory_utilization <= 1,
                  "vllm_gpu_memory_utilization: must be in (0, 1]"),
                 (self.attn_implementation != "flash_attention_2" or runs.installed("flash_attn"),
-                 "attn_implementation: flash_attention_2 needs the flash-attn package")]
+                 "attn_implementation: flash_attention_2 needs the flash-attn package"),
+                *unread(self, not vllm, ("vllm_gpu_memory_utilization", "vllm_sleep"),
+                        f"decoder={self.decoder} is not vllm"),
+                *unread(self, self.decoder in ("hf", "vllm"), ("compile_decode",),
+                        f"decoder={self.decoder} has no static decode step")]
 
 
 @dataclass
@@ -72,7 +84,9 @@ class LoraOptions:
                 (self.lora_alpha > 0, "lora_alpha: must be positive"),
                 (0 <= self.lora_dropout < 1, "lora_dropout: must be in [0, 1)"),
                 (not self.lora_dropout or not self.disable_dropout,
-                 "lora_dropout: dropout needs disable_dropout=False (the update would score another policy)")]
+                 "lora_dropout: dropout needs disable_dropout=False (the update would score another policy)"),
+                *unread(self, off, ("lora_alpha", "lora_dropout", "lora_target_modules"),
+                        "LoRA is off (lora_rank=0)")]
 
 
 class Sampled(NamedTuple):
@@ -96,6 +110,9 @@ def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()  # one progress bar is enough: ours
+    problem = runs.damaged_weights(path) if os.path.isdir(path) else None
+    if problem:
+        raise ConfigError(f"model: {path}: {problem}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),

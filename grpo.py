@@ -32,7 +32,7 @@ import data
 import objectives
 import runs
 import tools
-from configurator import ConfigError, fields_in_order, parse_args
+from configurator import ConfigError, Path, parse_args, unread
 from engine import EngineOptions, LoraOptions, add_lora, merged_weights, open_policy, open_reference
 from rewards import RewardOptions, parse_reward_spec, reflects, score
 from runs import RunOptions, all_sum, gather, my_share, say
@@ -61,9 +61,9 @@ class Objective(objectives.Variants):
 class Config(Objective, EngineOptions, LoraOptions, ColdStart, data.DataOptions, RewardOptions,
              tools.ToolOptions, RunOptions):
     # run
-    model: str = "tiny"            # hub name or local path; "tiny" builds a ~1M-param Llama locally
-    out_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, summary
-    resume: str = ""               # run directory to continue from its latest checkpoint
+    model: Path = "tiny"           # hub name or local path; "tiny" builds a ~1M-param Llama locally
+    out_dir: Path = "runs/default"  # run directory: config, metrics, checkpoints, summary
+    resume: Path = ""              # run directory to continue from its latest checkpoint
     seed: int = 0                  # seeds data split, init, sampling; runs repeat on one machine
     eval_only: bool = False        # evaluate `model` on the held-out split and stop
     # sampling
@@ -366,14 +366,15 @@ RESUME_FIXED = ("model", "seed", *(f.name for f in dataclasses.fields(ColdStart)
                 *(f.name for f in dataclasses.fields(LoraOptions)))
 
 
-def parse_config(argv, cls=Config):
-    """defaults -> --config FILE -> --key=value (or --resume=DIR: that run's config), checked by
-    every option group before anything loads."""
+def parse_config(argv, cls=Config, read_elsewhere=()):
+    """defaults -> --config FILE -> --key=value (or --resume=DIR: that run's config), checked by every
+    option group before anything loads; read_elsewhere: keys the caller reads (never refused as unread)."""
     cfg = parse_args(cls, argv, runs.saved_config, RESUME_FIXED)
+    cfg.given -= set(read_elsewhere)
     if cfg.resume and any(arg.startswith("--out_dir=") for arg in argv) and cfg.out_dir != cfg.resume:
         raise ConfigError("out_dir: a resumed run continues in its own directory, --resume's; "
                           "leave out --out_dir")
-    cfg.out_dir = cfg.resume or cfg.out_dir
+    cfg.out_dir = os.path.abspath(cfg.resume or cfg.out_dir)  # whatever directory the process is in later
     rules = core_checks(cfg) + [rule for klass in type(cfg).__mro__ if "checks" in vars(klass)
                                 for rule in klass.checks(cfg)]
     problems = [message for ok, message in rules if not ok]
@@ -391,7 +392,6 @@ def core_checks(cfg):
         (cfg.group_size >= 2,
          "group_size: must be at least 2 (advantages compare completions within a group)"),
         (cfg.clip_eps_low < 1, "clip_eps_low: must be below 1 (the ratio is clipped at 1 - clip_eps_low)"),
-        (cfg.temperature > 0, "temperature: must be positive"),
         (0 < cfg.top_p <= 1, "top_p: must be in (0, 1]"),
         (0 < cfg.ref_sync_alpha <= 1, "ref_sync_alpha: must be in (0, 1]"),
         (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio: must be in [0, 1]"),
@@ -400,10 +400,17 @@ def core_checks(cfg):
         (0 <= cfg.seed < 2**32, f"seed: {cfg.seed} is not in [0, 2^32 - 1]"),
         (not (cfg.resume and cfg.eval_only),
          "eval_only: evaluate a run with --model=RUN_DIR --eval_only=True, not with --resume"),
-        (not cfg.model.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(cfg.model)),
+        (not cfg.model.startswith((".", "/")) or os.path.isdir(cfg.model),
          f"model: {cfg.model}: no such directory"),
         (cfg.prompts_per_step % ranks == 0, f"prompts_per_step: {cfg.prompts_per_step} does not divide among "
-                                            f"{ranks} ranks (each rank samples whole groups)")]
+                                            f"{ranks} ranks (each rank samples whole groups)"),
+        *unread(cfg, not cfg.eval_size, ("eval_every", "eval_batch_size", "eval_k"),
+                "no evaluation runs (eval_size=0)"),
+        *unread(cfg, not cfg.beta, ("ref_sync_every", "ref_sync_alpha"), "beta=0 loads no reference model"),
+        *unread(cfg, cfg.beta and not cfg.ref_sync_every, ("ref_sync_alpha",),
+                "the reference never moves (ref_sync_every=0)"),
+        *unread(cfg, cfg.scale_rewards == "none" and cfg.advantage != "reinforce_pp", ("adv_eps",),
+                "scale_rewards=none divides by no std")]
 
 
 def setup(cfg):
@@ -454,14 +461,9 @@ def start(cfg):
     device = runs.init_distributed(cfg)
     train_set, test_set = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size,
                                          cfg.digits)
-    if not cfg.resume and not cfg.eval_only and os.path.exists(os.path.join(cfg.out_dir, "latest")):
-        raise ConfigError(f"out_dir: {cfg.out_dir} already holds a run; continue it with "
-                          f"--resume={cfg.out_dir}, or start anew in another --out_dir")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    kind = "the tiny demo" if cfg.model == "tiny" else "a pretrained model"
-    marks = {k: f"  # the default for {kind}" for k, pair in MODEL_DEFAULTS.items()
-             if getattr(cfg, k) == pair[cfg.model != "tiny"]}
-    say("config:\n" + "\n".join(f"  {k} = {v!r}{marks.get(k, '')}" for k, v in fields_in_order(cfg)))
+    new = None if cfg.resume or cfg.eval_only else f"continue it with --resume={cfg.out_dir}, or start anew"
+    runs.take_run_dir(cfg.out_dir, "resume" if cfg.resume else "out_dir", new)  # one run per directory
+    runs.show_config(cfg, MODEL_DEFAULTS)
     say(f"data: {len(train_set)} training questions, {len(test_set)} held out")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # tensor cores for fp32
     random.seed(cfg.seed)

@@ -9,6 +9,8 @@ from typing import Literal
 
 import torch
 
+from configurator import unread
+
 
 @dataclass
 class Variants:
@@ -30,7 +32,13 @@ class Variants:
                  "delta: caps the clipped objective's ratio; loss_type=cispo has none"),
                 (self.cispo_cap > 0, "cispo_cap: must be positive"),
                 (self.entropy_coef >= 0, "entropy_coef: must not be negative"),
-                (self.tis_cap >= 0, "tis_cap: must not be negative")]
+                (self.tis_cap >= 0, "tis_cap: must not be negative"),
+                *unread(self, self.loss_type != "cispo", ("cispo_cap",),
+                        f"loss_type={self.loss_type} is not cispo"),
+                *unread(self, self.loss_type == "cispo", ("clip_eps_low", "clip_eps_high"),
+                        "loss_type=cispo clips no ratio (it caps its weight at cispo_cap)"),
+                *unread(self, self.advantage == "reinforce_pp", ("scale_rewards",),
+                        "advantage=reinforce_pp whitens over the batch itself")]
 
 
 def rloo_baseline(r):

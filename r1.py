@@ -33,7 +33,7 @@ import data
 import grpo
 import runs
 import sft as supervised
-from configurator import ConfigError
+from configurator import ConfigError, Path, unread
 from engine import open_policy
 from rewards import REWARDS, safe_reward
 
@@ -41,11 +41,27 @@ from rewards import REWARDS, safe_reward
 @dataclass
 class R1Config(grpo.Config):
     # rejection sampling (R1 phase 3) and distillation
-    output: str = ""               # sample: JSONL of kept {"prompt", "completion", "answer", "source"} rows
+    output: Path = ""              # sample: JSONL of kept {"prompt", "completion", "answer", "source"} rows
     samples: int = 8               # sample: completions per prompt
     sample_prompts: int = 0        # sample: prompts from the task's training split; 0 = all
     keep_rewards: str = "format,language"  # sample: rewards a kept (correct) completion must score in full
     max_repeats: int = 3           # sample: most times any 8-token span may recur (repetition); 0 = no check
+
+    def checks(self):  # the output is checked before any sampling: a run must not lose its work at the end
+        output = os.path.abspath(self.output) if self.output else ""
+        folder = os.path.dirname(output)
+        inputs = [os.path.abspath(path) for path in (self.data_path, self.eval_data_path) if path]
+        return [(self.samples >= 1, "samples: must be at least 1"),
+                (self.sample_prompts >= 0, "sample_prompts: must not be negative"),
+                (self.max_repeats >= 0, "max_repeats: must not be negative (0 = no check)"),
+                (not output or not os.path.isdir(output), f"output: {self.output} is a directory"),
+                (not output or os.path.isdir(folder), f"output: {self.output}: {folder} is not a directory"),
+                (not output or not runs.unwritable(folder),
+                 f"output: {self.output}: {runs.unwritable(folder)}"),
+                (output not in inputs, f"output: {self.output} is the data it samples from")]
+
+
+MODE_KEYS = {"sample": ("output", "samples", "sample_prompts", "keep_rewards", "max_repeats")}  # one mode's
 
 
 # ----------------------------------------------------------------------------
@@ -91,9 +107,7 @@ def sft(cfg):
     grpo.py writes them."""
     device = runs.init_distributed(cfg)
     pairs, test_set = load_pairs(cfg.data_path, cfg.prefill), held_out(cfg)
-    if os.path.exists(os.path.join(cfg.out_dir, "latest")):
-        raise ConfigError(f"out_dir: {cfg.out_dir} already holds a run; start anew in another --out_dir")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    runs.take_run_dir(cfg.out_dir, new="start anew")
     runs.write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
     path = (data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny"
             else cfg.model)
@@ -240,7 +254,7 @@ def recipe(cfg, scale=1.0):
         return grpo.train(dataclasses.replace(base, model=model, out_dir=os.path.join(root, name),
                                               sft_steps=0, max_steps=steps(n_steps), lr=1e-4))
 
-    os.makedirs(root, exist_ok=True)
+    runs.take_run_dir(root)
     # 0. a "base model": pretrained on worked sums in plain text, it has never seen the think/answer tags
     plain = [{"prompt": e["question"],
               "completion": re.sub(r"<think>(.*)</think><answer>(.*)</answer>", r"\1 so \2", e["solution"])}
@@ -300,9 +314,14 @@ def main(argv):
     def run():
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("r1.py runs in one process; torchrun is for grpo.py")
-        cfg = grpo.parse_config(argv, R1Config)
+        cfg = grpo.parse_config(argv, R1Config, ("data_path",) if mode == "sft" else ())
+        for other, keys in MODE_KEYS.items():
+            rules = unread(cfg, mode != other, keys, f"only `r1.py {other}` reads it")
+            problems = [message for ok, message in rules if not ok]
+            if problems:
+                raise ConfigError(problems[0])
         if mode == "recipe" and not any(a.startswith("--out_dir") for a in argv):
-            cfg.out_dir = "runs/r1_recipe"
+            cfg.out_dir = os.path.abspath("runs/r1_recipe")
         if mode == "sft" and not cfg.data_path.endswith(".jsonl"):
             raise ConfigError("data_path: the sft mode needs a JSONL file of "
                               "{\"prompt\", \"completion\"} rows")

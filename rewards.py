@@ -22,6 +22,7 @@ from fractions import Fraction
 
 import torch
 
+from configurator import unread
 from usercode import load_function
 
 MAX_TEXT = 20_000        # characters of a completion a reward will look at
@@ -40,7 +41,11 @@ class RewardOptions:
             spec = parse_reward_spec(self.rewards) and ""
         except ValueError as err:
             spec = f"rewards: {err}"
+        names = {part.split(":")[0].strip() for part in self.rewards.split(",")}
+        shared = "overlong" in names or any(REWARDS.get(name) not in BUILTIN for name in names - {""})
         return [(self.overlong_buffer >= 0, "overlong_buffer: must not be negative"),
+                *unread(self, not shared, ("overlong_buffer",),
+                        "no reward reads it (overlong, or one of yours)"),
                 (self.language in SCRIPTS, f"language: {self.language!r} is not one of {', '.join(SCRIPTS)}"),
                 (not spec, spec)]
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from configurator import ConfigError, read_text
+from configurator import ConfigError, fields_in_order, read_text, unread
 
 
 @dataclass
@@ -48,7 +48,9 @@ class RunOptions:
                  + (f"this machine has {gpus} CUDA device(s)" if gpus else
                     "torch sees no CUDA device here (a CPU build, or no GPU); use --device=cpu")),
                 (not self.wandb or installed("wandb"), "wandb: the wandb package is not installed"),
-                (not unwritable(self.out_dir), f"out_dir: {self.out_dir}: {unwritable(self.out_dir)}")]
+                (not unwritable(self.out_dir), f"out_dir: {self.out_dir}: {unwritable(self.out_dir)}"),
+                *unread(self, world_size_asked() == 1, ("sharding",),
+                        "one process has nothing to share it with (torchrun starts ranks)")]
 
 # ----------------------------------------------------------------------------
 # torchrun: one process per device. Ranks split each step's groups between them and agree on
@@ -276,6 +278,86 @@ def load_optimizer_state(model, optimizer, state):
 # the run directory: atomic writes, checkpoints, resume, random state
 
 
+def show_config(cfg, model_defaults):
+    """Print every field of the resolved config, marking the values taken from model_defaults
+    ({field: (the tiny demo's, a pretrained model's)}) for this model."""
+    kind = "the tiny demo" if cfg.model == "tiny" else "a pretrained model"
+    marks = {k: f"  # the default for {kind}" for k, pair in model_defaults.items()
+             if getattr(cfg, k) == pair[cfg.model != "tiny"]}
+    say("config:\n" + "\n".join(f"  {k} = {v!r}{marks.get(k, '')}" for k, v in fields_in_order(cfg)))
+
+
+def take_run_dir(run_dir, key="out_dir", new=None):
+    """Make run_dir if need be and hold it for this process: one run per directory. The hold is an
+    exclusive flock on the directory itself, so no file is written, and the kernel lets go when the
+    process ends however it ends (a kill too): a lock is never left stuck. Under torchrun the main
+    rank holds it for all. Held by another process: ConfigError naming its pid. A process that holds
+    it already (grpo.train called again) goes on. new: a fresh run's hint, said (ConfigError) when
+    run_dir already holds a run; checked under the lock, so no run can finish in between."""
+    refused = None
+    if main_rank():
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as err:  # /sys, a dangling link made since the check
+            raise ConfigError(f"{key}: {run_dir}: {err.strerror}") from None
+        refused = hold(os.path.realpath(run_dir))
+    if any_rank([refused] if refused else []):
+        raise ConfigError(f"{key}: {run_dir} is in use by another run ({refused or 'on rank 0'}); let it "
+                          "finish or stop it, or use another --out_dir")
+    if new and os.path.exists(os.path.join(run_dir, "latest")):
+        raise ConfigError(f"{key}: {run_dir} already holds a run; {new} in another --out_dir")
+
+
+HELD = {}  # the real path of each run directory this process holds -> the descriptor holding its lock
+
+
+def hold(path):
+    """None once this process holds `path`'s lock, else who holds it ("pid N")."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locks
+        return None
+    if path in HELD:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return lock_holder(path)
+    except OSError as err:  # a file system without flock (some network ones)
+        os.close(fd)
+        say(f"note: cannot lock {path} ({err.strerror}); start no second run in it while this one runs",
+            file=sys.stderr)
+        return None
+    HELD[path] = fd
+    return None
+
+
+def lock_holder(path):
+    """"pid N", the process holding `path`'s flock as Linux's /proc/locks lists it, else "another process"."""
+    st = os.stat(path)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for fields in map(str.split, lines):  # "1: FLOCK  ADVISORY  WRITE 2132 fe:00:2146548 0 EOF"
+        if "FLOCK" in fields and where in fields and "->" not in fields:
+            pid = fields[fields.index(where) - 1]
+            return f"pid {pid}" if pid.isdigit() and pid != "0" else "another process"
+    return "another process"
+
+
+def release_run_dir(run_dir=None):
+    """Let go of run_dir (at the end of its run), or of every directory this process holds (at the
+    end of a command)."""
+    for path in [os.path.realpath(run_dir)] if run_dir else list(HELD):
+        if path in HELD:
+            os.close(HELD.pop(path))
+
+
 def save_model(path, model, tokenizer):
     """model.save_pretrained(path) with its tokenizer; every rank calls it (FSDP gathers the weights)."""
     weights = full_state(model)
@@ -410,6 +492,7 @@ def summarise(cfg, before, after, questions, wall_start, rl_seconds):
     say(f"wall time {summary['wall_seconds']:.0f}s (GRPO {summary['rl_seconds']:.0f}s); run directory "
         f"{summary['run_dir']}")
     say("  metrics.jsonl (a row per step), summary.json, the final model: from_pretrained(run directory)")
+    release_run_dir(cfg.out_dir)
     barrier()  # ranks leave together: a process group torn down while another rank still uses it aborts
     return summary
 
@@ -454,9 +537,16 @@ def write_json(path, value):
 
 
 def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
+    """`text` in `path`, whole: written under a name of this process's own, then renamed."""
+    tmp = temporary(path)
+    with open(tmp, "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
+
+
+def temporary(path):
+    """A name beside `path` that no other process writes: path.PID.tmp (resume clears what is left)."""
+    return f"{path}.{os.getpid()}.tmp"
 
 
 CHECKPOINT = re.compile(r"checkpoint-\d{6}")  # checkpoint-STEP; with a suffix (.tmp, .damaged) it is none
@@ -475,7 +565,7 @@ def save_checkpoint(run_dir, model, tokenizer, state, keep, model_state=None, ad
     prune. A crash at any moment leaves `latest` naming a complete checkpoint and run_dir holding a
     complete model. model_state: the weights to save (FSDP's gathered ones, LoRA's merged ones)."""
     name = f"checkpoint-{state['step']:06d}"
-    final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
+    final, tmp = os.path.join(run_dir, name), temporary(os.path.join(run_dir, name))
     if not os.path.isdir(final):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=model_state)
@@ -494,7 +584,7 @@ def link_model(run_dir, checkpoint):
     """Hard-link (or copy) the checkpoint's model files into run_dir, each replacing its old one whole."""
     for file in sorted(os.listdir(checkpoint)):
         if file != "trainer_state.pt" and os.path.isfile(os.path.join(checkpoint, file)):
-            link = os.path.join(run_dir, file + ".tmp")
+            link = temporary(os.path.join(run_dir, file))
             with contextlib.suppress(FileNotFoundError):
                 os.remove(link)
             try:
@@ -507,21 +597,13 @@ def link_model(run_dir, checkpoint):
 def read_checkpoint(path):
     """(the trainer state of the checkpoint at `path`, None), or (None, what is wrong with it):
     its trainer_state.pt, config.json and every safetensors file must read."""
-    from safetensors import safe_open
     if not os.path.isdir(path):
         return None, "is missing"
-    weights = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files
-               if f.endswith(".safetensors")]
-    if not weights:
+    if not any(f.endswith(".safetensors") for _, _, files in os.walk(path) for f in files):
         return None, "holds no model weights"
-    try:
-        json.loads(read_text(os.path.join(path, "config.json")))
-        for file in weights:
-            with safe_open(file, "pt"):
-                pass
-    except Exception as err:  # a file missing, truncated or garbled
-        return None, (f"has a damaged model "
-                      f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})")
+    problem = damaged_weights(path)
+    if problem:
+        return None, f"has a damaged model ({problem})"
     try:
         state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     except FileNotFoundError:
@@ -530,6 +612,27 @@ def read_checkpoint(path):
         return None, "has a damaged trainer_state.pt"
     return ((state, None) if isinstance(state, dict) and "step" in state
             else (None, "has a damaged trainer_state.pt"))
+
+
+def damaged_weights(path):
+    """What is wrong with the model folder `path`: its config.json or a safetensors file that does not
+    read whole (empty, truncated, garbage), or None."""
+    from safetensors import safe_open
+    try:
+        json.loads(read_text(os.path.join(path, "config.json")))
+    except ConfigError as err:  # it names the file
+        return str(err)
+    except ValueError as err:
+        return f"config.json: not JSON ({err})"
+    for file in sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                       if f.endswith(".safetensors")):
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except Exception as err:  # empty, truncated, garbage
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"{os.path.relpath(file, path)}: {why}"
+    return None
 
 
 def open_resumed_run(run_dir, quiet=False):
@@ -572,9 +675,9 @@ def begin_run(run_dir, config, resumed=None):
 
 
 def commit_resume(run_dir, checkpoint, step):
-    """Clear away what a crashed or damaged run left after the checkpoint it resumes from:
-    half-written checkpoints and newer ones (`latest` never named them, or they are damaged: kept
-    as NAME.damaged), rows of metrics.jsonl / samples.jsonl past `step` (a torn last line
+    """Clear away what a crashed or damaged run left after the checkpoint it resumes from: temporary
+    files, half-written checkpoints and newer ones (`latest` never named them, or they are damaged:
+    kept as NAME.damaged), rows of metrics.jsonl / samples.jsonl past `step` (a torn last line
     included); `latest` and the run directory's model then name that checkpoint. Those steps are
     simply done again."""
     chosen = os.path.basename(checkpoint)
@@ -582,8 +685,10 @@ def commit_resume(run_dir, checkpoint, step):
              if os.path.isfile(os.path.join(run_dir, "latest")) else "")
     for name in os.listdir(run_dir):
         path = os.path.join(run_dir, name)
-        if name.startswith("checkpoint-") and name.endswith(".tmp"):
+        if name.endswith(".tmp") and os.path.isdir(path) and name.startswith("checkpoint-"):
             shutil.rmtree(path, ignore_errors=True)
+        elif name.endswith(".tmp") and os.path.isfile(path):  # a write that a kill cut short
+            os.remove(path)
         elif CHECKPOINT.fullmatch(name) and name > chosen and name == named:
             os.replace(path, unused_name(path + ".damaged"))
         elif CHECKPOINT.fullmatch(name) and name > chosen:
@@ -659,6 +764,8 @@ def unwritable(path):
             os.stat(existing)
             break
         except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(existing):
+                return f"{existing} is a link to {os.readlink(existing)}, which does not exist"
             existing = os.path.dirname(existing)
         except OSError as err:
             return f"{existing}: {err.strerror}"
@@ -719,6 +826,7 @@ def cli(prog, run):
         say(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
     finally:
+        release_run_dir()
         leave_distributed()
     return 0
 

@@ -14,7 +14,7 @@ import torch
 import data
 import runs
 import tools
-from configurator import ConfigError
+from configurator import ConfigError, unread
 from engine import completion_logprobs
 
 
@@ -33,7 +33,9 @@ class ColdStart:
                 (self.sft_batch_size >= 1, "sft_batch_size: must be at least 1"),
                 (self.sft_lr >= 0, "sft_lr: must not be negative"),
                 (self.sft_steps == 0 or self.sft_batch_size % ranks == 0,
-                 f"sft_batch_size: {self.sft_batch_size} does not divide among {ranks} ranks")]
+                 f"sft_batch_size: {self.sft_batch_size} does not divide among {ranks} ranks"),
+                *unread(self, self.sft_steps == 0, ("sft_examples", "sft_batch_size", "sft_lr"),
+                        "no cold start runs (sft_steps=0)")]
 
 
 def sft_loss(engine, batch, cfg, model=None):

@@ -34,7 +34,7 @@ import torch
 
 import runs
 import usercode
-from configurator import ConfigError
+from configurator import ConfigError, unread
 from rewards import evaluate_arithmetic
 
 
@@ -62,7 +62,10 @@ class ToolOptions:
                  (0 < self.tool_timeout <= MAX_TIMEOUT,
                   f"tool_timeout: must be positive and at most {MAX_TIMEOUT:g} seconds"),
                  (self.max_tool_chars >= 1, "max_tool_chars: must be at least 1"),
-                 (self.tool_workers >= 1, "tool_workers: must be at least 1")]
+                 (self.tool_workers >= 1, "tool_workers: must be at least 1"),
+                 *unread(self, not self.tools, ("max_tool_calls", "max_tool_chars"), "no tool is given"),
+                 *unread(self, ":" not in self.tools, ("tool_timeout", "tool_workers"),
+                         "no tool of yours is given (FILE.py:FUNCTION)")]
         if all(ok for ok, _ in rules):  # then import the tools of yours, each in a worker, as a run will
             try:
                 check_tools(parse_tools(self.tools), self.tool_timeout)
@@ -97,7 +100,8 @@ def parse_tools(spec):
     for part in filter(None, parts):
         source, _, function = part.rpartition(":")
         if part not in TOOLS and not source:
-            raise ValueError(f"unknown tool {part!r} (built in: {', '.join(sorted(TOOLS))}; or FILE.py:FUNCTION)")
+            raise ValueError(f"unknown tool {part!r} (built in: {', '.join(sorted(TOOLS))}; "
+                             "or FILE.py:FUNCTION)")
         if source.endswith(".py"):
             source = os.path.abspath(os.path.expanduser(source))
         tools.append((function, TOOLS[part]) if part in TOOLS else (function, (source, function)))
@@ -110,8 +114,9 @@ def parse_tools(spec):
 def check_tools(tools, timeout):
     """Import each source of the tools of yours among `tools` (parse_tools') in a worker process, as
     a run will, within `timeout` seconds; ValueError saying why one cannot load."""
-    for source in dict.fromkeys(tool[0] for _, tool in tools if not callable(tool)):
-        usercode.Worker([tool for _, tool in tools if tool[0] == source], timeout, 1).stop()
+    mine = [tool for _, tool in tools if not callable(tool)]
+    for source in dict.fromkeys(source for source, _ in mine):
+        usercode.Worker([tool for tool in mine if tool[0] == source], timeout, 1).stop()
 
 
 def calls_in(text, tags):

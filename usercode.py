@@ -171,7 +171,7 @@ class Workers:
                 for worker, (i, deadline) in list(busy.items()):
                     if worker.inbox in ready:
                         answer = worker.receive(0)
-                        answers[i] = (answer["output"], None) if "output" in answer else (None, answer["error"])
+                        answers[i] = answer.get("output"), answer.get("error")
                     elif time.monotonic() >= deadline:
                         worker.stop()
                         answers[i] = None, late

@@ -86,3 +86,11 @@ def caller_dir(tmp_path_factory):
         sft.sft(model, policy, examples, cfg, 200, lambda step: 1e-3)
     runs.save_model(path, model, policy.tokenizer)
     return path
+
+
+@pytest.fixture(autouse=True)
+def release_run_directories():
+    """A test that trains in-process lets go of its run directories (as the command does on exit)."""
+    yield
+    import runs
+    runs.release_run_dir()

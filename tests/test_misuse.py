@@ -590,3 +590,263 @@ def test_what_vllm_cannot_do_is_refused_before_any_model_loads(capsys, monkeypat
     code, err = main(capsys, *flags, f"--out_dir={tmp_path / 'run'}")
     assert (code, err) == (2, f"grpo.py: error: {why}")
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------
+# what a resumed run refuses changes nothing, whatever the class of refusal (with the cases above)
+
+FOREIGN = "import builtins\nexec = builtins.exec\nfrom os import system\n"
+
+
+@pytest.mark.parametrize("args, start", [
+    (["--tools=,"], "tools: ',' names no tool"),
+    (["--tool_timeout=1e12"], "tool_timeout: must be positive and at most 3600 seconds"),
+    (["--template=chat"], "template: chat cannot render a prompt with this tokenizer"),
+    (["--tool_tags=('<eos>', '</tool>', '<result>', '</result>')"], "tool_tags: <eos> is a special token"),
+    (["--tool_tags=('<think>', '</think>', '<result>', '</result>')"],
+     "tool_tags: <think>, </think> is a tag"),
+    (["--prefill=<think><tool>"], "prefill: holds a tool tag"),
+    (["--temperature=1e-50"], "temperature: 1e-50 is below 0.001"),
+    (["--data_path=rows.jsonl"], "data_path: 'rows.jsonl' would be ignored: task=arithmetic reads no file"),
+    (["--rewards=format:1,builtins:exec"], "rewards: builtins:exec is Python's own"),
+    (["--tools=os:system"], "tools: os:system is Python's own"),
+    (["--prefill=\udcff"], "prefill: '\\udcff' is not valid Unicode text"),
+])
+def test_a_resume_refused_for_any_new_reason_changes_nothing(capsys, run, runs_made, args, start):
+    before = snapshot(run)
+    one_line_refusal(*main(capsys, f"--resume={run}", *args), start)
+    assert snapshot(run) == before
+    assert main(capsys, f"--resume={run}", "--max_steps=3")[0] == 0
+    assert rows(run) == rows(runs_made / "three")
+
+
+# ----------------------------------------------------------------------------
+# a named callable never runs model text: Python's own callables are refused, however named
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("--rewards=accuracy:1,builtins:exec:1",
+     "rewards: builtins:exec is Python's own, not a function of yours"),
+    ("--rewards=os:system", "rewards: os:system is Python's own"),
+    ("--rewards=subprocess:getoutput:1", "rewards: subprocess:getoutput is Python's own"),
+    ("--tools=builtins:eval", "tools: builtins:eval is Python's own"),
+    ("--tools=calculator,os.path:join", "tools: os.path:join is Python's own"),
+    ("FILE:exec", "rewards: {file}:exec is Python's own (builtins.exec)"),
+    ("FILE:system", "rewards: {file}:system is Python's own (posix.system)"),
+    ("STDLIB", "tools: {stdlib} is a file of Python's standard library, not a file of yours"),
+])
+def test_python_own_callables_are_refused_as_rewards_and_tools(capsys, tmp_path, spec, problem):
+    import sysconfig
+    file, stdlib = tmp_path / "mine.py", os.path.join(sysconfig.get_paths()["stdlib"], "subprocess.py")
+    file.write_text(FOREIGN)
+    spec = {"FILE:exec": f"--rewards=format:1,{file}:exec", "FILE:system": f"--rewards={file}:system",
+            "STDLIB": f"--tools={stdlib}:getoutput"}.get(spec, spec)
+    one_line_refusal(*main(capsys, spec, f"--out_dir={tmp_path / 'run'}"),
+                     problem.format(file=file, stdlib=stdlib))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_cannot_name_a_shell_as_a_tool(capsys, tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text('tools = "os:system"\n')
+    one_line_refusal(*main(capsys, f"--config={path}", f"--out_dir={tmp_path / 'run'}"),
+                     "tools: os:system is Python's own")
+
+
+def test_a_function_of_yours_that_wraps_nothing_of_python_loads(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text("import functools\ndef r(completion, example, scale=1):\n    return scale * 1.0\n"
+                    "half = functools.partial(r, scale=0.5)\n")
+    assert [n for n, _ in R.parse_reward_spec(f"{path}:r,{path}:half")] == [f"{path}:r", f"{path}:half"]
+
+
+# ----------------------------------------------------------------------------
+# an option the resolved config would not read is refused, not ignored
+
+
+@pytest.mark.parametrize("args, start", [
+    (["--data_path=ROWS"], "data_path: 'ROWS' would be ignored: task=arithmetic reads no file (task=jsonl or "
+                           "gsm8k does)"),
+    (["--task=countdown", "--eval_data_path=ROWS"],
+     "eval_data_path: 'ROWS' would be ignored: task=countdown"),
+    (["--task=jsonl", "--data_path=ROWS", "--digits=3"],
+     "digits: 3 would be ignored: task=jsonl has no operands"),
+    (["--system_prompt=Be brief."],
+     "system_prompt: 'Be brief.' would be ignored: template=plain has no system"),
+    (["--sft_steps=0", "--sft_lr=1e-4"], "sft_lr: 0.0001 would be ignored: no cold start runs (sft_steps=0)"),
+    (["--beta=0", "--ref_sync_every=10"], "ref_sync_every: 10 would be ignored: beta=0 loads no reference"),
+    (["--ref_sync_alpha=0.5"], "ref_sync_alpha: 0.5 would be ignored: the reference never moves"),
+    (["--scale_rewards=none", "--adv_eps=0.1"], "adv_eps: 0.1 would be ignored: scale_rewards=none"),
+    (["--advantage=reinforce_pp", "--scale_rewards=batch"], "scale_rewards: 'batch' would be ignored"),
+    (["--cispo_cap=2"], "cispo_cap: 2.0 would be ignored: loss_type=grpo is not cispo"),
+    (["--loss_type=cispo", "--clip_eps_low=0.1"], "clip_eps_low: 0.1 would be ignored: loss_type=cispo"),
+    (["--eval_size=0", "--eval_every=5"], "eval_every: 5 would be ignored: no evaluation runs (eval_size=0)"),
+    (["--lora_alpha=8"], "lora_alpha: 8.0 would be ignored: LoRA is off (lora_rank=0)"),
+    (["--decoder=hf", "--compile_decode=True"], "compile_decode: True would be ignored: decoder=hf"),
+    (["--vllm_sleep=True"], "vllm_sleep: True would be ignored: decoder=auto is not vllm"),
+    (["--max_tool_calls=2"], "max_tool_calls: 2 would be ignored: no tool is given"),
+    (["--tools=calculator", "--tool_timeout=9"], "tool_timeout: 9.0 would be ignored: no tool of yours"),
+    (["--overlong_buffer=4"], "overlong_buffer: 4 would be ignored: no reward reads it"),
+    (["--sharding=fsdp"], "sharding: 'fsdp' would be ignored: one process has nothing to share it with"),
+])
+def test_an_option_that_would_be_ignored_is_refused(capsys, tmp_path, args, start):
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps({"prompt": f"{i}+1", "answer": i + 1}) + "\n" for i in range(8)))
+    args = [a.replace("ROWS", str(rows_file)) for a in args]
+    start = start.replace("ROWS", str(rows_file))
+    one_line_refusal(*main(capsys, *args, f"--out_dir={tmp_path / 'run'}"), start)
+    assert not (tmp_path / "run").exists()
+    path = tmp_path / "c.py"                        # from a config file too
+    path.write_text("".join(f"{a[2:].split('=')[0]} = {value(a)!r}\n" for a in args))
+    one_line_refusal(*main(capsys, f"--config={path}", f"--out_dir={tmp_path / 'run'}"), start)
+
+
+def value(arg):
+    key, _, text = arg[2:].partition("=")
+    try:
+        return json.loads(text.lower() if text in ("True", "False") else text)
+    except ValueError:
+        return text
+
+
+def test_values_equal_to_the_defaults_and_the_shipped_configs_pass():
+    grpo.parse_config(["--data_path=", "--lora_alpha=32", "--ref_sync_alpha=1.0", "--tool_timeout=5"])
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        if name.endswith(".py") and "qwen" not in name:
+            grpo.parse_config(["--config", os.path.join(ROOT, "configs", name)])
+    grpo.parse_config(["--config", os.path.join(ROOT, "configs", "calculator_demo.py"), "--tools="])
+
+
+# ----------------------------------------------------------------------------
+# text that no tokenizer can take stops where it enters
+
+
+@pytest.mark.parametrize("row", [
+    '{"prompt": "1+\\ud800", "answer": 2}',
+    '{"prompt": "1+1", "answer": "\\udfff"}',
+    '{"prompt": "1+1", "answer": 2, "notes": ["ok", {"k": "\\ud83d"}]}',
+])
+def test_a_jsonl_row_with_a_lone_surrogate_names_its_line(capsys, tmp_path, row):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "2+2", "answer": 4}\n' + row + "\n")
+    code, err = main(capsys, "--task=jsonl", f"--data_path={path}", f"--out_dir={tmp_path / 'run'}")
+    one_line_refusal(code, err, f"{path}:2: ")
+    assert err.endswith("is not valid Unicode text (a lone surrogate)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_values_that_are_not_unicode_are_refused(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text('system_prompt = "\\ud800"\n')
+    code, err = cli(f"--config={path}", f"--out_dir={tmp_path / 'run'}")
+    assert (code, err) == (2, f"grpo.py: error: {path}:1: system_prompt: '\\ud800' is not valid Unicode text")
+    command = [os.fsencode(sys.executable), os.path.join(ROOT, "grpo.py").encode(), b"--prefill=\xff",
+               f"--out_dir={tmp_path / 'run'}".encode()]
+    result = subprocess.run(command, capture_output=True)
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == "grpo.py: error: prefill: '\\udcff' is not valid Unicode text"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("solution", ["null", "7", '""'])
+def test_a_jsonl_solution_that_is_not_text_is_refused_before_the_cold_start(capsys, tmp_path, solution):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f'{{"prompt": "1+1", "answer": 2, "solution": {solution}}}\n')
+    one_line_refusal(*main(capsys, "--task=jsonl", f"--data_path={path}", "--eval_size=0", "--sft_steps=2",
+                           f"--out_dir={tmp_path / 'run'}"),
+                     f"{path}:1: missing or empty string field 'solution'")
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------
+# damaged weights, special files, paths
+
+
+@pytest.mark.parametrize("how, why", [
+    ("empty", "model.safetensors: Error while deserializing header: header too small"),
+    ("truncated", "model.safetensors: Error while deserializing header: incomplete metadata"),
+    ("garbage", "model.safetensors: Error while deserializing header"),
+    ("config", "config.json: not JSON"),
+])
+def test_a_model_with_damaged_weights_is_one_line(capsys, tmp_path, tiny_dir, how, why):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    weights = model / "model.safetensors"
+    raw = weights.read_bytes()
+    if how == "config":
+        (model / "config.json").write_text("{")
+    else:
+        weights.write_bytes({"empty": b"", "truncated": raw[:len(raw) // 2],
+                             "garbage": bytes(random_bytes(len(raw)))}[how])
+    code, err = main(capsys, f"--model={model}", "--max_steps=1", f"--out_dir={tmp_path / 'run'}")
+    one_line_refusal(code, err, f"model: {model}: ")
+    assert why in err
+    assert not (tmp_path / "run" / "train_config.json").exists()
+
+
+def random_bytes(n):
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).tolist()
+
+
+def test_a_resume_whose_reference_model_is_damaged_changes_nothing(capsys, run):
+    (run / "tiny" / "model.safetensors").write_bytes(b"")
+    before = snapshot(run)
+    one_line_refusal(*main(capsys, f"--resume={run}", "--max_steps=3"),
+                     f"model: {run}/tiny: model.safetensors")
+    assert snapshot(run) == before
+
+
+def test_a_config_that_is_a_device_a_fifo_or_huge_is_refused_at_once(tmp_path):
+    fifo, huge = tmp_path / "fifo", tmp_path / "huge.py"
+    os.mkfifo(fifo)
+    huge.write_text("# " + "x" * (5 << 20) + "\n")
+    for path, why in [("/dev/zero", "not a regular file"), (fifo, "not a regular file"),
+                      (huge, "larger than 4 MiB, too large for a config")]:
+        code, err = cli(f"--config={path}", f"--out_dir={tmp_path / 'run'}")
+        assert (code, err) == (2, f"grpo.py: error: {path}: {why}")
+
+
+def test_run_directory_paths(capsys, tmp_path, monkeypatch):
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    one_line_refusal(*main(capsys, f"--out_dir={link}"),
+                     f"out_dir: {link}: {link} is a link to {tmp_path / 'nowhere'}, which does not exist")
+    for folder in ("/sys/x", "/proc/x"):
+        code, err = main(capsys, f"--out_dir={folder}", "--max_steps=1", "--sft_steps=0", "--eval_size=0")
+        one_line_refusal(code, err, f"out_dir: {folder}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "1+1", "answer": 2}\n' * 300)
+    cfg = grpo.parse_config(["--out_dir=~/runs/x", "--task=jsonl", "--data_path=~/rows.jsonl"])
+    assert cfg.out_dir == str(tmp_path / "runs" / "x") and cfg.data_path == str(tmp_path / "rows.jsonl")
+    assert grpo.parse_config(["--out_dir=relative"]).out_dir == str(tmp_path / "relative")
+    assert not (tmp_path / "~").exists()
+
+
+# ----------------------------------------------------------------------------
+# what cannot work is refused; what takes long is said
+
+
+def test_a_temperature_that_leaves_float_range_is_refused(capsys, tmp_path):
+    for value in ("1e-50", "1e-4"):
+        one_line_refusal(*main(capsys, f"--temperature={value}", f"--out_dir={tmp_path / 'run'}"),
+                         f"temperature: {float(value):g} is below 0.001")
+    grpo.parse_config(["--temperature=0.001"])
+
+
+def test_countdown_holds_out_at_most_its_training_size_and_a_long_evaluation_is_said(capsys, tmp_path,
+                                                                                       monkeypatch):
+    code, err = main(capsys, "--task=countdown", "--eval_size=5000000", f"--out_dir={tmp_path / 'run'}")
+    one_line_refusal(code, err, "eval_size: at most 100000 countdown questions held out")
+
+    class Loaded(Exception):
+        pass
+
+    def stop(*args):
+        raise Loaded
+    monkeypatch.setattr(data, "initial_model", stop)
+    for size, said in [(200, False), (20_000, True)]:
+        with pytest.raises(Loaded):
+            grpo.train(grpo.parse_config([f"--eval_size={size}", "--digits=3", f"--out_dir={tmp_path / str(size)}"]))
+        out = capsys.readouterr().out
+        assert (f"note: each evaluation samples all {size} held-out questions" in out) == said, out

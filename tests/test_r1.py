@@ -236,3 +236,64 @@ def test_plot_writes_a_png(tmp_path, capsys):
     with open(tmp_path / "metrics.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert plot.main([str(tmp_path / "none.jsonl")]) == 2 and "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# r1.py sample's options are checked, its output first, before any sampling
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--samples=0"], "samples: must be at least 1"),
+    (["--samples=-1"], "samples: must be at least 1"),
+    (["--max_repeats=-1"], "max_repeats: must not be negative (0 = no check)"),
+    (["--sample_prompts=-2"], "sample_prompts: must not be negative"),
+    (["--output=/nonexistent/kept.jsonl"], "output: /nonexistent/kept.jsonl: /nonexistent is not"),
+    (["--output=TMP"], "output: TMP is a directory"),
+    (["--output=TMP/rows.jsonl", "--task=jsonl", "--data_path=TMP/rows.jsonl"],
+     "output: TMP/rows.jsonl is the data it samples from"),
+])
+def test_sample_options_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, args, problem):
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "1+1", "answer": 2}\n' * 300)
+    args = [a.replace("TMP", str(tmp_path)) for a in args]
+    if not any(a.startswith("--output") for a in args):
+        args.append(f"--output={tmp_path / 'kept.jsonl'}")
+    monkeypatch.setattr(r1, "open_policy", lambda *a: pytest.fail("the model loaded"))
+    assert r1.main(["sample", "--model=tiny", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("r1.py: error: " + problem.replace("TMP", str(tmp_path))) and "\n" not in err, err
+
+
+def test_options_of_another_mode_are_refused(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1", "completion": "2"}\n')
+    assert r1.main(["sft", "--model=tiny", "--samples=4", f"--data_path={tmp_path}/p.jsonl"]) == 2
+    assert capsys.readouterr().err.strip() == ("r1.py: error: samples: 4 would be ignored: "
+                                               "only `r1.py sample` reads it")
+
+
+# ----------------------------------------------------------------------------
+# plot.py: what a live or killed run leaves is read; anything else is one line
+
+
+def test_plot_skips_a_torn_last_line_and_refuses_what_is_no_metrics(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    good = "".join(json.dumps({"step": s, "reward_mean": s / 10, "kl": None}) + "\n" for s in range(1, 6))
+    cases = [(good + '{"step": 6, "rew', 0, "a torn last line, left out"),
+             (good + "[1, 2]\n", 2, ":6: not a metrics row (a JSON object with an integer step)"),
+             (good + '{"reward_mean": 1}\n', 2, ":6: not a metrics row"),
+             (good + '{"step": "7"}\n', 2, ":6: not a metrics row"),
+             (good + '{"step": 7, "kl": "high"}\n', 2, ":6: kl is 'high', not a number"),
+             (good + "{not json\n" + good, 2, ":6: not a JSON line"),
+             (b"\xff\xfe\x00binary\n", 2, ":1: not a JSON line")]
+    for text, code, said in cases:
+        path = tmp_path / "metrics.jsonl"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        assert plot.main([str(path), "-o", str(tmp_path / "m.png")]) == code
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    path.write_text(good + '{"step": 6, "reward_mean": NaN}\n')
+    assert plot.main([str(path), "-o", str(tmp_path / "m.png")]) == 0
+    for out, said in [(tmp_path / "missing" / "m.png", "is no directory that can be written"),
+                      (tmp_path / "m.xyz", "not a picture file matplotlib writes"),
+                      (tmp_path, "not a picture")]:
+        assert plot.main([str(path), "-o", str(out)]) == 2
+        assert said in capsys.readouterr().err

@@ -257,3 +257,66 @@ def test_prompts_longer_than_the_context(tmp_path, tiny_dir):
                                            f"--out_dir={tmp_path / 'ok'}"]))
     # truncated and counted, once per epoch
     assert sum(r["prompts_cut"] for r in rows(tmp_path / "ok")) == 1
+
+
+# ----------------------------------------------------------------------------
+# one run per directory: a second process is refused, naming the first; a kill leaves no lock
+
+
+def start_run(*args):
+    return subprocess.Popen(grpo_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(run, n, process):
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < n:
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.05)
+
+
+def test_a_second_run_in_a_held_directory_is_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    first = start_run(*ARGS, "--max_steps=5000", "--save_every=1", f"--out_dir={run}")
+    wait_for_rows(run, 2, first)
+    for args in ([*ARGS, "--max_steps=200", f"--out_dir={run}", "--seed=1"], [f"--resume={run}"],
+                 ["--eval_only=True", f"--model={run}", f"--out_dir={run}"]):
+        second = subprocess.run(grpo_cmd(*args), capture_output=True, text=True, timeout=300)
+        key = "resume" if args[0].startswith("--resume") else "out_dir"
+        assert second.returncode == 2 and second.stderr.strip() == (
+            f"grpo.py: error: {key}: {run} is in use by another run (pid {first.pid}); let it finish or stop "
+            "it, or use another --out_dir"), second.stderr
+    first.kill()                                                  # SIGKILL: the kernel lets go of the lock
+    first.wait()
+    steps = [r["step"] for r in rows(run)]
+    assert steps == list(range(1, len(steps) + 1))                # nobody else wrote a row
+    assert json.loads((run / "train_config.json").read_text())["seed"] == 0
+    resumed = subprocess.run(grpo_cmd(f"--resume={run}", f"--max_steps={len(steps) + 2}"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in rows(run)] == list(range(1, len(steps) + 3))
+
+
+def test_two_runs_started_at_once_leave_one_run_and_no_temporary_files(tmp_path):
+    run = tmp_path / "run"
+    fresh = [*ARGS, "--max_steps=4", "--save_every=1", f"--out_dir={run}"]
+    for args in (fresh, [f"--resume={run}", "--max_steps=40"]):  # far from done when the other starts
+        both = [start_run(*args) for _ in range(2)]
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in both]
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 2], results
+        refused = next(err for code, err in results if code == 2)
+        assert "is in use by another run (pid" in refused or "already holds a run" in refused, refused
+        assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert [r["step"] for r in rows(run)] == list(range(1, 41))
+    assert (run / "latest").read_text() == "checkpoint-000040"
+
+
+def test_temporary_names_are_the_writers_own_and_a_resume_clears_them(tmp_path):
+    assert runs.temporary(str(tmp_path / "latest")) == f"{tmp_path / 'latest'}.{os.getpid()}.tmp"
+    run = tmp_path / "run"
+    grpo.train(grpo.parse_config(ARGS + ["--max_steps=2", "--save_every=1", f"--out_dir={run}"]))
+    (run / "latest.4242.tmp").write_text("checkpoint-0")
+    (run / "model.safetensors.4242.tmp").write_bytes(b"half")
+    (run / "checkpoint-000003.4242.tmp").mkdir()
+    grpo.train(grpo.parse_config([f"--resume={run}", "--max_steps=3"]))
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]

@@ -386,3 +386,164 @@ def test_a_resumed_run_with_tools_reproduces_the_uninterrupted_one(tmp_path):
                           and k != "tokens_per_sec"} for line in f])
     assert rows[0] == rows[1] and len(rows[0]) == 4
     assert sum(r["tool_calls"] for r in rows[0]) > 0
+
+
+# ----------------------------------------------------------------------------
+# a tool of yours runs in a worker process: it can neither slow, nor stop, nor move the trainer
+
+MISBEHAVING = """import os, sys, time
+def spin(text):
+    while True:
+        pass
+def leave(text):
+    os._exit(3)
+def move(text):
+    os.chdir("/")
+    sys.path.insert(0, "/nowhere")
+    return "moved"
+def where(text):
+    return os.getcwd()
+def lone(text):
+    return "\\ud800"
+class Liar(str):
+    def __len__(self):
+        return 1
+    def __str__(self):
+        return "lie"
+    def replace(self, *args):
+        return "lie"
+def liar(text):
+    return Liar("truth")
+def slow(text):
+    time.sleep(float(text))
+    return "done"
+def chaos(text):
+    return [spin, leave, move][len(text) % 3](text)
+"""
+
+
+def workers_of(tmp_path, names, timeout=0.5, size=4):
+    import usercode
+    path = tmp_path / "misbehaving.py"
+    path.write_text(MISBEHAVING)
+    return usercode.Workers([(str(path), name) for name in names], timeout, 1000, size)
+
+
+def test_a_tool_past_its_timeout_is_killed_with_its_process(tmp_path):
+    import threading
+    threads = threading.active_count()
+    pool = workers_of(tmp_path, ["spin", "where"])
+    assert pool.map([(1, "")]) == [(os.getcwd(), None)]
+    answers = pool.map([(0, "")] * 3 + [(1, "")])
+    assert answers == [(None, "no result within tool_timeout=0.5 s")] * 3 + [(os.getcwd(), None)]
+    assert len(pool.idle) == 1                                    # the three that spun are gone
+    for _ in range(3):                                            # again: the pool is made whole each time
+        late = (None, "no result within tool_timeout=0.5 s")
+        assert pool.map([(0, ""), (1, "")]) == [late, (os.getcwd(), None)]
+    assert threading.active_count() == threads                    # nothing left running in the trainer
+    assert busy_children() == []
+
+
+def busy_children():
+    """Child processes of this one that are running (state R), from /proc."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] == "R":
+            found.append(int(pid))
+    return found
+
+
+def test_a_tool_that_ends_its_process_or_moves_it_is_a_counted_error(tmp_path):
+    cwd, path = os.getcwd(), list(sys.path)
+    pool = workers_of(tmp_path, ["leave", "move", "where"])
+    answers = pool.map([(0, ""), (1, ""), (2, ""), (0, ""), (2, "")])
+    assert answers[0] == answers[3] == (None, "the process running it ended (exit code 3)")
+    assert answers[1] == ("moved", None) and answers[2] == answers[4] == (cwd, None)
+    assert pool.map([(2, "")] * 8) == [(cwd, None)] * 8            # a worker's next call starts at home again
+    assert os.getcwd() == cwd and sys.path == path
+
+
+def test_results_are_plain_text_that_a_tokenizer_takes(tmp_path, tiny):
+    _, tokenizer = tiny
+    spec = ",".join(f"{tmp_path}/misbehaving.py:{name}" for name in ("lone", "liar"))
+    (tmp_path / "misbehaving.py").write_text(MISBEHAVING)
+    box = tools.Toolbox(options(tools=spec), tokenizer, torch.tensor([tokenizer.eos_token_id]))
+    out, _ = transcript(box, {"q0": ["<tool>lone: x</tool>", "<answer>1</answer>"],
+                              "q1": ["<tool>liar: x</tool>", "<answer>1</answer>"]})
+    texts = data.decode(tokenizer, out.tokens)
+    assert "<result>error: the tool returned text that is not valid Unicode ('\\ud800')</result>" in texts[0]
+    assert "<result>truth</result>" in texts[1]
+    assert out.tool_errors.tolist() == [1, 0]
+    why = "the tool returned text that is not valid Unicode ('\\ud800')"
+    assert tools.checked("\ud800", 10) == (None, why)
+
+
+def test_a_worker_ignores_ctrl_c_and_dies_with_the_trainer(tmp_path):
+    import signal
+    import threading
+    pool = workers_of(tmp_path, ["slow"], timeout=30)
+    pool.map([(0, "0")])
+    worker = pool.idle[0]
+    threading.Timer(0.3, os.kill, (worker.process.pid, signal.SIGINT)).start()  # as Ctrl-C reaches the group
+    assert pool.map([(0, "1")]) == [("done", None)]
+    script = ("import sys, time\nsys.path.insert(0, sys.argv[1])\nimport usercode\n"
+              "worker = usercode.Worker([(sys.argv[2], 'spin')], 60, 10)\n"
+              "print(worker.process.pid, flush=True)\n"
+              "worker.send({'function': 0, 'text': ''})\ntime.sleep(600)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script, ROOT, str(tmp_path / "misbehaving.py")],
+                               stdout=subprocess.PIPE, text=True)
+    pid = int(trainer.stdout.readline())
+    time.sleep(0.5)                                               # the worker spins by now
+    trainer.kill()                                                # SIGKILL: the trainer runs nothing more
+    trainer.wait()
+    deadline = time.time() + 10
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid)
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("import time\ntime.sleep(60)\ndef f(text):\n    return text\n", "its import took longer than 1 s"),
+    ("import os\nos._exit(5)\n", "the process importing it ended (exit code 5)"),
+    ("import sys\nsys.exit(0)\n", "it exits at import (SystemExit: 0)"),
+    ("raise ImportError('no such package')\n", "no such package"),
+])
+def test_a_tool_file_that_hangs_or_exits_at_import_is_refused_in_one_line(tmp_path, body, problem):
+    (tmp_path / "t.py").write_text(body)
+    started = time.time()
+    code, err = run_cli(tmp_path, f"--tools={tmp_path}/t.py:f", "--tool_timeout=1")
+    assert (code, err) == (2, f"grpo.py: error: tools: cannot load {tmp_path}/t.py: {problem}")
+    assert time.time() - started < 60 and not os.path.exists(tmp_path / "run")
+
+
+def test_a_run_whose_tools_spin_exit_and_move_goes_on_in_its_own_place(caller, tmp_path, monkeypatch):
+    """The model calls on most rows; its calls go to tools that spin past the timeout, end their
+    process or change directory. The run finishes, counts the errors and saves where it was told."""
+    (tmp_path / "misbehaving.py").write_text(MISBEHAVING)
+    questions = [f"{a}*{a + 7}+{a % 9 + 1}" for a in range(11, 19)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": 1}) + "\n"
+                                                 for q in questions))
+    monkeypatch.chdir(tmp_path)
+    args = [f"--model={caller}", "--tools=misbehaving.py:chaos", "--tool_timeout=0.3", "--max_new_tokens=100",
+            "--max_steps=2", "--prompts_per_step=2", "--group_size=4", "--eval_size=0", "--sft_steps=0",
+            "--task=jsonl", "--data_path=rows.jsonl", "--rewards=format:1", "--max_prompt_tokens=64",
+            "--out_dir=run"]
+    grpo.train(grpo.parse_config(args))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 2 and sum(r["tool_errors"] for r in rows) > 0
+    assert (tmp_path / "run" / "latest").read_text() == "checkpoint-000002" and os.getcwd() == str(tmp_path)
+    assert busy_children() == []
