@@ -371,10 +371,7 @@ def parse_config(argv, cls=Config, read_elsewhere=()):
     option group before anything loads; read_elsewhere: keys the caller reads (never refused as unread)."""
     cfg = parse_args(cls, argv, runs.saved_config, RESUME_FIXED)
     cfg.given -= set(read_elsewhere)
-    if cfg.resume and any(arg.startswith("--out_dir=") for arg in argv) and cfg.out_dir != cfg.resume:
-        raise ConfigError("out_dir: a resumed run continues in its own directory, --resume's; "
-                          "leave out --out_dir")
-    cfg.out_dir = os.path.abspath(cfg.resume or cfg.out_dir)  # whatever directory the process is in later
+    cfg.out_dir = runs.run_dir(cfg, argv)
     rules = core_checks(cfg) + [rule for klass in type(cfg).__mro__ if "checks" in vars(klass)
                                 for rule in klass.checks(cfg)]
     problems = [message for ok, message in rules if not ok]

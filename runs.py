@@ -287,6 +287,17 @@ def show_config(cfg, model_defaults):
     say("config:\n" + "\n".join(f"  {k} = {v!r}{marks.get(k, '')}" for k, v in fields_in_order(cfg)))
 
 
+def run_dir(cfg, argv):
+    """The run's directory, made absolute so that nothing can move it later: --resume's, or out_dir.
+    ConfigError for an --out_dir beside --resume that names another, or for none at all."""
+    if cfg.resume and any(arg.startswith("--out_dir=") for arg in argv) and cfg.out_dir != cfg.resume:
+        raise ConfigError("out_dir: a resumed run continues in its own directory, --resume's; "
+                          "leave out --out_dir")
+    if not (cfg.resume or cfg.out_dir).strip():
+        raise ConfigError("out_dir: empty; name the run's directory")
+    return os.path.abspath(cfg.resume or cfg.out_dir)
+
+
 def take_run_dir(run_dir, key="out_dir", new=None):
     """Make run_dir if need be and hold it for this process: one run per directory. The hold is an
     exclusive flock on the directory itself, so no file is written, and the kernel lets go when the

@@ -13,18 +13,21 @@ ends the completion there (truncated, no EOS). A call goes to the tool it names 
 
 How: rounds of sampling. Each round samples every row still going, its prompt followed by its
 transcript so far as the new prompt; a row is cut after the first whole call it wrote, the calls run
-(each tool of your own in a thread, waited on for tool_timeout seconds), and their results are
-appended as tokens. A row ends at EOS, at max_new_tokens, or in a round that writes no call. The
-uniforms that pick a completion's tokens are indexed by position in the whole transcript, so the
-built-in samplers give the same transcript for the same uniforms, and a group's G completions have
-the same prompt and the same tools.
+(the built-in calculator inline; each tool of yours in a worker process, usercode.Workers, up to
+tool_workers at once), and their results are appended as tokens. A row ends at EOS, at
+max_new_tokens, or in a round that writes no call. The uniforms that pick a completion's tokens are
+indexed by position in the whole transcript, so the built-in samplers give the same transcript for
+the same uniforms, and a group's G completions have the same prompt and the same tools.
 
 What the trainer sees: `policy` [B, T], 1 on the policy's own tokens. The loss, KL, entropy, clip
 and mismatch statistics, and the loss denominators count only those; results are context in every
-forward pass. Rewards read the whole transcript. A tool that raises, returns no string, runs past
-tool_timeout or returns more than max_tool_chars characters gives `<result>error: ...</result>`,
-counted in `tool_errors`; the run goes on. A tool stuck inside C code that holds Python's lock
-(a catastrophic regex, say) cannot be waited out; one stuck in Python or I/O is left running.
+forward pass. Rewards read the whole transcript. A tool that raises, returns no string (or text
+that is not valid Unicode), runs past tool_timeout or returns more than max_tool_chars characters
+gives `<result>error: ...</result>`, counted in `tool_errors`; the run goes on. A tool of yours
+cannot reach the trainer: a call past tool_timeout is killed with its process (a busy loop, a
+catastrophic regex), and a tool that ends its process or changes directory ends or moves only its
+worker, which is started anew. Each worker imports your file itself (within tool_timeout), so module
+state is per worker. A call costs a round trip to a worker, ~0.1 ms (bench/tool_calls.py).
 """
 import dataclasses
 import os

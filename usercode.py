@@ -13,12 +13,14 @@ A worker that dies or overruns is started anew for the next call. Messages are J
 so nothing a function returns runs code in the trainer. This module imports only the standard
 library: a worker starts in a tenth of a second, not in the seconds torch takes.
 """
+import contextlib
 import functools
 import importlib
 import importlib.util
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -95,9 +97,9 @@ class Worker:
 
     def __init__(self, functions, timeout, max_chars):
         mine, theirs = os.pipe(), os.pipe()  # (parent reads, worker writes), (worker reads, parent writes)
-        self.process = subprocess.Popen(
+        self.process = subprocess.Popen(  # a session of its own: what it starts is killed with it
             [sys.executable, os.path.abspath(__file__), str(theirs[0]), str(mine[1]), str(os.getpid())],
-            pass_fds=(theirs[0], mine[1]), stdin=subprocess.DEVNULL)
+            pass_fds=(theirs[0], mine[1]), stdin=subprocess.DEVNULL, start_new_session=True)
         os.close(theirs[0])
         os.close(mine[1])
         self.inbox, self.outbox = Connection(mine[0], writable=False), Connection(theirs[1], readable=False)
@@ -132,9 +134,10 @@ class Worker:
             return {"error": f"the process running it ended (exit code {self.stop()})"}
 
     def stop(self):
-        """Kill the process (if it still runs) -> its exit code."""
-        if self.process.poll() is None:
-            self.process.kill()
+        """Kill the process and every process it started (if they still run) -> its exit code."""
+        if self.process.returncode is None:  # not reaped yet, so its group id is still its own
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.inbox.close()
         self.outbox.close()
         return self.process.wait()
@@ -161,8 +164,10 @@ class Workers:
                 while pending and len(busy) < self.size:
                     i, (index, text) = pending.pop()
                     worker = self.start()
-                    if isinstance(worker, str):
-                        answers[i] = None, worker
+                    if isinstance(worker, str):  # no worker starts: neither will the next
+                        for j, _ in [(i, None), *pending]:
+                            answers[j] = None, worker
+                        pending = []
                         continue
                     worker.send({"function": index, "text": text})
                     busy[worker] = i, time.monotonic() + self.timeout
@@ -212,7 +217,6 @@ def stop_all(workers):
 def serve(inbox, outbox, parent):
     """A worker's life: import the functions the first message names, then answer each call
     {"function", "text"} with {"output"} or {"error"}, each in the directory the worker started in."""
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it stops when it chooses
     die_with(parent)
     first = json.loads(inbox.recv_bytes())

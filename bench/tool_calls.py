@@ -1,7 +1,8 @@
 """What a call to a tool of yours costs: run in a worker process (usercode.Workers, as the trainer
 runs it) against inline in the trainer, and a thread per call, side by side in one process, each
-the median over alternating repeats; and what a call that overruns costs the next one (a new
-worker, which imports your file again).
+the median over alternating repeats; what a call that overruns costs the next one (a new worker,
+which imports your file again); and what 8 calls that loop forever leave behind for the trainer's
+own work: nothing with workers (each killed with its process), spinning threads with threads.
 
     python bench/tool_calls.py                      # an echo tool: the cost of the protocol itself
     python bench/tool_calls.py --calls=64 --workers=8
@@ -32,6 +33,16 @@ def in_threads(fn, texts):
     for thread in threads:
         thread.join()
     return answers
+
+
+def trainer_work(repeats=7):
+    """The median time of a fixed piece of the trainer's Python work (a stand-in for a step's)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sum(i * i for i in range(300_000))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main(argv=None):
@@ -69,6 +80,16 @@ def main(argv=None):
         restarts.append(time.perf_counter() - start)
     print(f"  a call after its worker was killed (a new process imports the file): "
           f"{1e3 * statistics.median(restarts):.1f} ms")
+    spin = usercode.load_function(path, "spin", takes=("text",))
+    before = trainer_work()
+    pool.map([(1, "")] * 8)  # 8 calls that never return, each killed at the timeout
+    workers = trainer_work()
+    for _ in range(8):  # the same 8 as threads: each is left spinning after its wait times out
+        threading.Thread(target=spin, args=("",), daemon=True).start()
+    threads = trainer_work()
+    print(f"the trainer's own work after 8 calls that loop forever: {1e3 * before:.0f} ms before; "
+          f"{1e3 * workers:.0f} ms with workers ({workers / before:.2f}x), "
+          f"{1e3 * threads:.0f} ms with threads ({threads / before:.2f}x)")
     pool.close()
 
 

@@ -847,6 +847,7 @@ def test_countdown_holds_out_at_most_its_training_size_and_a_long_evaluation_is_
     monkeypatch.setattr(data, "initial_model", stop)
     for size, said in [(200, False), (20_000, True)]:
         with pytest.raises(Loaded):
-            grpo.train(grpo.parse_config([f"--eval_size={size}", "--digits=3", f"--out_dir={tmp_path / str(size)}"]))
+            args = [f"--eval_size={size}", "--digits=3", f"--out_dir={tmp_path / str(size)}"]
+            grpo.train(grpo.parse_config(args))
         out = capsys.readouterr().out
         assert (f"note: each evaluation samples all {size} held-out questions" in out) == said, out

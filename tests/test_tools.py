@@ -267,9 +267,9 @@ def caller(caller_dir):
     return caller_dir
 
 
-def engines(path, **changes):
+def engines(path, tools="calculator", **changes):
     import dataclasses
-    cfg = grpo.parse_config([f"--model={path}", "--tools=calculator"])
+    cfg = grpo.parse_config([f"--model={path}", f"--tools={tools}"])
     cfg = dataclasses.replace(cfg, **changes)
     hf = engine.open_policy(path, dataclasses.replace(cfg, decoder="hf"), torch.device("cpu"), "float32")[1]
     static = engine.open_policy(path, dataclasses.replace(cfg, decoder="static"), torch.device("cpu"),
@@ -277,9 +277,17 @@ def engines(path, **changes):
     return hf, static
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_the_built_in_samplers_write_the_same_transcript_with_tools(caller, temperature):
-    hf, static = engines(caller)
+MINE = """def calc(text):
+    left, op, right = text.partition("*") if "*" in text else text.partition("+")
+    return str(int(left) * int(right) if op == "*" else int(left) + int(right))
+"""
+
+
+@pytest.mark.parametrize("temperature, mine", [(0.0, False), (1.0, False), (0.0, True)])
+def test_the_built_in_samplers_write_the_same_transcript_with_tools(caller, tmp_path, temperature, mine):
+    """The calculator inline, or (mine) a tool of yours in worker processes: the same transcripts."""
+    (tmp_path / "mine.py").write_text(MINE)
+    hf, static = engines(caller, f"{tmp_path}/mine.py:calc" if mine else "calculator")
     tokenizer = hf.tokenizer
     ids, mask = prompts(tokenizer, ["12*34+5", "71*23+9", "40*40+1", "88*19+2"] * 2)
     torch.manual_seed(0)
@@ -291,6 +299,9 @@ def test_the_built_in_samplers_write_the_same_transcript_with_tools(caller, temp
     texts = data.decode(tokenizer, a.tokens)
     assert sum(tools.calls_in(t, TAGS) for t in texts) >= len(texts)  # it does call, more than once a row
     assert (a.policy == 0).any()
+    if mine:  # in workers as inline: the calculator's own (greedy) transcripts, whose calls are well formed
+        inline = engines(caller)[0].sample(ids, mask, 100, temperature, 1.0, uniforms)
+        assert torch.equal(a.tokens, inline.tokens) and torch.equal(a.policy, inline.policy)
 
 
 def test_the_transcripts_log_probs_equal_a_full_pass_over_it(caller):
