@@ -166,6 +166,8 @@ def parse_args(cls, argv, saved_config=None, fixed=()):
         key, eq, text = arg[2:].partition("=")
         if not arg.startswith("--") or not eq:
             raise ConfigError(f"expected --key=value, got {arg!r}")
+        if key == "config" and not text:
+            raise ConfigError("config: no file named (--config FILE)")
         if key == "config":
             values.update(read_config_file(cls, text))
         else:

@@ -800,6 +800,8 @@ def test_a_config_that_is_a_device_a_fifo_or_huge_is_refused_at_once(tmp_path):
     fifo, huge = tmp_path / "fifo", tmp_path / "huge.py"
     os.mkfifo(fifo)
     huge.write_text("# " + "x" * (5 << 20) + "\n")
+    code, err = cli("--config=", f"--out_dir={tmp_path / 'run'}")
+    assert (code, err) == (2, "grpo.py: error: config: no file named (--config FILE)")
     for path, why in [("/dev/zero", "not a regular file"), (fifo, "not a regular file"),
                       (huge, "larger than 4 MiB, too large for a config")]:
         code, err = cli(f"--config={path}", f"--out_dir={tmp_path / 'run'}")
