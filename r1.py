@@ -314,7 +314,8 @@ def main(argv):
     def run():
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("r1.py runs in one process; torchrun is for grpo.py")
-        cfg = grpo.parse_config(argv, R1Config, ("data_path",) if mode == "sft" else ())
+        read_here = {"sft": ("data_path",), "sample": ("eval_batch_size",)}.get(mode, ())  # pairs; batch
+        cfg = grpo.parse_config(argv, R1Config, read_here)
         for other, keys in MODE_KEYS.items():
             rules = unread(cfg, mode != other, keys, f"only `r1.py {other}` reads it")
             problems = [message for ok, message in rules if not ok]

@@ -290,7 +290,8 @@ def show_config(cfg, model_defaults):
 def run_dir(cfg, argv):
     """The run's directory, made absolute so that nothing can move it later: --resume's, or out_dir.
     ConfigError for an --out_dir beside --resume that names another, or for none at all."""
-    if cfg.resume and any(arg.startswith("--out_dir=") for arg in argv) and cfg.out_dir != cfg.resume:
+    moved = os.path.abspath(cfg.out_dir) != os.path.abspath(cfg.resume)
+    if cfg.resume and any(arg.startswith("--out_dir=") for arg in argv) and moved:
         raise ConfigError("out_dir: a resumed run continues in its own directory, --resume's; "
                           "leave out --out_dir")
     if not (cfg.resume or cfg.out_dir).strip():
@@ -305,16 +306,18 @@ def take_run_dir(run_dir, key="out_dir", new=None):
     rank holds it for all. Held by another process: ConfigError naming its pid. A process that holds
     it already (grpo.train called again) goes on. new: a fresh run's hint, said (ConfigError) when
     run_dir already holds a run; checked under the lock, so no run can finish in between."""
-    refused = None
+    problem = None  # the main rank's; every rank learns whether there is one, then all stop together
     if main_rank():
         try:
             os.makedirs(run_dir, exist_ok=True)
-        except OSError as err:  # /sys, a dangling link made since the check
-            raise ConfigError(f"{key}: {run_dir}: {err.strerror}") from None
-        refused = hold(os.path.realpath(run_dir))
-    if any_rank([refused] if refused else []):
-        raise ConfigError(f"{key}: {run_dir} is in use by another run ({refused or 'on rank 0'}); let it "
-                          "finish or stop it, or use another --out_dir")
+            holder = hold(os.path.realpath(run_dir))
+        except OSError as err:  # /sys, a dangling link made since the check, a folder it cannot open
+            holder, problem = None, f"{key}: {run_dir}: {err.strerror}"
+        if holder:
+            problem = (f"{key}: {run_dir} is in use by another run ({holder}); let it finish or stop it, "
+                       "or use another --out_dir")
+    if any_rank([problem] if problem else []):
+        raise ConfigError(problem or f"{key}: {run_dir} cannot be held (rank 0 says why)")
     if new and os.path.exists(os.path.join(run_dir, "latest")):
         raise ConfigError(f"{key}: {run_dir} already holds a run; {new} in another --out_dir")
 
@@ -359,6 +362,16 @@ def lock_holder(path):
             pid = fields[fields.index(where) - 1]
             return f"pid {pid}" if pid.isdigit() and pid != "0" else "another process"
     return "another process"
+
+
+def forget_held_in_child():
+    """In a process forked from this one (without exec), close its copies of the held directories'
+    descriptors: a copy would keep the lock after this process lets go, or ends."""
+    while HELD:
+        os.close(HELD.popitem()[1])
+
+
+os.register_at_fork(after_in_child=forget_held_in_child)
 
 
 def release_run_dir(run_dir=None):
@@ -610,7 +623,7 @@ def read_checkpoint(path):
     its trainer_state.pt, config.json and every safetensors file must read."""
     if not os.path.isdir(path):
         return None, "is missing"
-    if not any(f.endswith(".safetensors") for _, _, files in os.walk(path) for f in files):
+    if not weight_files(path):
         return None, "holds no model weights"
     problem = damaged_weights(path)
     if problem:
@@ -625,9 +638,16 @@ def read_checkpoint(path):
             else (None, "has a damaged trainer_state.pt"))
 
 
+def weight_files(folder):
+    """The safetensors files directly in `folder` (none when it is no folder)."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, name) for name in names if name.endswith(".safetensors")]
+
+
 def damaged_weights(path):
-    """What is wrong with the model folder `path`: its config.json or a safetensors file that does not
-    read whole (empty, truncated, garbage), or None."""
+    """What is wrong with the model folder `path`: its config.json or a safetensors file in it (or in
+    its adapter/, LoRA's) that does not read whole (empty, truncated, garbage), or None. Other folders
+    in it (a run's checkpoints, tiny/) are models of their own."""
     from safetensors import safe_open
     try:
         json.loads(read_text(os.path.join(path, "config.json")))
@@ -635,8 +655,7 @@ def damaged_weights(path):
         return str(err)
     except ValueError as err:
         return f"config.json: not JSON ({err})"
-    for file in sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
-                       if f.endswith(".safetensors")):
+    for file in weight_files(path) + weight_files(os.path.join(path, "adapter")):
         try:
             with safe_open(file, "pt"):
                 pass

@@ -66,7 +66,8 @@ class ToolOptions:
                   f"tool_timeout: must be positive and at most {MAX_TIMEOUT:g} seconds"),
                  (self.max_tool_chars >= 1, "max_tool_chars: must be at least 1"),
                  (self.tool_workers >= 1, "tool_workers: must be at least 1"),
-                 *unread(self, not self.tools, ("max_tool_calls", "max_tool_chars"), "no tool is given"),
+                 *unread(self, not self.tools.strip(), ("max_tool_calls", "max_tool_chars"),
+                         "no tool is given"),
                  *unread(self, ":" not in self.tools, ("tool_timeout", "tool_workers"),
                          "no tool of yours is given (FILE.py:FUNCTION)")]
         if all(ok for ok, _ in rules):  # then import the tools of yours, each in a worker, as a run will
@@ -119,7 +120,7 @@ def check_tools(tools, timeout):
     a run will, within `timeout` seconds; ValueError saying why one cannot load."""
     mine = [tool for _, tool in tools if not callable(tool)]
     for source in dict.fromkeys(source for source, _ in mine):
-        usercode.Worker([tool for tool in mine if tool[0] == source], timeout, 1).stop()
+        usercode.Worker([tool for tool in mine if tool[0] == source], 0, 1).loaded(timeout).stop()
 
 
 def calls_in(text, tags):
@@ -188,7 +189,7 @@ class Toolbox:
         mine = [tool for _, tool in tools if not callable(tool)]  # (source, function): in workers, by index
         self.tools = [(name, tool if callable(tool) else mine.index(tool)) for name, tool in tools]
         self.workers = usercode.Workers(mine, options.tool_timeout, options.max_tool_chars,
-                                        options.tool_workers) if mine else None
+                                        options.tool_workers, getattr(options, "seed", 0)) if mine else None
         self.banned = set(eos_ids.tolist()) | {tokenizer.pad_token_id}  # a result never ends the completion
         open_tag, close_tag = map(re.escape, options.tool_tags[:2])
         self.call = re.compile(open_tag + "(.*?)" + close_tag, re.DOTALL)
@@ -313,6 +314,6 @@ def open_toolbox(options, tokenizer, eos_ids):
         raise ConfigError(f"tool_tags: {specials[0]} is a special token of this tokenizer, which decoding "
                           "drops: no call could be read")
     try:
-        return Toolbox(options, tokenizer, eos_ids) if getattr(options, "tools", "") else None
+        return Toolbox(options, tokenizer, eos_ids) if getattr(options, "tools", "").strip() else None
     except ValueError as err:
         raise ConfigError(f"tools: {err}") from None

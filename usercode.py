@@ -20,6 +20,7 @@ import importlib.util
 import inspect
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -91,30 +92,41 @@ def python_own(path):
 
 
 class Worker:
-    """One process that imported `functions` ([(source, function)], each taking one text) and runs
-    one call at a time; its results are plain strings of at most max_chars characters. Raises
-    ValueError when the import fails, ends the process or takes longer than `timeout` seconds."""
+    """One process that imports `functions` ([(source, function)], each taking one text) and runs one
+    call at a time, Python's `random` seeded from (seed, the call's text) before each, so that a
+    call's result depends on neither the worker nor the order; its results are plain strings of at
+    most max_chars characters. Started here; `loaded` waits for its import."""
 
-    def __init__(self, functions, timeout, max_chars):
+    def __init__(self, functions, seed, max_chars):
+        self.sources = ", ".join(dict.fromkeys(source for source, _ in functions))
         mine, theirs = os.pipe(), os.pipe()  # (parent reads, worker writes), (worker reads, parent writes)
-        self.process = subprocess.Popen(  # a session of its own: what it starts is killed with it
-            [sys.executable, os.path.abspath(__file__), str(theirs[0]), str(mine[1]), str(os.getpid())],
-            pass_fds=(theirs[0], mine[1]), stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.process = subprocess.Popen(  # a session of its own: what it starts is killed with it
+                [sys.executable, os.path.abspath(__file__), str(theirs[0]), str(mine[1]), str(os.getpid())],
+                pass_fds=(theirs[0], mine[1]), stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as err:  # no memory, no file descriptors, no processes left
+            for fd in (*mine, *theirs):
+                os.close(fd)
+            raise ValueError(f"cannot start a process for {self.sources}: {err.strerror}") from None
         os.close(theirs[0])
         os.close(mine[1])
         self.inbox, self.outbox = Connection(mine[0], writable=False), Connection(theirs[1], readable=False)
-        self.send({"path": sys.path, "functions": functions, "max_chars": max_chars})
-        sources = ", ".join(dict.fromkeys(source for source, _ in functions))
-        if not self.inbox.poll(timeout):
+        self.send({"path": sys.path, "functions": functions, "seed": seed, "max_chars": max_chars})
+
+    def loaded(self, timeout):
+        """Wait up to `timeout` seconds for the import -> self; ValueError (the worker stopped) when it
+        fails, ends the process or takes longer."""
+        if not self.inbox.poll(max(0.0, timeout)):
             self.stop()
-            raise ValueError(f"cannot load {sources}: its import took longer than {timeout:g} s")
+            raise ValueError(f"cannot load {self.sources}: its import took longer than {timeout:g} s")
         answer = self.receive(0)
         if "error" in answer:
-            raise ValueError(f"cannot load {sources}: the process importing it ended "
+            raise ValueError(f"cannot load {self.sources}: the process importing it ended "
                              f"(exit code {self.stop()})")
         if "refused" in answer:
             self.stop()
             raise ValueError(answer["refused"])
+        return self
 
     def send(self, message):
         try:
@@ -145,12 +157,13 @@ class Worker:
 
 class Workers:
     """Up to `size` worker processes, each with every function of `functions` ([(source, function)])
-    imported, started when first needed and kept for later calls. map() runs calls on them at once,
-    each with its own `timeout` seconds from when a worker takes it."""
+    imported, started when first needed (their imports at once, each within `timeout` seconds) and
+    kept for later calls. map() runs calls on them at once, each with its own `timeout` seconds from
+    when a worker takes it. seed: what each call's `random` is seeded from, with its text."""
 
-    def __init__(self, functions, timeout, max_chars, size):
+    def __init__(self, functions, timeout, max_chars, size, seed=0):
         self.functions, self.timeout, self.max_chars, self.size = functions, timeout, max_chars, size
-        self.idle = []
+        self.seed, self.idle = seed, []
         weakref.finalize(self, stop_all, self.idle)  # and at exit
 
     def map(self, calls):
@@ -160,17 +173,20 @@ class Workers:
         answers, pending, busy = [None] * len(calls), list(enumerate(calls))[::-1], {}
         late = f"no result within tool_timeout={self.timeout:g} s"
         try:
+            broken = self.fill(min(self.size, len(calls)))  # why no worker starts, if none does
             while pending or busy:
-                while pending and len(busy) < self.size:
+                while pending and len(busy) < self.size and not broken:
+                    broken = None if self.idle else self.fill(1)  # one killed at a timeout is replaced
+                    if broken:
+                        break
                     i, (index, text) = pending.pop()
-                    worker = self.start()
-                    if isinstance(worker, str):  # no worker starts: neither will the next
-                        for j, _ in [(i, None), *pending]:
-                            answers[j] = None, worker
-                        pending = []
-                        continue
+                    worker = self.idle.pop()
                     worker.send({"function": index, "text": text})
                     busy[worker] = i, time.monotonic() + self.timeout
+                if broken and not busy:  # no worker left to run what is pending
+                    for i, _ in pending:
+                        answers[i] = None, broken
+                    pending = []
                 soonest = min(deadline for _, deadline in busy.values()) if busy else time.monotonic()
                 ready = wait([worker.inbox for worker in busy], max(0.0, soonest - time.monotonic()))
                 for worker, (i, deadline) in list(busy.items()):
@@ -185,21 +201,31 @@ class Workers:
                     del busy[worker]
                     if worker.process.poll() is None:
                         self.idle.append(worker)
+                    else:
+                        worker.stop()
         finally:  # an interrupt: no call of ours goes on running
             stop_all(list(busy))
         return answers
 
-    def start(self):
-        """An idle worker, or a new one -> it, or why none could start."""
-        while self.idle:
-            worker = self.idle.pop()
-            if worker.process.poll() is None:
-                return worker
+    def fill(self, count):
+        """At least `count` idle workers (dead ones dropped, new ones started, their imports waited on
+        together) -> None, or why none could start."""
+        for worker in [w for w in self.idle if w.process.poll() is not None]:
+            self.idle.remove(worker)
             worker.stop()
+        deadline, problem, new = time.monotonic() + self.timeout, None, []
         try:
-            return Worker(self.functions, self.timeout, self.max_chars)
-        except ValueError as err:  # the file changed since it was checked, say
+            for _ in range(count - len(self.idle)):
+                new.append(Worker(self.functions, self.seed, self.max_chars))
+        except ValueError as err:  # no process starts
+            stop_all(new)
             return f"cannot start the tool: {err}"
+        for worker in new:
+            try:
+                self.idle.append(worker.loaded(deadline - time.monotonic()))
+            except ValueError as err:  # the file changed since it was checked, say
+                problem = f"cannot start the tool: {err}"
+        return problem if not self.idle else None
 
     def close(self):
         stop_all(self.idle)
@@ -233,6 +259,7 @@ def serve(inbox, outbox, parent):
             call = json.loads(inbox.recv_bytes())
         except EOFError:  # the trainer has gone
             return
+        random.seed(f"{first['seed']}:{call['text']}")  # the same result for the same call, in any worker
         answer = run_one(functions[call["function"]], call["text"], first["max_chars"])
         outbox.send_bytes(json.dumps(answer).encode())
         os.chdir(home)

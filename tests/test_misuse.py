@@ -822,6 +822,9 @@ def test_run_directory_paths(capsys, tmp_path, monkeypatch):
     cfg = grpo.parse_config(["--out_dir=~/runs/x", "--task=jsonl", "--data_path=~/rows.jsonl"])
     assert cfg.out_dir == str(tmp_path / "runs" / "x") and cfg.data_path == str(tmp_path / "rows.jsonl")
     assert grpo.parse_config(["--out_dir=relative"]).out_dir == str(tmp_path / "relative")
+    (tmp_path / "relative").mkdir()
+    assert runs.run_dir(grpo.Config(resume="relative", out_dir="./relative"), ["--out_dir=./relative"]) \
+        == str(tmp_path / "relative")
     assert not (tmp_path / "~").exists()
 
 

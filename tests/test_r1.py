@@ -263,6 +263,18 @@ def test_sample_options_are_checked_before_the_model_loads(tmp_path, capsys, mon
     assert err.startswith("r1.py: error: " + problem.replace("TMP", str(tmp_path))) and "\n" not in err, err
 
 
+def test_sample_reads_its_batch_size_without_an_evaluation(tmp_path, monkeypatch):
+    class Loaded(Exception):
+        pass
+
+    def load(*args):
+        raise Loaded
+    monkeypatch.setattr(r1, "open_policy", load)
+    with pytest.raises(Loaded):
+        r1.main(["sample", "--model=tiny", "--eval_size=0", "--eval_batch_size=256",
+                 f"--output={tmp_path / 'kept.jsonl'}"])
+
+
 def test_options_of_another_mode_are_refused(tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('{"prompt": "1+1", "completion": "2"}\n')
     assert r1.main(["sft", "--model=tiny", "--samples=4", f"--data_path={tmp_path}/p.jsonl"]) == 2

@@ -320,3 +320,35 @@ def test_temporary_names_are_the_writers_own_and_a_resume_clears_them(tmp_path):
     (run / "checkpoint-000003.4242.tmp").mkdir()
     grpo.train(grpo.parse_config([f"--resume={run}", "--max_steps=3"]))
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    runs.take_run_dir(str(tmp_path / "run"))
+    started, ready = os.pipe()
+    child = os.fork()
+    if child == 0:                                                # the child says it runs, then waits
+        os.write(ready, b"!")
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"!"
+        runs.release_run_dir(str(tmp_path / "run"))
+        assert runs.hold(os.path.realpath(tmp_path / "run")) is None   # nobody else holds it
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(started)
+        os.close(ready)
+
+
+def test_a_run_directory_holding_damaged_checkpoints_still_loads_as_a_model(tmp_path, tiny_dir):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dir, run)
+    for leftover in ("checkpoint-000010.damaged", "checkpoint-000012.4242.tmp", "tiny"):
+        (run / leftover).mkdir()
+        (run / leftover / "model.safetensors").write_bytes(b"half")
+    assert runs.damaged_weights(str(run)) is None
+    engine.load_model(str(run), "cpu")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    assert runs.damaged_weights(str(run)).startswith("adapter/adapter_model.safetensors: ")

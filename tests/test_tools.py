@@ -503,7 +503,7 @@ def test_a_worker_ignores_ctrl_c_and_dies_with_the_trainer(tmp_path):
     threading.Timer(0.3, os.kill, (worker.process.pid, signal.SIGINT)).start()  # as Ctrl-C reaches the group
     assert pool.map([(0, "1")]) == [("done", None)]
     script = ("import sys, time\nsys.path.insert(0, sys.argv[1])\nimport usercode\n"
-              "worker = usercode.Worker([(sys.argv[2], 'spin')], 60, 10)\n"
+              "worker = usercode.Worker([(sys.argv[2], 'spin')], 0, 10).loaded(60)\n"
               "print(worker.process.pid, flush=True)\n"
               "worker.send({'function': 0, 'text': ''})\ntime.sleep(600)\n")
     trainer = subprocess.Popen([sys.executable, "-c", script, ROOT, str(tmp_path / "misbehaving.py")],
@@ -558,3 +558,22 @@ def test_a_run_whose_tools_spin_exit_and_move_goes_on_in_its_own_place(caller, t
     assert len(rows) == 2 and sum(r["tool_errors"] for r in rows) > 0
     assert (tmp_path / "run" / "latest").read_text() == "checkpoint-000002" and os.getcwd() == str(tmp_path)
     assert busy_children() == []
+
+
+def test_a_tools_random_stream_depends_on_the_run_seed_and_the_call_only(tmp_path):
+    import usercode
+    (tmp_path / "dice.py").write_text("import random\ndef roll(text):\n    return str(random.random())\n")
+    draws = {}
+    for seed, size in [(0, 1), (0, 4), (1, 4)]:
+        pool = usercode.Workers([(str(tmp_path / "dice.py"), "roll")], 5.0, 100, size, seed)
+        answers = pool.map([(0, text) for text in ["a", "b", "a", "c", "b"]])
+        draws[seed, size] = [output for output, _ in answers]
+        pool.close()
+    assert draws[0, 1] == draws[0, 4]                      # whichever worker, in whatever order
+    assert draws[0, 1][0] == draws[0, 1][2] and draws[0, 1][0] != draws[0, 1][1]
+    assert draws[1, 4] != draws[0, 4]                      # another run seed, other draws
+
+
+def test_blank_tools_are_no_tools(tiny):
+    _, tokenizer = tiny
+    assert tools.open_toolbox(options(tools=" "), tokenizer, torch.tensor([tokenizer.eos_token_id])) is None
