@@ -27,7 +27,9 @@ gives `<result>error: ...</result>`, counted in `tool_errors`; the run goes on. 
 cannot reach the trainer: a call past tool_timeout is killed with its process (a busy loop, a
 catastrophic regex), and a tool that ends its process or changes directory ends or moves only its
 worker, which is started anew. Each worker imports your file itself (within tool_timeout), so module
-state is per worker. A call costs a round trip to a worker, 0.1-0.2 ms (bench/tool_calls.py).
+state is per worker; Python's `random` is seeded before each call from the run seed and the call's
+text, so a call's result does not depend on which worker ran it. A call costs a round trip to a
+worker, 0.1-0.2 ms (bench/tool_calls.py).
 """
 import dataclasses
 import os
