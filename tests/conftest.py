@@ -88,6 +88,17 @@ def caller_dir(tmp_path_factory):
     return path
 
 
+class Loaded(Exception):
+    """Raised where a run would load its model: it got that far."""
+
+
+def stop_at(monkeypatch, module, name):
+    """Make module.name (a function that loads a model) raise Loaded instead."""
+    def load(*args, **kwargs):
+        raise Loaded
+    monkeypatch.setattr(module, name, load)
+
+
 @pytest.fixture(autouse=True)
 def release_run_directories():
     """A test that trains in-process lets go of its run directories (as the command does on exit)."""

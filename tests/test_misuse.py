@@ -18,7 +18,7 @@ import grpo
 import rewards as R
 import runs
 import sft
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, Loaded, stop_at
 
 # a tiny run at a constant lr (so that a resumed run reproduces a longer one step for step)
 ARGS = ["--sft_steps=0", "--eval_size=0", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=8",
@@ -512,13 +512,7 @@ def test_eval_size_caps_the_held_out_file(capsys, monkeypatch, tmp_path):
     train, test = data.load_task("gsm8k", 0, f"{SHARED}/train.jsonl", f"{SHARED}/test.jsonl", eval_size=5)
     assert (len(train) == 7473
             and [e["source"] for e in test] == [f"{SHARED}/test.jsonl:{i}" for i in range(1, 6)])
-
-    class Loaded(Exception):
-        pass
-
-    def stop(*args):
-        raise Loaded
-    monkeypatch.setattr(data, "initial_model", stop)
+    stop_at(monkeypatch, data, "initial_model")
     with pytest.raises(Loaded):
         grpo.train(grpo.parse_config(["--task=gsm8k", f"--data_path={SHARED}/train.jsonl",
                                       f"--out_dir={tmp_path}", f"--eval_data_path={SHARED}/test.jsonl",
@@ -843,13 +837,7 @@ def test_countdown_holds_out_at_most_its_training_size_and_a_long_evaluation_is_
                                                                                        monkeypatch):
     code, err = main(capsys, "--task=countdown", "--eval_size=5000000", f"--out_dir={tmp_path / 'run'}")
     one_line_refusal(code, err, "eval_size: at most 100000 countdown questions held out")
-
-    class Loaded(Exception):
-        pass
-
-    def stop(*args):
-        raise Loaded
-    monkeypatch.setattr(data, "initial_model", stop)
+    stop_at(monkeypatch, data, "initial_model")
     for size, said in [(200, False), (20_000, True)]:
         with pytest.raises(Loaded):
             args = [f"--eval_size={size}", "--digits=3", f"--out_dir={tmp_path / str(size)}"]

@@ -11,6 +11,7 @@ import plot
 import r1
 import rewards as R
 import sft
+from conftest import Loaded, stop_at
 
 
 def write_jsonl(path, rows):
@@ -264,12 +265,7 @@ def test_sample_options_are_checked_before_the_model_loads(tmp_path, capsys, mon
 
 
 def test_sample_reads_its_batch_size_without_an_evaluation(tmp_path, monkeypatch):
-    class Loaded(Exception):
-        pass
-
-    def load(*args):
-        raise Loaded
-    monkeypatch.setattr(r1, "open_policy", load)
+    stop_at(monkeypatch, r1, "open_policy")
     with pytest.raises(Loaded):
         r1.main(["sample", "--model=tiny", "--eval_size=0", "--eval_batch_size=256",
                  f"--output={tmp_path / 'kept.jsonl'}"])
