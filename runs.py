@@ -364,22 +364,17 @@ def lock_holder(path):
     return "another process"
 
 
-def forget_held_in_child():
-    """In a process forked from this one (without exec), close its copies of the held directories'
-    descriptors: a copy would keep the lock after this process lets go, or ends."""
-    while HELD:
-        os.close(HELD.popitem()[1])
-
-
-os.register_at_fork(after_in_child=forget_held_in_child)
-
-
 def release_run_dir(run_dir=None):
     """Let go of run_dir (at the end of its run), or of every directory this process holds (at the
     end of a command)."""
     for path in [os.path.realpath(run_dir)] if run_dir else list(HELD):
         if path in HELD:
             os.close(HELD.pop(path))
+
+
+# a process forked from this one (without exec) closes its copies of the held directories'
+# descriptors: a copy would keep the lock after this process lets go, or ends
+os.register_at_fork(after_in_child=release_run_dir)
 
 
 def save_model(path, model, tokenizer):

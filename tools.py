@@ -145,21 +145,6 @@ def defused(output, tags):
     return output
 
 
-def checked(output, limit):
-    """(output as a plain str, None) for text of at most `limit` characters that UTF-8 can encode,
-    else (None, why it is not)."""
-    if not isinstance(output, str):
-        return None, f"the tool returned {type(output).__name__}, not a string"
-    output = str.__str__(output)  # a plain copy: a subclass's own methods are not asked
-    if len(output) > limit:
-        return None, f"the tool returned {len(output)} characters, over max_tool_chars={limit}"
-    try:
-        output.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return None, f"the tool returned text that is not valid Unicode ({output[err.start]!r})"
-    return output, None
-
-
 def run_calls(calls, options, workers=None):
     """Each (tool, input) of `calls` run -> [(output text, failed)]. A built-in tool (a function) runs
     inline; a tool of yours (an index into workers' functions) on `workers` (usercode.Workers), in
@@ -170,14 +155,12 @@ def run_calls(calls, options, workers=None):
     for i, (tool, text) in enumerate(calls):
         if callable(tool):
             try:
-                answers[i] = tool(text), None
+                answers[i] = usercode.plain_text(tool(text), options.max_tool_chars)
             except Exception as err:
                 answers[i] = None, usercode.failure(err)
     mine = [i for i, (tool, _) in enumerate(calls) if not callable(tool)]
     for i, answer in zip(mine, workers.map([calls[i] for i in mine]) if mine else []):
-        answers[i] = answer
-    answers = [checked(output, options.max_tool_chars) if why is None else (None, why)
-               for output, why in answers]
+        answers[i] = answer  # checked in the worker (usercode.plain_text)
     return [(output, False) if why is None else ("error: " + why, True) for output, why in answers]
 
 

@@ -11,7 +11,8 @@ file itself, so that a function can neither slow the trainer (a call past its ti
 its process), nor stop it (os._exit, a crash), nor move it (os.chdir, sys.path, signal handlers).
 A worker that dies or overruns is started anew for the next call. Messages are JSON, never pickles,
 so nothing a function returns runs code in the trainer. This module imports only the standard
-library: a worker starts in a tenth of a second, not in the seconds torch takes.
+library (and configurator.py, which does too): a worker starts in a tenth of a second, not in the
+seconds torch takes.
 """
 import contextlib
 import functools
@@ -28,6 +29,8 @@ import sysconfig
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
+
+from configurator import encodable
 
 STDLIB = frozenset(sys.stdlib_module_names) | {"builtins"}
 STDLIB_DIRS = {os.path.realpath(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib")}
@@ -269,15 +272,24 @@ def run_one(fn, text, max_chars):
     """fn(text) -> {"output": a plain str of at most max_chars characters} or {"error": why}; a
     function that raises anything (SystemExit too) or returns anything else has failed."""
     try:
-        output = fn(text)
-        if not isinstance(output, str):
-            return {"error": f"the tool returned {type(output).__name__}, not a string"}
-        output = str.__str__(output)  # a plain copy: a subclass's own methods are not asked
-        if len(output) > max_chars:
-            return {"error": f"the tool returned {len(output)} characters, over max_tool_chars={max_chars}"}
-        return {"output": output}
+        output, why = plain_text(fn(text), max_chars)
     except BaseException as err:  # the tool's failure is its result
-        return {"error": failure(err)}
+        output, why = None, failure(err)
+    return {"output": output} if why is None else {"error": why}
+
+
+def plain_text(output, max_chars):
+    """(output as a plain str, None) for text of at most max_chars characters that UTF-8 can encode,
+    else (None, why it is not): what a tool's result must be, in a worker or inline."""
+    if not isinstance(output, str):
+        return None, f"the tool returned {type(output).__name__}, not a string"
+    output = str.__str__(output)  # a plain copy: a subclass's own methods are not asked
+    if len(output) > max_chars:
+        return None, f"the tool returned {len(output)} characters, over max_tool_chars={max_chars}"
+    if not encodable(output):
+        bad = next(c for c in output if not encodable(c))
+        return None, f"the tool returned text that is not valid Unicode ({bad!r})"
+    return output, None
 
 
 def failure(err):

@@ -480,6 +480,7 @@ def test_a_tool_that_ends_its_process_or_moves_it_is_a_counted_error(tmp_path):
 
 
 def test_results_are_plain_text_that_a_tokenizer_takes(tmp_path, tiny):
+    import usercode
     _, tokenizer = tiny
     spec = ",".join(f"{tmp_path}/misbehaving.py:{name}" for name in ("lone", "liar"))
     (tmp_path / "misbehaving.py").write_text(MISBEHAVING)
@@ -491,7 +492,7 @@ def test_results_are_plain_text_that_a_tokenizer_takes(tmp_path, tiny):
     assert "<result>truth</result>" in texts[1]
     assert out.tool_errors.tolist() == [1, 0]
     why = "the tool returned text that is not valid Unicode ('\\ud800')"
-    assert tools.checked("\ud800", 10) == (None, why)
+    assert usercode.plain_text("\ud800", 10) == (None, why)
 
 
 def test_a_worker_ignores_ctrl_c_and_dies_with_the_trainer(tmp_path):
