@@ -19,7 +19,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-import runs
+import distributed
 import tools
 from configurator import ConfigError, Path, encodable, unread
 from rewards import REWARDS, format_reward, safe_reward
@@ -300,7 +300,8 @@ def load_task(task, seed, data_path="", eval_data_path="", eval_size=200, digits
     """(train, test) example lists of a task of TASKS; a test set that takes long to evaluate is said."""
     train, test = TASKS[task].load(seed, data_path, eval_data_path, eval_size, digits)
     if len(test) > LONG_EVALUATION:
-        runs.say(f"note: each evaluation samples all {len(test)} held-out questions (before and after RL, "
+        distributed.say(f"note: each evaluation samples all {len(test)} held-out questions "
+                        f"(before and after RL, "
                  "and every eval_every steps): it takes long; eval_size sets how many")
     return train, test
 
@@ -372,9 +373,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 def initial_model(cfg):
     """cfg.model's path; "tiny" is first built into the run directory (by the main rank)."""
     path = os.path.join(cfg.out_dir, "tiny") if cfg.model == "tiny" else cfg.model
-    if cfg.model == "tiny" and runs.main_rank():
+    if cfg.model == "tiny" and distributed.main_rank():
         build_tiny_model(path, cfg.seed)
-    runs.barrier()
+    distributed.barrier()
     return path
 
 
@@ -438,14 +439,6 @@ def encode_prompts(tokenizer, examples, cfg, device):
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return ids, mask, cut
-
-
-def completion_mask(completion_ids, eos_ids):
-    """1 for tokens up to and including each row's first EOS, 0 after it ([B, T] -> [B, T] float).
-    Only the first EOS counts, so padding after it is never mistaken for text, even when the
-    pad token is the EOS token. A row without EOS (truncated) is all ones."""
-    is_eos = torch.isin(completion_ids, eos_ids).long()
-    return ((is_eos.cumsum(1) - is_eos) == 0).float()
 
 
 def encode_completions(tokenizer, completions, device):
@@ -515,19 +508,19 @@ def evaluate(engine, examples, cfg):
     names = ["accuracy", "format", "tool_call_frac", "length"]
     names += ["pass_at_k", "sampled_accuracy"] if k else []
     # the same number of batches on every rank; repeats do not count
-    shard, counted = runs.padded_share(examples)
+    shard, counted = distributed.padded_share(examples)
     totals = torch.zeros(len(names))
     for start in range(0, len(shard), cfg.eval_batch_size):
         chunk = shard[start:start + cfg.eval_batch_size]
         ids, mask, _ = encode_prompts(engine.tokenizer, chunk, cfg, engine.model.device)
-        out = engine.sample(ids, mask, T, temperature=0).tokens
-        texts = decode(engine.tokenizer, out, cfg.prefill)
+        out = engine.sample(ids, mask, T, temperature=0)
+        texts = decode(engine.tokenizer, out.tokens, cfg.prefill)
         row = [[safe_reward(correct, t, e)[0], format_reward(t, e), tools.calls_in(t, cfg.tool_tags) > 0]
                for t, e in zip(texts, chunk)]
-        row = torch.cat([torch.tensor(row),
-                         completion_mask(out, engine.eos_ids).sum(1, keepdim=True).cpu()], 1)
+        row = torch.cat([torch.tensor(row), out.lengths[:, None].cpu()], 1)
         if k:
-            uniforms = runs.my_share(torch.rand(runs.world_size() * len(chunk) * k, T)).to(ids.device)
+            drawn = torch.rand(distributed.world_size() * len(chunk) * k, T)  # one stream for every rank
+            uniforms = distributed.my_share(drawn).to(ids.device)
             out = engine.sample(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), T, cfg.temperature,
                                 cfg.top_p, uniforms).tokens
             texts = decode(engine.tokenizer, out, cfg.prefill)
@@ -535,4 +528,4 @@ def evaluate(engine, examples, cfg):
                                  for i, t in enumerate(texts)]).view(-1, k)
             row = torch.cat([row, (hits.max(1).values > 0).float()[:, None], hits.mean(1, keepdim=True)], 1)
         totals += row[:max(0, counted - start)].sum(0)
-    return dict(zip(names, (runs.all_sum(totals) / max(1, len(examples))).tolist()))
+    return dict(zip(names, (distributed.all_sum(totals) / max(1, len(examples))).tolist()))

@@ -1,28 +1,29 @@
 """
-engine.py: the model as a sequence model, for grpo.py and r1.py: loading (dtype, attention, pad and
-stop tokens, dropout), a group's prompt prefilled once, sampling with a KV cache, the log-probs and
-entropy of completions, bf16 autocast. Nothing here knows about rewards or the GRPO objective.
+engine.py: the policy as grpo.py samples it: loading (dtype, attention, pad and stop tokens,
+dropout), LoRA, the reference model, and the samplers that must equal grpo.py's own.
 
-`Engine` is the interface the trainer calls (`engine.sample(...)`, `engine.logprobs(...)`). Below
-it are two sampling paths that pick the same tokens from the same uniforms: transformers' forward
-with the model's own cache (any family; `sample`), and `StaticDecoder`, a KV cache the engine owns
-with one decode step that picks its own token (Llama, Qwen2, Qwen3, Mistral; compiled on CUDA).
+grpo.py holds the definition: `sample` (transformers' forward with the model's own KV cache, any
+family), `pick_token` and `completion_logprobs`. Here are the faster samplers built on it, which
+pick the same tokens from the same uniforms: `StaticDecoder`, a KV cache the engine owns with one
+decode step that picks its own token (Llama, Qwen2, Qwen3, Mistral; compiled on CUDA), and vLLM
+(vllm_sampler.py). `Engine.sample` runs whichever applies, with tools around it (tools.py), and
+returns what the trainer reads: tokens, log-probs, entropy and the mask of the policy's own tokens.
+Nothing here knows about rewards or the GRPO objective.
 """
 import copy
-import inspect
 import os
 import types
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 
 import runs
 import tools
 from configurator import ConfigError, unread
-from runs import distribute, every_rank_done, say
+from distributed import distribute, every_rank_done, say
 
 
 MIN_TEMPERATURE = 1e-3  # the sampling temperature's floor: below it sampling is greedy in effect
@@ -89,17 +90,63 @@ class LoraOptions:
                         "LoRA is off (lora_rank=0)")]
 
 
+class Sampling(NamedTuple):
+    """How to sample: up to max_new_tokens tokens, a row ending at any of eos_ids [S] (then pad_id);
+    temperature 0 is greedy; the top_p nucleus; uniforms [B, max_new_tokens] in [0, 1) pick the
+    tokens (drawn when None); share_prompt: repeated prompts are prefilled once (prefill_prompts)."""
+    max_new_tokens: int
+    eos_ids: torch.Tensor
+    pad_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    uniforms: Optional[torch.Tensor] = None
+    share_prompt: bool = True
+
+
 class Sampled(NamedTuple):
-    """Completions [B, T] (pad after each row's first stop token) with the sampler's log-prob of
-    each token and the entropy at each position, [B, T] each (mask them with completion_mask);
-    policy [B, T], 1 on the policy's own tokens, 0 on tools' results (and 0 in logp and entropy
-    there), tool_errors [B], the calls of each that failed, and segments (tools.py)."""
+    """What a sampler returns for B prompts: tokens [B, T] (pad after each row's first stop token),
+    the sampler's log-prob of each token and the entropy at each position, [B, T] each. As
+    Engine.sample returns them, also mask [B, T], 1 on the policy's own tokens up to and including
+    the first stop (0 after it, and on a tool's results, whose logp and entropy are 0), lengths
+    [B], the tokens up to the stop (results included), and info, the sampler's own figures for the
+    logs ({name: [B] tensor}, or a list by row: tools.py's calls, errors and transcripts)."""
     tokens: torch.Tensor
     logp: torch.Tensor
     entropy: torch.Tensor
-    policy: Optional[torch.Tensor] = None
-    tool_errors: Optional[torch.Tensor] = None
-    segments: Optional[list] = None  # with tools, each transcript's runs: [["policy", text], ["tool", text]]
+    mask: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None
+    info: Optional[dict] = None
+
+
+class Reference(NamedTuple):
+    """grpo.py's definitions, which the samplers here are built on and must equal: sample(model,
+    prompt_ids, prompt_mask, how) -> Sampled; logprobs(model, ids, attention, num_completion,
+    temperature, share_prompt, with_entropy) -> (logp, entropy); pick(logits, temperature, top_p,
+    uniform, mode) -> (token, logp, entropy) [B] each; picking(temperature, top_p) -> its mode."""
+    sample: Callable
+    logprobs: Callable
+    pick: Callable
+    picking: Callable
+
+
+def draw_uniforms(prompt_ids, how):
+    """The uniforms [B, max_new_tokens] that pick the tokens; greedy decoding draws none (zeros),
+    so that it leaves the random stream as it was."""
+    draw = torch.rand if how.temperature > 0 else torch.zeros
+    return draw(len(prompt_ids), how.max_new_tokens, device=prompt_ids.device)
+
+
+def completion_mask(completion_ids, eos_ids):
+    """1 for tokens up to and including each row's first EOS, 0 after it ([B, T] -> [B, T] float).
+    Only the first EOS counts, so padding after it is never mistaken for text, even when the
+    pad token is the EOS token. A row without EOS (truncated) is all ones."""
+    is_eos = torch.isin(completion_ids, eos_ids).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).float()
+
+
+def positions_of(mask):
+    """Position ids of a left-padded attention mask [B, L]: 0 at each row's first real token."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
 
 
 def load_model(path, device, dtype="float32", attn_implementation="sdpa"):
@@ -212,25 +259,26 @@ def unwrap(model):
 
 
 class Engine:
-    """Sampling and log-probs for a policy and the models that share its tokenizer (the reference,
-    the policy's training wrapper). bf16: run forward passes under bf16 autocast (the weights stay
-    as loaded). share_prompt: a group's G sequences share one forward pass over their prompt.
-    decoder: "static" samples with StaticDecoder where the model's family allows (compiled with
-    compile_decode), "hf" with transformers' forward and cache (`sample`); "auto" is static where
-    the family allows, except under FSDP, whose sharded layers only gather inside their forward.
-    Under bf16 autocast over fp32 weights the static decoder samples a bf16 copy (Bf16Copy)."""
+    """The policy's sampler and log-probs, for the models that share its tokenizer (the reference,
+    the policy's training wrapper), built on grpo.py's definitions (`reference`, a Reference).
+    bf16: forward passes under bf16 autocast (the weights stay as loaded). decoder: "static"
+    samples with StaticDecoder where the model's family allows (compiled with compile_decode),
+    "hf" with the reference sampler; "auto" is static where the family allows, except under FSDP,
+    whose sharded layers only gather inside their forward. Under bf16 autocast over fp32 weights
+    the static decoder samples a bf16 copy (Bf16Copy). open_policy sets the rest: vllm (a
+    vllm_sampler.VllmSampler), tools (a tools.Toolbox) and share_prompt (a group's G sequences
+    share one forward pass over their prompt)."""
 
-    def __init__(self, model, tokenizer, bf16=False, share_prompt=True, decoder="hf", compile_decode=False):
-        self.model, self.tokenizer, self.bf16, self.share_prompt = model, tokenizer, bf16, share_prompt
+    def __init__(self, model, tokenizer, reference, bf16=False, decoder="hf", compile_decode=False):
+        self.model, self.tokenizer, self.reference, self.bf16 = model, tokenizer, reference, bf16
         self.eos_ids, self.pad_id = stop_ids(model, tokenizer), tokenizer.pad_token_id
         why_not = StaticDecoder.unsupported(model, 0)
         if decoder == "static" and why_not:
             raise ConfigError(f"decoder: static decoding cannot run this model: {why_not}")
         static = decoder in ("auto", "static")
-        self.decoder = StaticDecoder(model, compile_decode) if static and not why_not else None
+        self.decoder = StaticDecoder(model, reference, compile_decode) if static and not why_not else None
         self.why_not_static, self.copy = why_not if static else f"decoder={decoder}", None
-        self.vllm = None  # a vllm_sampler.VllmSampler, set by open_policy with decoder=vllm
-        self.tools = None  # a tools.Toolbox, set by open_policy with tools
+        self.vllm, self.tools, self.share_prompt = None, tools.Toolbox(tokenizer, self.eos_ids), True
         self.wants_copy = None  # whether the static decoder samples a Bf16Copy (static_decoder)
 
     def uses_static(self, length):
@@ -246,18 +294,18 @@ class Engine:
 
     @torch.no_grad()
     def sample(self, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None):
-        """Sampled completions of the policy for left-padded prompts [B, P] (see `sample`); with
-        tools, transcripts sampled in rounds with the tools' results between them (tools.py)."""
+        """Completions of the policy for left-padded prompts [B, P] -> Sampled, with its mask,
+        lengths and info: one call of the sampler that runs, or with tools transcripts sampled in
+        rounds with the tools' results between them (tools.py)."""
         how = Sampling(max_new_tokens, self.eos_ids, self.pad_id, temperature, top_p, uniforms,
                        self.share_prompt)
         how = how._replace(uniforms=draw_uniforms(prompt_ids, how) if uniforms is None else uniforms)
-        if self.tools is not None:
-            return Sampled(**self.tools.sample(self.sample_once, prompt_ids, prompt_mask, how))
-        out = self.sample_once(prompt_ids, prompt_mask, how)
-        return out._replace(policy=torch.ones_like(out.logp), tool_errors=torch.zeros_like(out.logp[:, 0]))
+        out = Sampled(**self.tools.sample(self.sample_once, prompt_ids, prompt_mask, how))
+        ended = completion_mask(out.tokens, self.eos_ids)
+        return out._replace(mask=ended * out.mask, lengths=ended.sum(1))
 
     def sample_once(self, prompt_ids, prompt_mask, how):
-        """One call of the sampler that runs (vLLM, the static decoder or transformers' path), its
+        """One call of the sampler that runs (vLLM, the static decoder or the reference), its
         uniforms drawn."""
         if self.vllm is not None:
             return Sampled(**self.vllm.sample(self.model, prompt_ids, prompt_mask, how))
@@ -265,7 +313,7 @@ class Engine:
         with self.autocast():
             if self.uses_static(prompt_ids.size(1) + how.max_new_tokens):
                 return self.static_decoder().sample(prompt_ids, prompt_mask, how)
-            return sample(self.model, prompt_ids, prompt_mask, how)
+            return self.reference.sample(self.model, prompt_ids, prompt_mask, how)
 
     def timings(self):
         """The sampler's own phases since the last call, for the metrics: t_weight_sync, the seconds
@@ -282,26 +330,20 @@ class Engine:
             self.wants_copy = fp32 and not any(".lora_" in name for name, _ in self.model.named_parameters())
         if self.copy is None and self.wants_copy:
             self.copy = Bf16Copy(unwrap(self.model))
-            self.decoder = StaticDecoder(self.copy.model, self.decoder.compiled, self.decoder.bucket,
-                                         self.decoder.backend)
+            self.decoder = StaticDecoder(self.copy.model, self.reference, self.decoder.compiled,
+                                         self.decoder.bucket, self.decoder.backend)
         if self.copy is not None:
             self.copy.refresh()
         return self.decoder
 
-    def logprobs(self, ids, attention, num_completion, temperature=1.0, model=None, with_entropy=False):
-        """(log-probs [B, C] of the last num_completion tokens of ids [B, L] under `model` (the
-        policy when None), with gradients; and with_entropy the entropy [B, C], else None)."""
+    def logprobs(self, ids, attention, num_completion, model=None, share_prompt=None):
+        """log-probs [B, C] of the last num_completion tokens of ids [B, L] under `model` (the
+        policy when None) at temperature 1, with gradients where they are enabled; share_prompt:
+        None is the engine's."""
+        share = self.share_prompt if share_prompt is None else share_prompt
         with self.autocast():
-            return completion_logprobs(self.model if model is None else model, ids, attention, num_completion,
-                                       temperature, self.share_prompt, with_entropy)
-
-    @torch.no_grad()
-    def logprobs_no_grad(self, ids, attention, num_completion, temperature, model, micro_batch_size):
-        """log-probs [B, C] as `logprobs`, without gradients, a micro-batch at a time: the old
-        policy's and the reference's."""
-        return torch.cat([self.logprobs(ids[i:i + micro_batch_size], attention[i:i + micro_batch_size],
-                                        num_completion, temperature, model)[0]
-                          for i in range(0, len(ids), micro_batch_size)])
+            return self.reference.logprobs(self.model if model is None else model, ids, attention,
+                                           num_completion, 1.0, share, False)[0]
 
 
 class Bf16Copy:
@@ -336,8 +378,9 @@ def open_reference(path, options, device, weights=None, lora=None):
     return distribute(model, options, device, trainable=False)
 
 
-def open_policy(path, options, device, dtype):
-    """The policy (weights in dtype) and its Engine, as `options` (EngineOptions) ask: dropout off
+def open_policy(path, options, device, dtype, reference):
+    """The policy (weights in dtype) and its Engine on `reference` (grpo.py's definitions, a
+    Reference), as `options` (EngineOptions) ask: dropout off
     (disable_dropout), gradient checkpointing, bf16 autocast by default on CUDA and with
     dtype=bfloat16 on any device, the static decoder compiled on CUDA. Says which sampler runs."""
     if options.decoder == "vllm":
@@ -350,8 +393,9 @@ def open_policy(path, options, device, dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bf16 = (device.type == "cuda" or options.dtype == "bfloat16") if options.bf16 is None else options.bf16
     compile_decode = device.type == "cuda" if options.compile_decode is None else options.compile_decode
-    engine = Engine(model, tokenizer, bf16, options.share_prompt, options.decoder, compile_decode)
+    engine = Engine(model, tokenizer, reference, bf16, options.decoder, compile_decode)
     engine.tools = tools.open_toolbox(options, tokenizer, engine.eos_ids)
+    engine.share_prompt = options.share_prompt
     if options.decoder == "vllm":
         engine.vllm = vllm_sampler.VllmSampler(path, model, options, bf16, merged_weights)
         vllm_sampler.started(engine.vllm)
@@ -360,179 +404,6 @@ def open_policy(path, options, device, dtype):
     say("sampling: " + (f"static KV cache{', compiled' + graphs if compile_decode else ''}" if engine.decoder
                         else f"transformers ({engine.why_not_static})"))
     return model, engine
-
-
-# ----------------------------------------------------------------------------
-# today's path: transformers forward calls with the model's own KV cache
-
-
-ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
-
-
-def can_share_prompts(model):
-    """Whether a prompt's cache can be copied to other rows: every layer is attention, whose cache
-    is keys and values by row. Hybrid models (LFM2's convolutions, Qwen3-Next's linear attention)
-    keep running states that transformers updates in place; they run every row instead."""
-    config = getattr(unwrap(model), "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return set(getattr(config, "layer_types", None) or ATTENTION_LAYERS) <= ATTENTION_LAYERS
-
-
-def prefill_prompts(model, prompt_ids, prompt_mask, share=True):
-    """Run each distinct prompt of left-padded prompt_ids [B, P] once (a group's G rows share one
-    pass), then copy its KV cache and last logits to every row that has it (gradients flow back
-    through the copies); share=False, or a model whose cache cannot be copied, runs every row.
-    -> (logits [B, 1, V], the cache as a keyword argument for the next forward call)."""
-    from transformers import DynamicCache
-    both = torch.cat([prompt_ids, prompt_mask], 1)
-    share = share and can_share_prompts(model)
-    distinct, rows = torch.unique_consecutive(both, dim=0, return_inverse=True) if share else (both, None)
-    ids, mask = distinct.split(prompt_ids.size(1), 1)
-    # transformers 5 names the argument `cache`, 4.x `past_key_values`
-    name = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
-    config = getattr(unwrap(model), "config", None)
-    # attention layers (full or sliding) get a cache from the config, in training mode too; a hybrid
-    # model builds its own, of the state classes its transformers version has
-    given = {name: DynamicCache(config=config)} if share and config is not None else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
-                use_cache=True, logits_to_keep=1, **given)
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
-    if cache is None:  # e.g. FalconH1 under transformers 4.x, which only fills a cache it is given
-        import transformers
-        raise ConfigError(f"model: {type(unwrap(model)).__name__} returns no KV cache under transformers "
-                          f"{transformers.__version__}, so it cannot be sampled here "
-                          "(a newer transformers may)")
-    logits = out.logits
-    if rows is not None and len(distinct) < len(prompt_ids):
-        cache.batch_select_indices(rows)
-        logits = logits[rows]
-    return logits, {name: cache}
-
-
-def positions_of(mask):
-    """Position ids of a left-padded attention mask [B, L]: 0 at each row's first real token."""
-    return (mask.cumsum(1) - 1).clamp(min=0)
-
-
-class Sampling(NamedTuple):
-    """How to sample: up to max_new_tokens tokens, a row ending at any of eos_ids [S] (then pad_id);
-    temperature 0 is greedy; the top_p nucleus; uniforms [B, max_new_tokens] in [0, 1) pick the
-    tokens (drawn when None); share_prompt: repeated prompts are prefilled once (prefill_prompts)."""
-    max_new_tokens: int
-    eos_ids: torch.Tensor
-    pad_id: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    uniforms: Optional[torch.Tensor] = None
-    share_prompt: bool = True
-
-
-@torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, how):
-    """Sample completions for left-padded prompts [B, P] with the model's own KV cache, as `how`
-    (Sampling) says -> Sampled, [B, T] each, T <= max_new_tokens (it stops once every row, on every
-    rank, has an EOS); the sampler's log-prob of each token and the entropy of softmax(logits /
-    temperature) at each position come free."""
-    uniforms = draw_uniforms(prompt_ids, how) if how.uniforms is None else how.uniforms
-    logits, cache = prefill_prompts(model, prompt_ids, prompt_mask, how.share_prompt)
-    mask, positions = prompt_mask, positions_of(prompt_mask)
-
-    def advance(token, t):  # the model's next logits after `token`, and the next pick
-        nonlocal mask, positions
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        positions = positions[:, -1:] + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                       use_cache=True, **cache).logits[:, -1]
-        return pick_and_score(logits.float(), how.temperature, how.top_p, uniforms[:, t + 1])
-    first = pick_and_score(logits[:, -1].float(), how.temperature, how.top_p, uniforms[:, 0])
-    return decode_loop(first, advance, how)
-
-
-def draw_uniforms(prompt_ids, how):
-    """The uniforms [B, max_new_tokens] that pick the tokens; greedy decoding draws none (zeros),
-    so that it leaves the random stream as it was."""
-    draw = torch.rand if how.temperature > 0 else torch.zeros
-    return draw(len(prompt_ids), how.max_new_tokens, device=prompt_ids.device)
-
-
-def decode_loop(first, advance, how):
-    """The loop both sampling paths share. first: (token, log-prob, entropy), each [B], picked from
-    the prompt's last logits; advance(token, t) gives the same for position t + 1. Tokens after a
-    row's EOS are pad_id; it stops once every row, on every rank, has an EOS, checked every 8
-    tokens as each check waits for the device -> Sampled."""
-    token, logp, entropy = first
-    done = torch.zeros(len(token), dtype=torch.bool, device=token.device)
-    tokens, logps, entropies = [], [], []
-    for t in range(how.max_new_tokens):
-        token = torch.where(done, how.pad_id, token)
-        tokens.append(token), logps.append(logp), entropies.append(entropy)
-        done |= torch.isin(token, how.eos_ids)
-        if t == how.max_new_tokens - 1 or (t % 8 == 7 and every_rank_done(done)):
-            break
-        token, logp, entropy = advance(token, t)
-    return Sampled(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1))
-
-
-def picking(temperature, top_p):
-    """How a step picks its token: greedy (temperature 0), sample, or nucleus (top_p < 1)."""
-    return "greedy" if temperature == 0 else "nucleus" if top_p < 1 else "sample"
-
-
-def pick_token(logits, temperature, top_p, uniform, mode=None):
-    """One token per row from logits [B, V]: argmax when temperature is 0, else a sample of
-    softmax(logits / temperature) restricted to the top_p nucleus, by inverse CDF: the first token
-    whose cumulative probability exceeds uniform [B] * total. As the uniforms are drawn per
-    completion, a completion does not depend on which rank or batch it is sampled in.
-    temperature and top_p may be 0-d tensors (the compiled step's), with mode (picking) given."""
-    mode = mode or picking(temperature, top_p)
-    if mode == "greedy":
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if mode == "nucleus":
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps the top token always
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
-    cdf = probs.cumsum(-1)
-    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
-    return (cdf <= target).sum(-1).clamp(max=len(cdf[0]) - 1)  # never a token of probability 0
-
-
-def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, share_prompt=False,
-                        with_entropy=True):
-    """log pi(o_t | q, o_<t) / temperature-scaled, for the last num_completion tokens of
-    input_ids [B, L] (left-padded prompt + completion) -> logp [B, C] and entropy [B, C]
-    (None unless with_entropy; both carry gradients where grad is enabled). Logits exist only at
-    completion positions, and
-    log-softmax is taken a block of rows at a time (at most 2^24 logits: one row of a large
-    vocabulary, a whole batch of a small one), so the full-vocabulary log-probs of a large batch
-    are never held at once.
-    share_prompt: consecutive rows with the same prompt (a group) share one forward pass over it
-    (prefill_prompts); the same result, fewer FLOPs. Not under gradient checkpointing, which
-    keeps no KV cache. Whether to share is the caller's choice, not the data's, so that every rank
-    makes the same number of forward calls (FSDP gathers weights in each)."""
-    positions = positions_of(attention_mask)
-    prompt_len = input_ids.size(1) - num_completion
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules())
-    if share_prompt and not checkpointed and can_share_prompts(model):
-        first, cache = prefill_prompts(model, input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
-        rest = model(input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask, use_cache=True,
-                     position_ids=positions[:, prompt_len:], logits_to_keep=num_completion, **cache).logits
-        logits = torch.cat([first, rest[:, :-1]], 1)
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       use_cache=False, logits_to_keep=num_completion + 1).logits[:, :-1]
-    targets = input_ids[:, -num_completion:]
-    logps, entropies = [], []
-    rows = max(1, (1 << 24) // (num_completion * logits.size(-1)))
-    for block, block_targets in zip(logits.split(rows), targets.split(rows)):
-        block = block.float() / temperature
-        lse = torch.logsumexp(block, -1)
-        logps.append(block.gather(-1, block_targets[..., None]).squeeze(-1) - lse)
-        if with_entropy:  # H = logsumexp - E_p[logit]: differentiable, and finite where p underflows to 0
-            entropies.append(lse - (torch.softmax(block, -1) * block).sum(-1))
-    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
 # ----------------------------------------------------------------------------
@@ -595,8 +466,8 @@ class StaticDecoder:
     # for its batch and length): the memory CUDA graphs cost, as a graph replays on those addresses
     MAX_STATES = 4
 
-    def __init__(self, model, compile=False, bucket=64, backend="inductor"):
-        self.model = unwrap(model)
+    def __init__(self, model, reference, compile=False, bucket=64, backend="inductor"):
+        self.model, self.pick, self.picking = unwrap(model), reference.pick, reference.picking
         self.body, self.bucket, self.backend, self.states = self.model.model, bucket, backend, OrderedDict()
         self.step, self.compiled, self.reported = self.decode_step, compile, False
         if compile:
@@ -664,7 +535,7 @@ class StaticDecoder:
         logits = self.forward(s.token[:, None], s.position[:, None], s.key_mask[:, None, None, :], s.caches,
                               slot).float()
         uniform = s.uniforms.index_select(1, s.column.view(1)).squeeze(1)
-        token, logp, entropy = pick_and_score(logits, s.temperature, s.top_p, uniform, mode)
+        token, logp, entropy = self.pick(logits, s.temperature, s.top_p, uniform, mode)
         token = torch.where(s.done, s.pad_id, token)
         for out, value in ((s.tokens, token), (s.logps, logp), (s.entropies, entropy)):
             out.index_copy_(1, s.column.view(1), value[:, None].to(out.dtype))
@@ -727,7 +598,7 @@ class StaticDecoder:
         prompt_mask = torch.nn.functional.pad(prompt_mask, (width - prompt_mask.size(1), 0))
         s = self.state(batch_bucket(B) if self.compiled else B, width, how, device)
         logits = self.prefill(s, prompt_ids, prompt_mask, how.share_prompt)
-        token, logp, entropy = pick_and_score(logits, how.temperature, how.top_p, uniforms[:, 0])
+        token, logp, entropy = self.pick(logits, how.temperature, how.top_p, uniforms[:, 0])
         done = torch.isin(token, how.eos_ids)
         for out, value in ((s.tokens, token), (s.logps, logp), (s.entropies, entropy)):
             out[:B, 0] = value
@@ -739,7 +610,7 @@ class StaticDecoder:
                               (s.top_p, how.top_p), (s.pad_id, how.pad_id)):
             tensor.fill_(value)
         s.eos_ids.copy_(how.eos_ids)
-        mode, columns, skips = picking(how.temperature, how.top_p), T, cudagraph_skips()
+        mode, columns, skips = self.picking(how.temperature, how.top_p), T, cudagraph_skips()
         for column in range(1, T):
             if column % 8 == 0 and every_rank_done(s.done):  # a wait for the device, so every 8 tokens
                 columns = column
@@ -787,13 +658,3 @@ def cudagraph_skips():
     """How often torch's inductor has declined to capture a CUDA graph in this process."""
     from torch._dynamo.utils import counters
     return counters["inductor"]["cudagraph_skips"]
-
-
-def pick_and_score(logits, temperature, top_p, uniform, mode=None):
-    """pick_token, and the picked token's log-prob and the entropy under softmax(logits /
-    temperature) (temperature 0: the plain softmax) -> three [B] tensors."""
-    mode = mode or picking(temperature, top_p)
-    token = pick_token(logits, temperature, top_p, uniform, mode)
-    scaled = logits if mode == "greedy" else logits / temperature
-    entropy = torch.special.entr(torch.softmax(scaled, -1)).sum(-1)
-    return token, torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1), entropy

@@ -1,44 +1,35 @@
 """
 objectives.py: the variants of GRPO's objective that papers since DeepSeekMath proposed, as pure
 functions on tensors, with their options. grpo.py holds the paper's own objective (group
-advantages, the clipped surrogate, the k3 KL, the grpo / dapo / dr_grpo aggregation); each
-variant here plugs into it at one visible line, and every option's default leaves it off.
+advantages, the clipped surrogate, the k3 KL, the grpo / dapo / dr_grpo aggregation, the loss
+mask with DAPO's filters) and its tables of estimators and surrogates; each variant here is an
+entry of a table there or plugs in at one visible line, and every option's default leaves it off.
 """
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from configurator import unread
 
 
 @dataclass
 class Variants:
     # objective variants (objectives.py), each off by default
-    advantage: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"  # baseline: group mean | RLOO | REINFORCE++
     importance_sampling_level: Literal["token", "sequence"] = "token"  # ratio per token | sequence (GSPO)
     delta: float = 0.0             # cap of the unclipped ratio, binding for A < 0; 0 = off (INTELLECT-2: 4)
-    cispo_cap: float = 5.0         # loss_type=cispo: cap of the detached importance weight (ScaleRL: 5)
+    cispo_cap: float = 5.0         # surrogate=cispo: cap of the detached importance weight (ScaleRL: 5)
     entropy_coef: float = 0.0      # entropy bonus: minus coef x mean token entropy; 0 = off (PPO's bonus)
     tis_cap: float = 0.0           # truncated IS: tokens weighed by min(pi_old / pi_sampler, cap); 0 = off
-    mask_truncated: bool = False   # leave completions without EOS out of the loss (DAPO: True)
-    drop_zero_std_groups: bool = False  # leave groups with equal rewards out (DAPO: True, resampled)
 
     def checks(self):
         return [(self.delta >= 0, "delta: must not be negative"),
                 (not self.delta or self.delta > 1 + self.clip_eps_high,
                  f"delta: {self.delta} must exceed 1 + clip_eps_high ({1 + self.clip_eps_high:g}), or be 0"),
-                (not self.delta or self.loss_type != "cispo",
-                 "delta: caps the clipped objective's ratio; loss_type=cispo has none"),
+                (not self.delta or self.surrogate != "cispo",
+                 "delta: caps the clipped objective's ratio; surrogate=cispo has none"),
                 (self.cispo_cap > 0, "cispo_cap: must be positive"),
                 (self.entropy_coef >= 0, "entropy_coef: must not be negative"),
-                (self.tis_cap >= 0, "tis_cap: must not be negative"),
-                *unread(self, self.loss_type != "cispo", ("cispo_cap",),
-                        f"loss_type={self.loss_type} is not cispo"),
-                *unread(self, self.loss_type == "cispo", ("clip_eps_low", "clip_eps_high"),
-                        "loss_type=cispo clips no ratio (it caps its weight at cispo_cap)"),
-                *unread(self, self.advantage == "reinforce_pp", ("scale_rewards",),
-                        "advantage=reinforce_pp whitens over the batch itself")]
+                (self.tis_cap >= 0, "tis_cap: must not be negative")]
 
 
 def rloo_baseline(r):
@@ -47,14 +38,16 @@ def rloo_baseline(r):
     return (r.sum(1, keepdim=True) - r) / (r.size(1) - 1)
 
 
-def reinforce_pp_advantages(rewards, group_size, eps, zero_std_groups):
+def reinforce_pp_advantages(rewards, group_size, scale=None, eps=1e-4):
     """REINFORCE++ with baseline (arXiv 2501.03262): B_i = r_i - mean_group(r), then whitened over
-    the whole batch, A_i = (B_i - mean(B)) / (std(B) + eps); rewards [N] -> [N]; the groups of
-    zero_std_groups [N/G] (all rewards equal) get exactly 0."""
+    the whole batch, A_i = (B_i - mean(B)) / (std(B) + eps); rewards [N] -> [N]; a group whose
+    rewards are all equal gets exactly 0. scale: unread (the whitening is its own), for the
+    signature grpo.ADVANTAGES shares."""
     r = rewards.view(-1, group_size)
     centred = r - r.mean(1, keepdim=True)
     whitened = (centred - centred.mean()) / (centred.std() + eps)
-    return torch.where(zero_std_groups[:, None], 0.0, whitened).view(-1)
+    all_equal = (r == r[:, :1]).all(1, keepdim=True)
+    return torch.where(all_equal, 0.0, whitened).view(-1)
 
 
 def sequence_log_ratio(log_ratio, mask):
@@ -93,16 +86,3 @@ def entropy_bonus(entropy, mask, coef, tokens):
     batch's `tokens` loss tokens (mask [B, T]: this micro-batch's), the same whatever the loss type
     (as TRL; PPO, arXiv 1707.06347, eq. 9)."""
     return coef * (entropy * mask).sum() / tokens
-
-
-def dapo_filters(mask, zero_std_groups, truncated, drop_zero_std_groups, mask_truncated):
-    """The loss mask [N, T]: `mask` with whole completions removed by DAPO's filters (arXiv
-    2503.14476): those of groups whose rewards are all equal (zero_std_groups [N/G], dynamic
-    sampling without the resampling) and those that never reached EOS (truncated [N], overlong
-    filtering)."""
-    keep = torch.ones(len(mask), dtype=torch.bool, device=mask.device)
-    if drop_zero_std_groups:
-        keep &= ~zero_std_groups.repeat_interleave(len(mask) // len(zero_std_groups))
-    if mask_truncated:
-        keep &= ~truncated
-    return mask * keep[:, None]

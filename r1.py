@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+import distributed
 import grpo
 import runs
 import sft as supervised
@@ -105,13 +106,13 @@ def sft(cfg):
     sft_lr, warmup then cosine), loss on completion tokens only, with sft.sft (the cold start's
     loop); held-out accuracy of cfg.task before and after; checkpoints and metrics.jsonl as
     grpo.py writes them."""
-    device = runs.init_distributed(cfg)
+    device = distributed.init_distributed(cfg)
     pairs, test_set = load_pairs(cfg.data_path, cfg.prefill), held_out(cfg)
     runs.take_run_dir(cfg.out_dir, new="start anew")
     runs.write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
     path = (data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny"
             else cfg.model)
-    model, engine = open_policy(path, cfg, device, "float32")  # fp32 master weights
+    model, engine = open_policy(path, cfg, device, "float32", grpo.REFERENCE)  # fp32 master weights
     cfg = data.resolve_prompt_limit(cfg, model, engine.tokenizer, pairs)
     before = data.evaluate(engine, test_set, cfg) if test_set else {}
     metrics, show = runs.RunLog(cfg.out_dir, cfg, fresh=True), runs.Progress("sft")
@@ -122,7 +123,7 @@ def sft(cfg):
         if step % cfg.save_every == 0 or step == cfg.sft_steps:
             state = {"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}
             runs.save_checkpoint(cfg.out_dir, model, engine.tokenizer, state, cfg.keep_checkpoints)
-    lr_at = lambda step: cfg.sft_lr * runs.lr_factor(step, cfg.warmup_steps, cfg.sft_steps,  # noqa: E731
+    lr_at = lambda step: cfg.sft_lr * grpo.lr_factor(step, cfg.warmup_steps, cfg.sft_steps,  # noqa: E731
                                                      cfg.min_lr_ratio)
     supervised.sft(model, engine, pairs, cfg, cfg.sft_steps, lr_at, on_step)
     after = data.evaluate(engine, test_set, cfg) if test_set else {}
@@ -174,11 +175,11 @@ def rejection_sample(cfg):
     """Sample cfg.samples completions for each training prompt from cfg.model, keep those that
     pass `verdict`, write them to cfg.output (a JSONL the sft mode reads) and a per-prompt report
     beside it (OUTPUT.report.jsonl: kept / total and why the rest were rejected)."""
-    device = runs.init_distributed(cfg)
+    device = distributed.init_distributed(cfg)
     prompts = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size,
                              cfg.digits)[0]
     prompts = prompts[:cfg.sample_prompts or None]
-    model, engine = open_policy(cfg.model, cfg, device, cfg.dtype)
+    model, engine = open_policy(cfg.model, cfg, device, cfg.dtype, grpo.REFERENCE)
     cfg = data.resolve_prompt_limit(cfg, model, engine.tokenizer, prompts)
     tokenizer, k = engine.tokenizer, cfg.samples
     kept, report, reasons, show = [], [], collections.Counter(), runs.Progress("sample")

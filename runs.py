@@ -1,9 +1,8 @@
 """
-runs.py: what a training run needs besides the algorithm: torchrun's process group and
-collectives, DDP/FSDP wrapping and whole-model state for saving, a run directory written so that
-a crash never leaves it unusable (checkpoints, resume), the metrics row and the samples log,
-random-number state, signals, progress.
-grpo.py and r1.py import these; none of them changes what is computed.
+runs.py: the run directory, written so that a crash never leaves it unusable: one run at a time,
+checkpoints and resume, the config, the metrics row and the samples log, random-number state;
+and how a run ends: signals, progress, exit codes. grpo.py and r1.py import these; none of them
+changes what is computed (torchrun's part is distributed.py).
 """
 import contextlib
 import importlib.util
@@ -19,146 +18,28 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 
-from configurator import ConfigError, fields_in_order, read_text, unread
+from configurator import ConfigError, fields_in_order, read_text
+from distributed import (all_sum, any_rank, barrier, full_state, gather, leave_distributed,
+                         load_optimizer_state, main_rank, my_share, say, world_size)
 
 
 @dataclass
 class RunOptions:
-    # the run: device, sharding, checkpoints, logging (runs.py)
-    device: str = "auto"           # auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU)
-    sharding: Literal["ddp", "fsdp"] = "ddp"  # torchrun: ddp, a copy per rank; fsdp shards weights and Adam
+    # the run directory: checkpoints, logging (runs.py)
     save_every: int = 400          # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2      # checkpoints kept on disk
     max_bad_steps: int = 10        # stop after this many consecutive steps with a non-finite loss/gradient
     wandb: bool = False            # log to Weights & Biases (needs the package)
 
     def checks(self):
-        gpus, cuda = cuda_devices(), re.fullmatch(r"cuda(:\d+)?", self.device)
         return [*[(getattr(self, k) >= 1, f"{k}: must be at least 1")
                   for k in ("save_every", "keep_checkpoints", "max_bad_steps")],
-                (self.device in ("auto", "cpu") or cuda,
-                 f"device: {self.device!r} is not auto, cpu or cuda[:N]"),
-                (not cuda or gpus > int(self.device.partition(":")[2] or 0),
-                 f"device: {self.device!r}, but "
-                 + (f"this machine has {gpus} CUDA device(s)" if gpus else
-                    "torch sees no CUDA device here (a CPU build, or no GPU); use --device=cpu")),
                 (not self.wandb or installed("wandb"), "wandb: the wandb package is not installed"),
-                (not unwritable(self.out_dir), f"out_dir: {self.out_dir}: {unwritable(self.out_dir)}"),
-                *unread(self, world_size_asked() == 1, ("sharding",),
-                        "one process has nothing to share it with (torchrun starts ranks)")]
-
-# ----------------------------------------------------------------------------
-# torchrun: one process per device. Ranks split each step's groups between them and agree on
-# everything else; outside torchrun every helper here is a no-op.
-
-
-def init_distributed(cfg):
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) -> this rank's device."""
-    if world_size_asked() == 1:
-        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-                            else cfg.device)
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return device
-
-
-def leave_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def rank_and_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def world_size():
-    return rank_and_world()[1]
-
-
-def world_size_asked():
-    """The number of ranks torchrun starts (before the group is joined): 1 outside torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def main_rank():
-    """Whether this process prints, logs and saves: rank 0 (before the group is joined too)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def say(*args, **kwargs):
-    """print, on the main rank only."""
-    if main_rank():
-        print(*args, **kwargs)
-
-
-def my_share(rows):
-    """This rank's part of `rows` (a list or tensor split into world-size equal, consecutive parts,
-    as each step's groups are): all of them outside torchrun."""
-    rank, world = rank_and_world()
-    size = len(rows) // world
-    return rows[rank * size:(rank + 1) * size]
-
-
-def strided_share(rows):
-    """Every world-size-th row from this rank's: a share of a list of any length."""
-    rank, world = rank_and_world()
-    return rows[rank::world]
-
-
-def padded_share(rows):
-    """(strided_share(rows) padded with repeats of rows[0] to the same length on every rank, the
-    number of its rows that are not padding): every rank then runs the same number of batches."""
-    share = strided_share(rows)
-    return share + rows[:1] * (math.ceil(len(rows) / world_size()) - len(share)), len(share)
-
-
-def backward(loss):
-    """Backpropagate a loss already normalised over every rank's batch: DDP and FSDP average the
-    ranks' gradients, so each rank's part is scaled by the world size to make that a sum."""
-    (loss * world_size()).backward()
-
-
-@contextlib.contextmanager
-def sync_gradients(model, last):
-    """Around one micro-batch's backward: DDP all-reduces gradients only after the last one."""
-    with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-        yield
-
-
-def clip_grad_norm(model, max_norm):
-    """Clip the gradient norm over all ranks' parameters to max_norm (0: no clipping) -> the norm
-    before clipping, a float."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
-
-
-def every_rank_done(done):
-    """Whether every row of `done` [B] bool is True on every rank (ranks stop decoding together,
-    as FSDP's weight gathers must pair up)."""
-    return all_sum((~done).sum()).item() == 0
-
-
-def any_rank(flags):
-    """Whether `flags` (e.g. the signals received) is non-empty on any rank."""
-    return all_sum(torch.tensor(len(flags))).item() > 0
-
-
-def reshard(*models):
-    """FSDP: free the whole weights a root module keeps after its forward, so that its parameters
-    are this rank's shards again (before reading them parameter by parameter)."""
-    for model in models:
-        for module in model.modules():
-            if hasattr(module, "reshard"):
-                module.reshard()
-
+                (not unwritable(self.out_dir), f"out_dir: {self.out_dir}: {unwritable(self.out_dir)}")]
 
 class WeightsMoved:
     """Called, whether `model`'s weights may have changed since the last call: their version
@@ -182,96 +63,6 @@ class WeightsMoved:
         moved = self.stepped or versions != self.versions
         self.versions, self.stepped = versions, False
         return moved
-
-
-def comm_device():
-    return (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-            else torch.device("cpu"))
-
-
-def all_sum(tensor):
-    """The sum of `tensor` over ranks."""
-    if not dist.is_initialized():
-        return tensor
-    total = tensor.to(comm_device(), copy=True)
-    dist.all_reduce(total)
-    return total.to(tensor.device)
-
-
-def gather(tensor):
-    """Every rank's [n, ...] rows concatenated in rank order (all ranks hold the same n)."""
-    if not dist.is_initialized():
-        return tensor
-    local = tensor.to(comm_device()).contiguous()
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
-    return torch.cat(parts).to(tensor.device)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def lr_factor(step, warmup_steps, total_steps, min_ratio):
-    """Linear warmup to 1 over warmup_steps, then cosine decay to min_ratio at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def set_lr(optimizer, lr):
-    """The optimizer, with every parameter group's learning rate set to lr."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return optimizer
-
-
-def distribute(model, cfg, device, trainable=True):
-    """The module that trains: DDP around the model, or with sharding=fsdp the model itself sharded
-    in place with fully_shard, a unit per decoder layer (the reference model too, trainable=False)."""
-    if not dist.is_initialized():
-        return model
-    if cfg.sharding == "fsdp":
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6
-            from torch.distributed._composable.fsdp import fully_shard
-        for module in model.modules():
-            if type(module).__name__ in (model._no_split_modules or ()):
-                fully_shard(module)
-        fully_shard(model)
-        return model
-    if not trainable:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                     else None)
-
-
-def full_state(model, optimizer=None):
-    """The optimizer's state by parameter name, or the model's weights when FSDP shards them
-    (None otherwise: save_pretrained reads the model), whole and on the CPU. Under FSDP every rank
-    must call this; rank 0 gets the result."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    # None before the first update: the call would make a zero state that counts a step
-    if optimizer is not None:
-        return get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else None
-    if not hasattr(model, "reshard"):  # not an FSDP module
-        return None
-    weights = get_model_state_dict(model, options=options)
-    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    # tied weights once, as save_pretrained does
-    return {name: w for name, w in weights.items() if name in names}
-
-
-def load_optimizer_state(model, optimizer, state):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    if state is not None:
-        set_optimizer_state_dict(model, optimizer, state,
-                                 options=StateDictOptions(full_state_dict=dist.is_initialized()))
 
 
 # ----------------------------------------------------------------------------
@@ -386,22 +177,35 @@ def save_model(path, model, tokenizer):
     barrier()
 
 
-def save_training(run, checkpoint):
-    """A checkpoint of a training run (grpo.setup's) after checkpoint["step"]: its model, the dict
-    `checkpoint` and what resuming needs besides: the optimizer, the random streams, a reference
-    that moves, the config and the model RL started from (the lr is a function of the step). With
-    LoRA the adapter is saved in adapter/ and run.merged() (its merged weights, built on the main
+class Saving(NamedTuple):
+    """What a training run's checkpoints hold besides the step's own state: the policy and its
+    optimizer, a reference that moves (None for a fixed one), LoRA's PeftModel and its merged
+    weights (merged() -> state dict; None without LoRA), the model RL started from and the config
+    as given."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ref_model: Optional[torch.nn.Module]
+    lora: Optional[torch.nn.Module]
+    merged: Optional[Callable]
+    init_path: str
+    config: dict
+
+
+def save_training(cfg, tokenizer, saving, checkpoint):
+    """A checkpoint of a training run after checkpoint["step"]: its model, the dict `checkpoint`
+    and what resuming needs besides (saving, a Saving): the optimizer, the random streams, a
+    reference that moves, the config and the model RL started from (the lr is a function of the
+    step). With LoRA the adapter is saved in adapter/ and its merged weights (built on the main
     rank only) as the model. Every rank calls it; the main rank writes (save_checkpoint)."""
-    cfg, model = run.cfg, run.model
-    state = {**checkpoint, "optimizer": full_state(model, run.optimizer), "rng": rng_state(),
-             "config": run.saved_cfg, **init_model_fields(cfg.out_dir, run.init_path)}
-    if run.ref_model is not None and cfg.ref_sync_every > 0:
-        state["ref_model"] = full_state(run.ref_model) or run.ref_model.state_dict()
-    weights = full_state(model) if run.merged is None else None
+    model = saving.model
+    state = {**checkpoint, "optimizer": full_state(model, saving.optimizer), "rng": rng_state(),
+             "config": saving.config, **init_model_fields(cfg.out_dir, saving.init_path)}
+    if saving.ref_model is not None:
+        state["ref_model"] = full_state(saving.ref_model) or saving.ref_model.state_dict()
+    weights = full_state(model) if saving.lora is None else None
     if main_rank():
-        weights = weights if run.merged is None else run.merged()
-        save_checkpoint(cfg.out_dir, model, run.engine.tokenizer, state, cfg.keep_checkpoints, weights,
-                        run.lora)
+        weights = weights if saving.merged is None else saving.merged()
+        save_checkpoint(cfg.out_dir, model, tokenizer, state, cfg.keep_checkpoints, weights, saving.lora)
     barrier()
 
 
@@ -417,17 +221,19 @@ def restore_training(state, model, optimizer):
 
 def step_metrics(step, whole, counts, update, times):
     """The metrics row of one step. whole: the step's rewards, scores {reward name: [N]}, correct
-    and zero_std (every rank's), and this rank's lengths and truncated (gathered here); counts
+    and zero_std (every rank's), and this rank's lengths, truncated and the sampler's tool_calls and
+    tool_errors (engine.Sampled's info; gathered here); counts
     (sums) and update (policy_update's: its summed statistics) are this rank's, brought together
     by one all-reduce. Quantities of the update are per loss token and update, and null when no
     update was made (no token in the loss, or a skipped step). times: the clock at the start and
     after each of PHASES."""
     sums, updates, device = update.sums, update.updates, whole["lengths"].device
+    counts = {**counts, "tool_errors": whole["tool_errors"].sum()}
     values = [torch.as_tensor(v, dtype=torch.float32).to(device) for v in [*sums.values(), *counts.values()]]
     total = dict(zip([*sums, *counts], all_sum(torch.stack(values)).tolist()))
     lengths, truncated = gather(whole["lengths"].float()), gather(whole["truncated"].float())
     rewards, correct = whole["rewards"], whole["correct"].to(lengths.device)
-    calls = gather(whole["calls"].float().to(device))  # each completion's tool calls, as its text writes them
+    calls = gather(whole["tool_calls"].float().to(device))  # each completion's calls, as its text writes them
     per_token = {k: total[k] / (max(1.0, total["loss_tokens"]) * updates) for k in sums} if updates else {}
     return {"step": step, "loss": total["loss"] / updates if updates else None,
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
@@ -484,7 +290,7 @@ def log_samples(log, step, examples, texts, whole, advantages):
     completions = [{"text": text, "rewards": {name: float(column[i]) for name, column in scores.items()},
                     "reward": float(rewards[i]), "advantage": float(advantages[i]),
                     "length": int(whole["lengths"][i]), "truncated": bool(whole["truncated"][i]),
-                    **({"tool_calls": int(whole["calls"][i]), "segments": whole["segments"][i]}
+                    **({"tool_calls": int(whole["tool_calls"][i]), "segments": whole["segments"][i]}
                        if whole.get("segments") else {})}
                    for i, text in enumerate(texts)]
     log.samples([{"step": step, "prompt": example["question"], "answer": example["answer"],
@@ -544,6 +350,46 @@ class RunLog:
         if main_rank():
             with open(self.samples_path, "a") as f:
                 f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+class TrainingLog(RunLog):
+    """A GRPO run's log (grpo.train's): each step's metrics row written with the count of skipped
+    steps, the progress line, samples.jsonl every log_samples_every steps; whether the run must
+    stop (a signal, or max_bad_steps non-finite steps in a row); what a checkpoint records of it;
+    the summary at the end. state: a resumed run's checkpoint state ({} for a fresh run)."""
+
+    def __init__(self, cfg, state, started):
+        super().__init__(cfg.out_dir, cfg, fresh=not state)
+        self.cfg, self.started, self.progress = cfg, started, Progress("grpo")
+        self.bad_steps, self.skipped = state.get("bad_steps", (0, 0))
+        self.rl_started, self.step = time.time(), state.get("step", 0)
+
+    def write(self, row, samples=None):
+        """The step's row (step_metrics'), after counting it as bad or not; samples: (examples,
+        texts, whole, advantages) as log_samples takes them."""
+        self.step = row["step"]
+        self.bad_steps = self.bad_steps + 1 if row["skipped"] else 0
+        self.skipped += row["skipped"]
+        super().write({**row, "skipped_total": self.skipped})
+        self.progress(row["step"], self.cfg.max_steps, progress_line(row))
+        every = self.cfg.log_samples_every
+        if samples is not None and every and row["step"] % every == 0:
+            log_samples(self, row["step"], *samples)
+
+    def stop(self, signals):
+        """A Stop when a signal reached any rank or the last max_bad_steps steps were all skipped,
+        else None (every rank gets the same answer)."""
+        signalled = any_rank(signals)
+        if signalled or self.bad_steps >= self.cfg.max_bad_steps:
+            return stopped(signals if signalled else None, self.step, self.bad_steps, self.cfg.out_dir)
+        return None
+
+    def checkpoint(self, step, before):
+        """What a checkpoint after `step` keeps of the run besides the weights."""
+        return {"step": step, "eval_before": before, "bad_steps": (self.bad_steps, self.skipped)}
+
+    def summarise(self, before, after, questions):
+        return summarise(self.cfg, before, after, questions, self.started, time.time() - self.rl_started)
 
 
 LOGS = ("metrics.jsonl", "samples.jsonl")  # rows with a "step", cut back to the checkpoint on resume
@@ -821,10 +667,6 @@ def restore_rng(state):
 
 def installed(package):
     return importlib.util.find_spec(package) is not None
-
-
-def cuda_devices():
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def clock(device):

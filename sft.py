@@ -12,10 +12,11 @@ from typing import Optional
 import torch
 
 import data
+import distributed
 import runs
 import tools
 from configurator import ConfigError, unread
-from engine import completion_logprobs
+from engine import completion_mask
 
 
 @dataclass
@@ -27,7 +28,7 @@ class ColdStart:
     sft_lr: Optional[float] = None  # SFT learning rate (constant); None = 1e-3 for model="tiny", else 1e-5
 
     def checks(self):
-        ranks = runs.world_size_asked()  # before the process group is joined
+        ranks = distributed.world_size_asked()  # before the process group is joined
         return [(self.sft_steps >= 0, "sft_steps: must not be negative"),
                 (self.sft_examples >= 0, "sft_examples: must not be negative"),
                 (self.sft_batch_size >= 1, "sft_batch_size: must be at least 1"),
@@ -49,12 +50,11 @@ def sft_loss(engine, batch, cfg, model=None):
     ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
     # a result in a worked solution is the tool's text, as in a sampled transcript: no loss on it
-    mask = data.completion_mask(completion_ids, engine.eos_ids) * tools.written_mask(
+    mask = completion_mask(completion_ids, engine.eos_ids) * tools.written_mask(
         engine.tokenizer, solutions, cfg.tool_tags, completion_ids.shape).to(device)
-    with engine.autocast():  # every row its own prompt pass, as the update's (share_prompt is for groups)
-        logp, _ = completion_logprobs(engine.model if model is None else model, ids, attention,
-                                      completion_ids.size(1), with_entropy=False)
-    tokens = runs.all_sum(mask.sum())
+    # every row its own prompt pass, as the update's (share_prompt is for groups)
+    logp = engine.logprobs(ids, attention, completion_ids.size(1), model, share_prompt=False)
+    tokens = distributed.all_sum(mask.sum())
     return -(logp * mask).sum() / tokens, tokens
 
 
@@ -68,16 +68,17 @@ def sft(model, engine, examples, cfg, steps, lr_at, on_step=None):
     model.train()
     for step in range(steps):
         batch = rng.sample(examples, min(cfg.sft_batch_size, len(examples)))
-        loss, tokens = sft_loss(engine, runs.strided_share(batch), cfg, model)
+        loss, tokens = sft_loss(engine, distributed.strided_share(batch), cfg, model)
         optimizer.zero_grad(set_to_none=True)
-        runs.backward(loss)
-        grad_norm = runs.clip_grad_norm(model, cfg.grad_clip)
+        distributed.backward(loss)
+        grad_norm = distributed.clip_grad_norm(model, cfg.grad_clip)
         lr = lr_at(step)
-        runs.set_lr(optimizer, lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         if math.isfinite(grad_norm):
             optimizer.step()
-        row = {"step": step + 1, "loss": runs.all_sum(loss.detach()).item(), "lr": lr, "grad_norm": grad_norm,
-               "tokens": int(tokens)}
+        row = {"step": step + 1, "loss": distributed.all_sum(loss.detach()).item(), "lr": lr,
+               "grad_norm": grad_norm, "tokens": int(tokens)}
         if on_step:
             on_step(step + 1, row, optimizer)
     model.zero_grad(set_to_none=True)  # no stale gradient in memory, or in a later norm (LoRA's frozen base)

@@ -37,7 +37,7 @@ import re
 
 import torch
 
-import runs
+import distributed
 import usercode
 from configurator import ConfigError, unread
 from rewards import evaluate_arithmetic
@@ -165,12 +165,14 @@ def run_calls(calls, options, workers=None):
 
 
 class Toolbox:
-    """The tools of `options` (ToolOptions) and the rounds of sampling that call them (see the
-    module's docstring), for the tokenizer the policy writes with."""
+    """The tools of `options` (ToolOptions; None: its defaults, no tools) and the rounds of sampling that call
+    them (see the module's docstring), for the tokenizer the policy writes with. Without tools a
+    sampler runs once, and the calls its completions write are counted all the same."""
 
-    def __init__(self, options, tokenizer, eos_ids):
-        self.options, self.tokenizer = options, tokenizer
-        tools = parse_tools(options.tools)
+    def __init__(self, tokenizer, eos_ids, options=None):
+        self.options, self.tokenizer = options or ToolOptions(), tokenizer
+        tools = parse_tools(self.options.tools)
+        options = self.options
         mine = [tool for _, tool in tools if not callable(tool)]  # (source, function): in workers, by index
         self.tools = [(name, tool if callable(tool) else mine.index(tool)) for name, tool in tools]
         self.workers = usercode.Workers(mine, options.tool_timeout, options.max_tool_chars,
@@ -210,9 +212,17 @@ class Toolbox:
     def sample(self, sample_once, prompt_ids, prompt_mask, how):
         """Transcripts for left-padded prompts [B, P], sampled by rounds of sample_once(ids, mask,
         how) (the engine's sampler) with `how` (engine.Sampling, its uniforms [B, T] drawn: zeros
-        for greedy) -> {tokens, logp, entropy, policy, tool_errors, segments}: [B, T] each (logp
-        and entropy 0 on results), tool_errors [B], and each transcript's runs, [["policy", text],
+        for greedy) -> {tokens, logp, entropy, mask, info}: [B, T] each (logp and entropy 0 on
+        results; mask 1 on the policy's own tokens, 0 on results) and info, the figures of the
+        transcripts for the logs: tool_calls [B] (the calls each writes, run or not), tool_errors
+        [B] (those that failed) and with tools each one's runs, segments: [["policy", text],
         ["tool", result text], ...]."""
+        if not self.tools:
+            out = sample_once(prompt_ids, prompt_mask, how)
+            texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+            calls = count_calls(texts, self.options.tool_tags).to(out.tokens.device)
+            return {**out._asdict(), "mask": torch.ones_like(out.logp),
+                    "info": {"tool_calls": calls, "tool_errors": torch.zeros_like(calls)}}
         B, T, device, uniforms = len(prompt_ids), how.max_new_tokens, prompt_ids.device, how.uniforms
         prompts = [row[keep.bool()].tolist() for row, keep in zip(prompt_ids, prompt_mask)]
         rows = [{"tokens": [], "logp": [], "entropy": [], "policy": [], "segments": []} for _ in range(B)]
@@ -222,7 +232,7 @@ class Toolbox:
             # under torchrun every rank samples each round, for as many tokens: the samplers' stop
             # checks are collectives; a rank with no row going samples a stand-in, then drops it
             room = max((T - len(rows[i]["tokens"]) for i in going), default=0)
-            room = int(runs.gather(torch.tensor([room], device=device)).max())
+            room = int(distributed.gather(torch.tensor([room], device=device)).max())
             if room == 0:
                 break
             order, so_far = going or [0], [rows[i]["tokens"] for i in going] or [[]]  # [0]: the stand-in
@@ -248,8 +258,12 @@ class Toolbox:
         fills = {"tokens": how.pad_id, "logp": 0.0, "entropy": 0.0, "policy": 0.0}
         out = {key: torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], device=device)
                for key, fill in fills.items()}
-        return {**out, "tool_errors": torch.tensor(errors, device=device),
+        texts = self.tokenizer.batch_decode(out["tokens"], skip_special_tokens=True)
+        info = {"tool_calls": count_calls(texts, self.options.tool_tags).to(device),
+                "tool_errors": torch.tensor(errors, device=device),
                 "segments": [row["segments"] for row in rows]}
+        out["mask"] = out.pop("policy")
+        return {**out, "info": info}
 
     def append(self, row, tokens, logp, entropy, policy=1.0):
         """Tokens onto a transcript, the policy's (policy=1) or a tool's, and their text as a segment."""
@@ -292,13 +306,14 @@ def written_mask(tokenizer, texts, tags, shape):
 
 
 def open_toolbox(options, tokenizer, eos_ids):
-    """The Toolbox of options.tools, or None without tools (`tools=""`). A tag that is a special token
-    of the tokenizer is refused, tools or not: decoding drops it, so no call could be read or counted."""
+    """The Toolbox of options.tools (without tools, `tools=""`, one that counts the calls written). A
+    tag that is a special token of the tokenizer is refused, tools or not: decoding drops it, so no
+    call could be read or counted."""
     specials = [tag for tag in getattr(options, "tool_tags", ()) if tag in tokenizer.all_special_tokens]
     if specials:
         raise ConfigError(f"tool_tags: {specials[0]} is a special token of this tokenizer, which decoding "
                           "drops: no call could be read")
     try:
-        return Toolbox(options, tokenizer, eos_ids) if getattr(options, "tools", "").strip() else None
+        return Toolbox(tokenizer, eos_ids, options)
     except ValueError as err:
         raise ConfigError(f"tools: {err}") from None

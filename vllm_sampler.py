@@ -22,7 +22,8 @@ import time
 import torch
 
 import runs
-from runs import ConfigError, say
+from configurator import ConfigError
+from distributed import say
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine runs in this process
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO lines would bury the run's; =INFO shows them

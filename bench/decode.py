@@ -95,13 +95,14 @@ def main(argv=None):
         uniforms = torch.rand(len(ids), new_tokens, generator=torch.Generator().manual_seed(0)).to(device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         how = engine.Sampling(new_tokens, never, tokenizer.pad_token_id, 1.0, 1.0, uniforms)
-        paths = {"hf": lambda: engine.sample(model, ids, mask, how).tokens,
-                 "static": (lambda d: lambda: d.sample(ids, mask, how).tokens)(engine.StaticDecoder(model))}
+        paths = {"hf": lambda: grpo.sample(model, ids, mask, how).tokens,
+                 "static": (lambda d: lambda: d.sample(ids, mask, how).tokens)(
+                     engine.StaticDecoder(model, grpo.REFERENCE))}
         if baseline:
             then = baseline.StaticDecoder(model)
             paths["baseline"] = lambda: then.sample(ids, mask, baseline.Sampling(*how)).tokens
         if compiled:
-            decoder = engine.StaticDecoder(model, compile=True)
+            decoder = engine.StaticDecoder(model, grpo.REFERENCE, compile=True)
             paths["compiled"] = lambda: decoder.sample(ids, mask, how).tokens
         times, outputs = {k: [] for k in paths}, {}
         with autocast:

@@ -91,8 +91,10 @@ def main(argv=None):
     vocab, hidden, layers = shape["vocab_size"], shape["hidden_size"], shape["num_hidden_layers"]
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                 else contextlib.nullcontext)
-    stops = types.SimpleNamespace(eos_token_id=0, pad_token_id=0)
-    samplers = {compiled: engine.Engine(model, stops, bf16=device.type == "cuda", decoder=args.decoder,
+    stops = types.SimpleNamespace(eos_token_id=0, pad_token_id=0,  # a tokenizer's part the engine reads
+                                  batch_decode=lambda ids, **_: [""] * len(ids))
+    samplers = {compiled: engine.Engine(model, stops, grpo.REFERENCE, bf16=device.type == "cuda",
+                                        decoder=args.decoder,
                                         compile_decode=compiled) for compiled in (False, True)}
     for sampler in samplers.values():
         sampler.eos_ids = torch.tensor([vocab + 1], device=device)  # no EOS: every row runs the full length

@@ -56,10 +56,10 @@ def check_families(device):
         ids = torch.randint(1, 255, (8, 20), device=device, generator=torch.Generator(device).manual_seed(1))
         mask = torch.ones_like(ids)
         how = engine.Sampling(24, torch.tensor([255], device=device), 0, 0.0)
-        theirs = engine.sample(model, ids, mask, how).tokens
-        eager = engine.StaticDecoder(model).sample(ids, mask, how).tokens
+        theirs = grpo.sample(model, ids, mask, how).tokens
+        eager = engine.StaticDecoder(model, grpo.REFERENCE).sample(ids, mask, how).tokens
         skips = engine.cudagraph_skips()
-        compiled = engine.StaticDecoder(model, compile=True).sample(ids, mask, how).tokens
+        compiled = engine.StaticDecoder(model, grpo.REFERENCE, compile=True).sample(ids, mask, how).tokens
         out[name] = {"eager_equals_transformers": torch.equal(eager, theirs),
                      "compiled_equals_eager": torch.equal(compiled, eager),
                      "cuda_graphs_captured": device.type == "cuda" and engine.cudagraph_skips() == skips}
@@ -76,7 +76,8 @@ def decode(shape, device, batch, prompt_tokens, new_tokens):
     bf16 = device.type == "cuda"
     rows = {}
     for compiled in (False, True):
-        sampler = engine.Engine(model, tokenizer, bf16=bf16, decoder="static", compile_decode=compiled)
+        sampler = engine.Engine(model, tokenizer, grpo.REFERENCE, bf16=bf16, decoder="static",
+                                compile_decode=compiled)
         sampler.eos_ids = torch.tensor([vocab + 1], device=device)  # every row runs the full length
         for B in batch:
             prompts = torch.randint(1, vocab - 1, (B, prompt_tokens), device=device)

@@ -43,21 +43,21 @@ def main(argv=None):
     eos = engine.stop_ids(model, tokenizer)
     uniforms = torch.rand(len(ids), args.max_new_tokens, generator=torch.Generator().manual_seed(0))
     how = engine.Sampling(args.max_new_tokens, eos, tokenizer.pad_token_id, 1.0, 1.0, uniforms)
-    completions = engine.sample(model, ids, mask, how).tokens
+    completions = grpo.sample(model, ids, mask, how).tokens
     full = torch.cat([ids, completions], 1)
     attention = torch.cat([mask, torch.ones_like(completions)], 1)
     C = completions.size(1)
 
     def sampling(share):
-        engine.sample(model, ids, mask, how._replace(share_prompt=share))
+        grpo.sample(model, ids, mask, how._replace(share_prompt=share))
 
     @torch.no_grad()
     def no_grad_pass(share):
-        engine.completion_logprobs(model, full, attention, C, 1.0, share)
+        grpo.completion_logprobs(model, full, attention, C, 1.0, share)
 
     def update(share):
         model.zero_grad(set_to_none=True)
-        engine.completion_logprobs(model, full, attention, C, 1.0, share)[0].sum().backward()
+        grpo.completion_logprobs(model, full, attention, C, 1.0, share)[0].sum().backward()
 
     print(f"{args.prompts} prompts x {args.group_size}, prompt {ids.size(1)} tokens, completions {C} tokens, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "

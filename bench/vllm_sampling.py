@@ -41,8 +41,8 @@ def one_model(name, path, args):
     start = time.perf_counter()
     vllm = vllm_sampler.VllmSampler(path, model, options, False, engine.merged_weights)
     started = time.perf_counter() - start
-    static = engine.StaticDecoder(model)
-    paths = {"hf": lambda: engine.sample(model, ids, mask, how),
+    static = engine.StaticDecoder(model, grpo.REFERENCE)
+    paths = {"hf": lambda: grpo.sample(model, ids, mask, how),
              "static": lambda: static.sample(ids, mask, how),
              "vllm": lambda: vllm.sample(model, ids, mask, how)}
     first = {}

@@ -28,7 +28,7 @@ def loss_of(logp, old, ref, advantages, mask, denominator, bonus=None, **objecti
     import grpo
     import objectives
     objective.setdefault("clip_eps_high", objective.get("clip_eps_low", 0.2))  # as parse_config resolves it
-    o = grpo.Objective(**objective)
+    o = grpo.Config(**objective)
     batch = grpo.Rollout(None, None, advantages, mask, old, ref, torch.zeros_like(old))
     loss, stats = grpo.grpo_loss(logp, batch, denominator, o)
     if bonus is not None:
@@ -37,9 +37,16 @@ def loss_of(logp, old, ref, advantages, mask, denominator, bonus=None, **objecti
 
 
 def draw(model, ids, mask, *how, **named):
-    """engine.sample's tokens, with the settings engine.Sampling(*how, **named)."""
+    """grpo.sample's tokens, with the settings engine.Sampling(*how, **named) (uniforms drawn)."""
     import engine
-    return engine.sample(model, ids, mask, engine.Sampling(*how, **named)).tokens
+    import grpo
+    return grpo.sample(model, ids, mask, drawn(ids, engine.Sampling(*how, **named))).tokens
+
+
+def drawn(ids, how):
+    """`how` (engine.Sampling) with its uniforms drawn for prompts ids [B, P], if it has none."""
+    import engine
+    return how if how.uniforms is not None else how._replace(uniforms=engine.draw_uniforms(ids, how))
 
 
 def left_padded(tokenizer, texts):
@@ -73,7 +80,7 @@ def caller_dir(tmp_path_factory):
     import sft
     path = data.build_tiny_model(str(tmp_path_factory.mktemp("caller")), seed=0)
     cfg = grpo.parse_config([f"--model={path}", "--max_prompt_tokens=64"])
-    model, policy = engine.open_policy(path, cfg, torch.device("cpu"), "float32")
+    model, policy = engine.open_policy(path, cfg, torch.device("cpu"), "float32", grpo.REFERENCE)
     rng, examples = random.Random(0), []
     for _ in range(4000):
         a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(1, 9)

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
+import distributed
 import grpo
 import runs
 
@@ -143,10 +144,11 @@ def test_batch_sizes_must_divide_among_ranks(monkeypatch):
 
 def test_outside_torchrun_the_collectives_are_identities():
     x = torch.arange(6.0).view(3, 2)
-    assert runs.all_sum(x) is x and runs.gather(x) is x and runs.rank_and_world() == (0, 1)
-    assert torch.equal(runs.my_share(x), x) and runs.strided_share([1, 2, 3]) == [1, 2, 3]
-    assert (runs.padded_share([1, 2, 3]) == ([1, 2, 3], 3) and runs.any_rank([]) is False
-            and runs.any_rank([15]))
+    assert distributed.all_sum(x) is x and distributed.gather(x) is x
+    assert distributed.rank_and_world() == (0, 1)
+    assert torch.equal(distributed.my_share(x), x) and distributed.strided_share([1, 2, 3]) == [1, 2, 3]
+    assert (distributed.padded_share([1, 2, 3]) == ([1, 2, 3], 3) and distributed.any_rank([]) is False
+            and distributed.any_rank([15]))
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):

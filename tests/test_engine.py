@@ -9,6 +9,7 @@ import torch
 import engine
 import grpo
 import objectives
+from conftest import drawn
 from test_families import build, group_prompts
 
 FAST = ["llama", "qwen2", "qwen3", "mistral"]
@@ -22,7 +23,9 @@ def tokenizer(tiny):
 def both_paths(model, ids, mask, *how):
     """Transformers' path and the static decoder, sampling 12 tokens as engine.Sampling(12, *how)."""
     how = engine.Sampling(12, *how)
-    return engine.sample(model, ids, mask, how), engine.StaticDecoder(model).sample(ids, mask, how)
+    how = drawn(ids, how)
+    static = engine.StaticDecoder(model, grpo.REFERENCE).sample(ids, mask, how)
+    return grpo.sample(model, ids, mask, how), static
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -43,14 +46,14 @@ def test_static_decoding_equals_transformers_and_generate(name, tokenizer):
     full = torch.cat([ids, static[0]], 1)                          # the sampler's log-probs are the model's
     attention = torch.cat([mask, torch.ones_like(static[0])], 1)
     with torch.no_grad():
-        logp, _ = engine.completion_logprobs(model, full, attention, static[0].size(1))
+        logp, _ = grpo.completion_logprobs(model, full, attention, static[0].size(1))
     assert torch.allclose(static[1], logp, atol=1e-4)
 
 
 def test_stops_at_any_stop_id_with_pad_equal_to_eos_and_rows_that_end_at_once_or_never(tokenizer):
     model = build("qwen2", tokenizer)
     ids, mask = group_prompts(tokenizer)
-    first = engine.sample(model, ids, mask,
+    first = grpo.sample(model, ids, mask,
                           engine.Sampling(1, torch.tensor([tokenizer.eos_token_id]), 0, 0.0))[0][:, 0]
     stops = torch.tensor(sorted({tokenizer.eos_token_id, int(first[0])}))  # row 0 ends at its first token
     hf, static = both_paths(model, ids, mask, stops, tokenizer.eos_token_id, 0.0, 1.0)  # pad is an EOS id
@@ -63,18 +66,18 @@ def test_stops_at_any_stop_id_with_pad_equal_to_eos_and_rows_that_end_at_once_or
 
 def test_after_an_update_the_static_path_samples_the_new_weights(tiny):
     model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
-    sampler = engine.Engine(model, tokenizer, decoder="static")
+    sampler = engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="static")
     ids, mask = group_prompts(tokenizer)
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(1))
     before = sampler.sample(ids, mask, 12, 1.0, 1.0, u).tokens
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
-    logp, _ = engine.completion_logprobs(model, torch.cat([ids, before], 1),
+    logp, _ = grpo.completion_logprobs(model, torch.cat([ids, before], 1),
                                          torch.cat([mask, torch.ones_like(before)], 1), before.size(1))
     (-logp.sum()).backward()
     optimizer.step()
     after = sampler.sample(ids, mask, 12, 1.0, 1.0, u).tokens
-    reference = engine.sample(model, ids, mask,
+    reference = grpo.sample(model, ids, mask,
                               engine.Sampling(12, sampler.eos_ids, sampler.pad_id, 1.0, 1.0, u)).tokens
     assert torch.equal(after, reference) and not torch.equal(after, before)
 
@@ -82,9 +85,9 @@ def test_after_an_update_the_static_path_samples_the_new_weights(tiny):
 @pytest.mark.parametrize("name, why", [("lfm2", "lfm2 is not one of"), ("gpt2", "gpt2 is not one of")])
 def test_other_families_fall_back_or_are_refused_in_one_line(name, why, tokenizer):
     model = build(name, tokenizer)
-    assert engine.Engine(model, tokenizer, decoder="auto").decoder is None
+    assert engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="auto").decoder is None
     with pytest.raises(grpo.ConfigError, match=f"decoder: static decoding cannot run this model: {why}"):
-        engine.Engine(model, tokenizer, decoder="static")
+        engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="static")
 
 
 def test_a_sliding_window_shorter_than_the_sequence_takes_transformers_path(tokenizer):
@@ -96,7 +99,7 @@ def test_a_sliding_window_shorter_than_the_sequence_takes_transformers_path(toke
                                         eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(config).eval()
-    sampler = engine.Engine(model, tokenizer, decoder="auto")
+    sampler = engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="auto")
     assert sampler.decoder is not None and not sampler.uses_static(20) and sampler.uses_static(8)
 
 
@@ -108,7 +111,7 @@ def test_truncated_importance_weights_by_hand():
     assert torch.allclose(objectives.truncated_is_weight(old, sampler, 2.0), expected)
     logp = old.clone().requires_grad_()
     batch = grpo.Rollout(None, None, torch.tensor([2.0]), torch.ones(1, 3), old, None, sampler)
-    objective = grpo.Objective(clip_eps_high=0.2, beta=0.0, loss_type="dapo", tis_cap=2.0)
+    objective = grpo.Config(clip_eps_high=0.2, beta=0.0, loss_type="dapo", tis_cap=2.0)
     loss, _ = grpo.grpo_loss(logp, batch, torch.tensor(3.0), objective)
     assert torch.isclose(loss, -(2.0 * expected).sum() / 3)        # ratio 1: each token's -A, weighted
 
@@ -121,6 +124,6 @@ def test_the_compiled_decode_step_gives_the_same_tokens(tokenizer):
     eos = torch.tensor([tokenizer.eos_token_id])
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(3))
     how = engine.Sampling(12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
-    eager = engine.StaticDecoder(model, bucket=16).sample(ids, mask, how)
-    compiled = engine.StaticDecoder(model, compile=True, bucket=16).sample(ids, mask, how)
+    eager = engine.StaticDecoder(model, grpo.REFERENCE, bucket=16).sample(ids, mask, how)
+    compiled = engine.StaticDecoder(model, grpo.REFERENCE, compile=True, bucket=16).sample(ids, mask, how)
     assert torch.equal(compiled[0], eager[0]) and torch.allclose(compiled[1], eager[1], atol=1e-5)

@@ -72,7 +72,7 @@ def group_prompts(tokenizer):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_sampling_equals_generate(name, tokenizer):
     model = build(name, tokenizer)
-    assert engine.can_share_prompts(model) == (name not in HYBRIDS)
+    assert grpo.can_share_prompts(model) == (name not in HYBRIDS)
     ids, mask = group_prompts(tokenizer)
     eos = torch.tensor([tokenizer.eos_token_id])
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
@@ -101,7 +101,7 @@ def test_logprobs_equal_a_full_unpadded_pass(name, tokenizer):
             logits = model(alone).logits[0, -completion.size(1) - 1:-1]
             expected.append(torch.log_softmax(logits, -1).gather(-1, completion[r][:, None]).squeeze(-1))
         for share in (False, True):
-            logp, _ = engine.completion_logprobs(model, full, attention, completion.size(1),
+            logp, _ = grpo.completion_logprobs(model, full, attention, completion.size(1),
                                                  share_prompt=share)
             assert torch.allclose(logp, torch.stack(expected), atol=1e-4), share
 
@@ -113,14 +113,14 @@ def test_one_training_step_runs(name, tokenizer):
     eos = torch.tensor([tokenizer.eos_token_id])
     completion = draw(model, ids, mask, 8, eos, tokenizer.pad_token_id)
     full, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
-    loss_mask = data.completion_mask(completion, eos)
+    loss_mask = engine.completion_mask(completion, eos)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     cfg = Config(micro_batch_size=4, clip_eps_high=0.2, beta=0.0)
     rollout = grpo.Rollout(full, attention, torch.randn(len(ids)), loss_mask, None, None,
                            torch.zeros_like(loss_mask))
-    stats = grpo.accumulate_gradients(engine.Engine(model, tokenizer), model, rollout, cfg)
+    stats = grpo.accumulate_gradients(model, rollout, cfg)
     assert torch.isfinite(stats["loss"])
     optimizer.step()
     moved = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]

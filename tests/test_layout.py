@@ -6,21 +6,23 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = {"grpo", "objectives", "engine", "vllm_sampler", "rewards", "data", "sft", "configurator", "runs",
-           "r1", "plot", "tools", "usercode"}
+           "distributed", "r1", "plot", "tools", "usercode"}
 ALLOWED = {  # what each module may import of the project, at any depth of its code
     "configurator": set(),
     "usercode": {"configurator"},
     "rewards": {"configurator", "usercode"},
     "objectives": {"configurator"},
     "plot": set(),
-    "runs": {"configurator"},
-    "vllm_sampler": {"runs"},
-    "tools": {"configurator", "rewards", "runs", "usercode"},
-    "engine": {"configurator", "runs", "tools", "vllm_sampler"},
-    "data": {"configurator", "rewards", "runs", "tools"},
-    "sft": {"configurator", "data", "engine", "runs", "tools"},
-    "grpo": {"configurator", "data", "engine", "objectives", "rewards", "runs", "sft", "tools"},
-    "r1": {"configurator", "data", "engine", "grpo", "rewards", "runs", "sft"},
+    "distributed": {"configurator"},
+    "runs": {"configurator", "distributed"},
+    "vllm_sampler": {"configurator", "distributed", "runs"},
+    "tools": {"configurator", "distributed", "rewards", "usercode"},
+    "engine": {"configurator", "distributed", "runs", "tools", "vllm_sampler"},
+    "data": {"configurator", "distributed", "rewards", "tools"},
+    "sft": {"configurator", "data", "distributed", "engine", "runs", "tools"},
+    "grpo": {"configurator", "data", "distributed", "engine", "objectives", "rewards", "runs", "sft",
+             "tools"},
+    "r1": {"configurator", "data", "distributed", "engine", "grpo", "rewards", "runs", "sft"},
 }
 
 

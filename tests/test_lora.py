@@ -22,7 +22,7 @@ C = 4
 
 def logprobs(model, ids=IDS):
     with torch.no_grad():
-        return engine.completion_logprobs(model, ids, torch.ones_like(ids), C, with_entropy=False)[0]
+        return grpo.completion_logprobs(model, ids, torch.ones_like(ids), C, with_entropy=False)[0]
 
 
 def adapted(tiny_dir, rank=4):
@@ -42,7 +42,7 @@ def test_gradients_reach_only_the_adapters(tiny_dir):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert not any("lm_head" in n or "embed" in n for n in trainable)  # all-linear leaves the head out
-    logp, _ = engine.Engine(model, tokenizer).logprobs(IDS, torch.ones_like(IDS), C)
+    logp = engine.Engine(model, tokenizer, grpo.REFERENCE).logprobs(IDS, torch.ones_like(IDS), C)
     logp.sum().backward()
     touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert touched and touched <= trainable
@@ -71,12 +71,12 @@ def test_sampling_goes_through_the_adapters(tiny_dir):
     model, tokenizer, lora = adapted(tiny_dir)
     prompt = IDS[:, :4]
     for decoder in ("static", "hf"):
-        eng = engine.Engine(model, tokenizer, decoder=decoder)
+        eng = engine.Engine(model, tokenizer, grpo.REFERENCE, decoder=decoder)
         out = eng.sample(prompt, torch.ones_like(prompt), 6, uniforms=torch.rand(2, 6))
         tokens, sampler_logp = out.tokens, out.logp
         full = torch.cat([prompt, tokens], 1)
-        mask = data.completion_mask(tokens, eng.eos_ids)
-        trainer_logp = engine.completion_logprobs(model, full, torch.ones_like(full), 6,
+        mask = engine.completion_mask(tokens, eng.eos_ids)
+        trainer_logp = grpo.completion_logprobs(model, full, torch.ones_like(full), 6,
                                                   with_entropy=False)[0]
         assert torch.allclose(sampler_logp * mask, trainer_logp.detach() * mask, atol=1e-5), decoder
 

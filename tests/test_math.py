@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import engine
 import grpo
 import objectives
 import runs
@@ -97,7 +98,7 @@ def test_dr_grpo_denominator_is_constant_under_dapo_filters():
     mask = torch.ones(4, 3)
     zero_std, truncated = torch.tensor([True, False]), torch.tensor([False, False, True, False])
     # one completion of four left
-    filtered = objectives.dapo_filters(mask, zero_std, truncated, True, True)
+    filtered = grpo.loss_mask(mask, zero_std, truncated, True, True)
     assert (grpo.loss_denominator(filtered, "dr_grpo", 8).item()
             == grpo.loss_denominator(mask, "dr_grpo", 8).item() == 32)
     assert (grpo.loss_denominator(filtered, "grpo", 8).item() == 1
@@ -125,10 +126,10 @@ def test_completion_mask_pad_equal_to_eos_and_no_eos():
                         [5, 6, 7, 8, 9],     # no EOS: truncated, all kept
                         [2, 2, 2, 2, 2],     # EOS first
                         [5, 2, 0, 0, 0]])    # a distinct pad 0
-    assert torch.equal(data.completion_mask(ids, eos), torch.tensor(
+    assert torch.equal(engine.completion_mask(ids, eos), torch.tensor(
         [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float))
     # several stop tokens (e.g. <|im_end|> and <|endoftext|>)
-    assert torch.equal(data.completion_mask(torch.tensor([[5, 3, 2]]), torch.tensor([2, 3])),
+    assert torch.equal(engine.completion_mask(torch.tensor([[5, 3, 2]]), torch.tensor([2, 3])),
                        torch.tensor([[1.0, 1.0, 0.0]]))
 
 
@@ -136,14 +137,14 @@ def test_dapo_filters():
     mask = torch.ones(4, 3)
     zero_std = torch.tensor([True, False])           # G = 2: the first group's rewards were equal
     truncated = torch.tensor([False, False, True, False])
-    assert torch.equal(objectives.dapo_filters(mask, zero_std, truncated, False, False), mask)
-    assert objectives.dapo_filters(mask, zero_std, truncated, True, False).sum(1).tolist() == [0, 0, 3, 3]
-    assert objectives.dapo_filters(mask, zero_std, truncated, False, True).sum(1).tolist() == [3, 3, 0, 3]
-    assert objectives.dapo_filters(mask, zero_std, truncated, True, True).sum(1).tolist() == [0, 0, 0, 3]
+    assert torch.equal(grpo.loss_mask(mask, zero_std, truncated, False, False), mask)
+    assert grpo.loss_mask(mask, zero_std, truncated, True, False).sum(1).tolist() == [0, 0, 3, 3]
+    assert grpo.loss_mask(mask, zero_std, truncated, False, True).sum(1).tolist() == [3, 3, 0, 3]
+    assert grpo.loss_mask(mask, zero_std, truncated, True, True).sum(1).tolist() == [0, 0, 0, 3]
 
 
 def test_lr_schedule():
-    f = lambda s: runs.lr_factor(s, warmup_steps=4, total_steps=14, min_ratio=0.1)  # noqa: E731
+    f = lambda s: grpo.lr_factor(s, warmup_steps=4, total_steps=14, min_ratio=0.1)  # noqa: E731
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert (f(4) == 1.0 and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
             and f(50) == pytest.approx(0.1))
@@ -165,11 +166,11 @@ def test_lengths_of_right_and_wrong_completions_by_hand():
     def row(correct):
         update = grpo.Update({}, None, 0, False)
         counts = {"loss_tokens": 0.0, "tokens": 24.0, "entropy": 0.0, "reward_errors": 0, "prompts_cut": 0,
-                  "reflecting": 0, "tool_errors": 0}
+                  "reflecting": 0}
         whole = {"rewards": torch.tensor(correct), "scores": {"accuracy": torch.tensor(correct)},
                  "correct": torch.tensor(correct), "zero_std": torch.tensor([False, False]),
                  "lengths": torch.tensor([3, 5, 7, 9]), "truncated": torch.zeros(4, dtype=torch.bool),
-                 "calls": torch.zeros(4)}
+                 "tool_calls": torch.zeros(4), "tool_errors": torch.zeros(4)}
         return runs.step_metrics(1, whole, counts, update, (0.0, 1.0, 1.5, 2.0, 3.0))
     mixed = row([1.0, 0.0, 1.0, 0.0])
     assert mixed["completion_len_correct"] == 5.0 and mixed["completion_len_wrong"] == 7.0

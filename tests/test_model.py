@@ -35,7 +35,7 @@ def test_logprobs_match_full_log_softmax_and_ignore_left_padding(tiny):
     completion = data.encode_completions(tokenizer, ["<think>4+2=6</think>", "<think>x"], "cpu")
     full_ids, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
     with torch.no_grad():
-        logp, entropy = engine.completion_logprobs(model, full_ids, attention, completion.size(1),
+        logp, entropy = grpo.completion_logprobs(model, full_ids, attention, completion.size(1),
                                                    temperature=0.7)
         # reference: the second row alone, no padding, full log-softmax over every position
         alone = torch.cat([prompts(tokenizer, ["1+2"])[0], completion[1:]], 1)
@@ -85,24 +85,24 @@ def test_sampling_pads_after_eos_and_stops_early(pad_id):
     assert (out[:, 4:] == p).all()
     # stopped at the first check (every 8 tokens) after every row's EOS
     assert model.calls == out.size(1) == 8
-    assert data.completion_mask(out, eos).sum(1).tolist() == [2, 3, 1, 4]
+    assert engine.completion_mask(out, eos).sum(1).tolist() == [2, 3, 1, 4]
 
 
 def test_sampling_without_eos_runs_to_max_new_tokens():
     out = draw(Scripted([[5] * 50]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
                       7, torch.tensor([2]), 0)
-    assert out.shape == (1, 7) and data.completion_mask(out, torch.tensor([2])).sum() == 7
+    assert out.shape == (1, 7) and engine.completion_mask(out, torch.tensor([2])).sum() == 7
 
 
 def test_top_p_keeps_the_nucleus():
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     u = torch.rand(2000)
-    picks = engine.pick_token(logits, 1.0, 0.7, u)      # nucleus {0, 1}: cumulative 0.5 < 0.7 <= 0.8
+    picks = grpo.pick_token(logits, 1.0, 0.7, u)      # nucleus {0, 1}: cumulative 0.5 < 0.7 <= 0.8
     assert set(picks.tolist()) == {0, 1} and abs((picks == 0).float().mean() - 0.625) < 0.05
-    assert set(engine.pick_token(logits, 1.0, 0.1, u).tolist()) == {0}
-    assert set(engine.pick_token(logits, 0, 1.0, u).tolist()) == {0}
-    all_four = engine.pick_token(logits, 1.0, 1.0, u)
+    assert set(grpo.pick_token(logits, 1.0, 0.1, u).tolist()) == {0}
+    assert set(grpo.pick_token(logits, 0, 1.0, u).tolist()) == {0}
+    all_four = grpo.pick_token(logits, 1.0, 1.0, u)
     assert set(all_four.tolist()) == {0, 1, 2, 3}
     assert abs((all_four == 3).float().mean() - 0.05) < 0.02
 
@@ -110,10 +110,10 @@ def test_top_p_keeps_the_nucleus():
 def test_inverse_cdf_picks_the_interval_holding_the_uniform():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(7, 1)
     u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.81, 0.96, 0.999999])  # cumulative 0.5, 0.8, 0.95, 1.0
-    assert engine.pick_token(logits, 1.0, 1.0, u).tolist() == [0, 0, 1, 1, 2, 3, 3]
+    assert grpo.pick_token(logits, 1.0, 1.0, u).tolist() == [0, 0, 1, 1, 2, 3, 3]
     # probability 0 is never picked
     zero_first = torch.tensor([[-math.inf, 0.0, 0.0, -math.inf]]).repeat(3, 1)
-    assert engine.pick_token(zero_first, 1.0, 1.0, torch.tensor([0.0, 0.5, 0.9999999])).tolist() == [1, 2, 2]
+    assert grpo.pick_token(zero_first, 1.0, 1.0, torch.tensor([0.0, 0.5, 0.9999999])).tolist() == [1, 2, 2]
 
 
 def test_a_completion_does_not_depend_on_its_batch(tiny):
@@ -151,8 +151,8 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny, completi
     results = {}
     for share in (False, True):
         model.zero_grad(set_to_none=True)
-        logp, entropy = engine.completion_logprobs(model, ids, attention, C, 0.7, share_prompt=share)
-        cut, _ = engine.completion_logprobs(model, ids[2:6], attention[2:6], C, 0.7, share_prompt=share)
+        logp, entropy = grpo.completion_logprobs(model, ids, attention, C, 0.7, share_prompt=share)
+        cut, _ = grpo.completion_logprobs(model, ids[2:6], attention[2:6], C, 0.7, share_prompt=share)
         (logp * torch.arange(1.0, C + 1)).sum().backward()
         results[share] = logp.detach(), entropy, cut.detach(), [p.grad.clone() for p in model.parameters()]
     (logp0, ent0, cut0, grads0), (logp1, ent1, cut1, grads1) = results[False], results[True]
@@ -171,8 +171,8 @@ def test_shared_prompt_pass_runs_each_distinct_prompt_once(tiny):
         lambda m, args, out: seen.append(tuple(args[0].shape)))
     try:
         with torch.no_grad():
-            engine.completion_logprobs(model, ids, attention, C, share_prompt=True)
-            engine.completion_logprobs(model, ids, attention, C)
+            grpo.completion_logprobs(model, ids, attention, C, share_prompt=True)
+            grpo.completion_logprobs(model, ids, attention, C)
     finally:
         handle.remove()
     prompt_len = ids.size(1) - C
@@ -184,10 +184,10 @@ def test_gradient_checkpointing_falls_back_to_the_full_pass(tiny):
     model, tokenizer = tiny
     model = copy.deepcopy(model)
     ids, attention, C = grouped_batch(tokenizer)
-    expected, _ = engine.completion_logprobs(model, ids, attention, C, share_prompt=False)
+    expected, _ = grpo.completion_logprobs(model, ids, attention, C, share_prompt=False)
     model.gradient_checkpointing_enable()
     model.train()
-    got, _ = engine.completion_logprobs(model, ids, attention, C, share_prompt=True)
+    got, _ = grpo.completion_logprobs(model, ids, attention, C, share_prompt=True)
     assert torch.allclose(expected, got, atol=1e-5)
 
 
@@ -218,7 +218,7 @@ def batch_for_gradients(tokenizer, n=7):
             completion[r, r + 1:] = tokenizer.eos_token_id
     full_ids = torch.cat([ids, completion], 1)
     attention = torch.cat([mask, torch.ones_like(completion)], 1)
-    loss_mask = data.completion_mask(completion, torch.tensor([tokenizer.eos_token_id]))
+    loss_mask = engine.completion_mask(completion, torch.tensor([tokenizer.eos_token_id]))
     loss_mask[3] = 0                        # a completion left out (e.g. a dropped group)
     return full_ids, attention, completion.size(1), torch.randn(n), loss_mask
 
@@ -227,8 +227,7 @@ def gradient(model, tokenizer, batch, cfg, old=None, ref=None):
     model.zero_grad()
     ids, attention, c, adv, loss_mask = batch
     rollout = grpo.Rollout(ids, attention, adv, loss_mask, old, ref, torch.zeros(len(ids), c))
-    grpo.accumulate_gradients(engine.Engine(model, tokenizer, share_prompt=cfg.share_prompt), model, rollout,
-                              cfg)
+    grpo.accumulate_gradients(model, rollout, cfg)
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -254,8 +253,7 @@ def test_detached_current_logprobs_give_the_same_gradient_as_old_ones(tiny):
     model = copy.deepcopy(tiny[0]).train()
     batch = batch_for_gradients(tiny[1])
     cfg = Config(beta=0.0, clip_eps_high=0.2)
-    old = engine.Engine(model, tiny[1]).logprobs_no_grad(batch[0], batch[1], batch[2], 1.0, model,
-                                                         cfg.micro_batch_size)
+    old = grpo.logprobs_no_grad(model, batch[0], batch[1], batch[2], cfg)
     assert torch.allclose(gradient(model, tiny[1], batch, cfg), gradient(model, tiny[1], batch, cfg, old=old),
                           atol=1e-7)
 

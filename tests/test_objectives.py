@@ -33,13 +33,11 @@ def test_reinforce_pp_whitens_over_the_batch_by_hand():
     r = torch.tensor([1.0, 0.0, 3.0, 3.0, 0.0, 2.0])
     # group-centred: 0.5, -0.5, 0, 0, -1, 1; batch mean 0, unbiased std sqrt(2.5 / 5)
     expected = torch.tensor([0.5, -0.5, 0.0, 0.0, -1.0, 1.0]) / math.sqrt(0.5)
-    zero_std = torch.tensor([False, True, False])
-    a = objectives.reinforce_pp_advantages(r, 2, 0.0, zero_std)  # its own normalisation: no scale_rewards
+    a = objectives.reinforce_pp_advantages(r, 2, eps=0.0)  # its own normalisation: no scale_rewards
     assert torch.allclose(a, expected, atol=1e-6)
     assert torch.equal(a[2:4], torch.zeros(2))  # the all-equal group: exactly 0
-    assert torch.equal(objectives.reinforce_pp_advantages(torch.ones(6), 2, 1e-4,
-                                                          torch.ones(3, dtype=torch.bool)),
-                       torch.zeros(6))
+    assert torch.equal(objectives.reinforce_pp_advantages(torch.ones(6), 2, eps=1e-4), torch.zeros(6))
+    assert grpo.ADVANTAGES["reinforce_pp"] is objectives.reinforce_pp_advantages
 
 
 # ---- GSPO: the sequence-level ratio
@@ -77,9 +75,9 @@ def test_cispo_caps_the_weight_and_keeps_every_gradient():
     logp = torch.tensor([[math.log(0.5), math.log(0.25)]], requires_grad=True)
     old = torch.tensor([[math.log(0.05), math.log(0.25)]])
     mask = torch.ones(1, 2)
-    assert grpo.loss_denominator(mask, "cispo", 8).item() == 2
-    loss, stats = loss_of(logp, old, None, torch.tensor([2.0]), mask, 2, loss_type="cispo", beta=0.0,
-                          cispo_cap=5.0)
+    assert grpo.loss_denominator(mask, "dapo", 8).item() == 2
+    loss, stats = loss_of(logp, old, None, torch.tensor([2.0]), mask, 2, surrogate="cispo", loss_type="dapo",
+                          beta=0.0, cispo_cap=5.0)
     assert loss.item() == pytest.approx((-10 * math.log(0.5) - 2 * math.log(0.25)) / 2, rel=1e-6)
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-5.0, -1.0]]))
@@ -120,7 +118,7 @@ def test_entropy_bonus_is_coef_times_the_token_mean():
 def test_engine_entropy_has_gradients_and_the_right_value(tiny):
     model, _ = tiny
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    logp, entropy = engine.completion_logprobs(model, ids, torch.ones_like(ids), 3, temperature=0.7)
+    logp, entropy = grpo.completion_logprobs(model, ids, torch.ones_like(ids), 3, temperature=0.7)
     logits = model(input_ids=ids).logits[:, -4:-1].float() / 0.7
     p = torch.softmax(logits, -1)
     assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-5)
@@ -186,8 +184,10 @@ CASES = {  # our flags -> TRL's arguments for the same objective
     "dr_grpo": ({"loss_type": "dr_grpo"}, {"loss_type": "dr_grpo"}),
     "gspo": ({"importance_sampling_level": "sequence", "clip_eps_low": 3e-4, "clip_eps_high": 4e-4},
              {"loss_type": "grpo", "level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4}),
-    "cispo": ({"loss_type": "cispo", "cispo_cap": 5.0}, {"loss_type": "cispo", "eps_high": 5.0}),
-    "cispo sequence": ({"loss_type": "cispo", "cispo_cap": 1.1, "importance_sampling_level": "sequence"},
+    "cispo": ({"surrogate": "cispo", "loss_type": "dapo", "cispo_cap": 5.0},
+              {"loss_type": "cispo", "eps_high": 5.0}),
+    "cispo sequence": ({"surrogate": "cispo", "loss_type": "dapo", "cispo_cap": 1.1,
+                        "importance_sampling_level": "sequence"},
                        {"loss_type": "cispo", "eps_high": 1.1, "level": "sequence"}),
     "delta": ({"delta": 1.5}, {"loss_type": "grpo", "delta": 1.5}),
     "entropy bonus dapo": ({"loss_type": "dapo", "entropy_coef": 0.05},

@@ -38,7 +38,7 @@ def test_sft_loss_is_the_mean_nll_of_completion_tokens_only(tiny):
     cfg = grpo.Config(max_prompt_tokens=200)
     batch = [{"question": "12+34", "solution": "<think>2+4=6</think><answer>46</answer>"},
              {"question": "5+7", "solution": "12"}]
-    loss, tokens = sft.sft_loss(engine.Engine(model, tokenizer), batch, cfg)
+    loss, tokens = sft.sft_loss(engine.Engine(model, tokenizer, grpo.REFERENCE), batch, cfg)
     total, count = 0.0, 0
     for e in batch:  # by hand: each sequence alone, unpadded, the full log-softmax
         prompt = tokenizer(e["question"] + "\n")["input_ids"]

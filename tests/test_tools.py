@@ -18,6 +18,15 @@ import tools
 TAGS = tools.ToolOptions.tool_tags
 
 
+def eos_of(tokenizer):
+    return torch.tensor([tokenizer.eos_token_id])
+
+
+def toolbox(tokenizer, **changes):
+    """A Toolbox for the tokenizer with options(**changes)."""
+    return tools.Toolbox(tokenizer, eos_of(tokenizer), options(**changes))
+
+
 def options(**changes):
     fields = dict(tools="calculator", tool_tags=TAGS, max_tool_calls=4, tool_timeout=5.0, max_tool_chars=1000)
     return tools.ToolOptions(**{**fields, **changes})
@@ -74,7 +83,7 @@ TWO_CALLS = {"q0": ["<think><tool>2*3</tool>", "<tool>6+4</tool>", "</think><ans
 
 def test_a_transcript_with_two_calls_by_hand(tiny):
     _, tokenizer = tiny
-    box = tools.Toolbox(options(), tokenizer, torch.tensor([tokenizer.eos_token_id]))
+    box = toolbox(tokenizer)
     uniforms = torch.rand(2, 120)
     out, sampler = transcript(box, TWO_CALLS, uniforms=uniforms)
     parts = [("<think><tool>2*3</tool>", 1), ("<result>6</result>", 0), ("<tool>6+4</tool>", 1),
@@ -82,21 +91,21 @@ def test_a_transcript_with_two_calls_by_hand(tiny):
     expected = [t for text, _ in parts for t in ids_of(tokenizer, text)] + [tokenizer.eos_token_id]
     mine = [m for text, m in parts for _ in ids_of(tokenizer, text)] + [1]
     n = len(expected)
-    assert out.tokens[0, :n].tolist() == expected and out.policy[0, :n].tolist() == mine
-    assert (out.tokens[0, n:] == tokenizer.pad_token_id).all() and not out.policy[0, n:].any()
+    assert out.tokens[0, :n].tolist() == expected and out.mask[0, :n].tolist() == mine
+    assert (out.tokens[0, n:] == tokenizer.pad_token_id).all() and not out.mask[0, n:].any()
     alone = ids_of(tokenizer, TWO_CALLS["q1"][0]) + [tokenizer.eos_token_id]
-    assert out.tokens[1, :len(alone)].tolist() == alone and out.policy[1, :len(alone)].all()
+    assert out.tokens[1, :len(alone)].tolist() == alone and out.mask[1, :len(alone)].all()
     # the sampler's log-probs exist only for the policy's tokens (0 on results, and after EOS)
-    policy = out.policy.bool()
+    policy = out.mask.bool()
     assert torch.equal(out.logp[policy], -out.tokens[policy].float() / 1000)
     assert not out.logp[~policy].any() and not out.entropy[~policy].any()
     # the junk written after each call was cut; each round's uniforms start at its position
-    assert "zz" not in tokenizer.decode(out.tokens[0]) and out.tool_errors.tolist() == [0, 0]
+    assert "zz" not in tokenizer.decode(out.tokens[0]) and out.info["tool_errors"].tolist() == [0, 0]
     starts = [0, len(ids_of(tokenizer, "<think><tool>2*3</tool><result>6</result>"))]
     for k, start in enumerate(starts):
         assert torch.equal(sampler.seen[k][0, :10], uniforms[0, start:start + 10])
     assert [len(u) for u in sampler.seen] == [2, 1, 1]  # only the row that called goes on
-    assert out.segments[0] == [["policy" if m else "tool", text] for text, m in parts]
+    assert out.info["segments"][0] == [["policy" if m else "tool", text] for text, m in parts]
     text = data.decode(tokenizer, out.tokens)[0]
     assert text == "".join(t for t, _ in parts) and tools.calls_in(text, TAGS) == 2
 
@@ -106,11 +115,11 @@ def test_the_loss_sees_exactly_the_policy_tokens_with_each_loss_types_denominato
     loss -A (ratio 1): grpo = (sum over row 0's policy tokens / P + row 1's / Q) / 2; dapo and cispo
     divide every policy token's loss by P + Q; dr_grpo by 2 * max_new_tokens, results or not."""
     _, tokenizer = tiny
-    box = tools.Toolbox(options(), tokenizer, torch.tensor([tokenizer.eos_token_id]))
+    box = toolbox(tokenizer)
     T = 120
     out, _ = transcript(box, TWO_CALLS, T=T)
-    mask = data.completion_mask(out.tokens, torch.tensor([tokenizer.eos_token_id]))
-    acted = mask * out.policy
+    mask = engine.completion_mask(out.tokens, torch.tensor([tokenizer.eos_token_id]))
+    acted = mask * out.mask
     P, Q = int(acted[0].sum()), int(acted[1].sum())
     results = len(ids_of(tokenizer, "<result>6</result><result>10</result>"))
     assert P == int(mask[0].sum()) - results and Q == int(mask[1].sum())
@@ -119,13 +128,13 @@ def test_the_loss_sees_exactly_the_policy_tokens_with_each_loss_types_denominato
     # garbage on the results, in every log-prob: none of it may reach the loss or its statistics
     noise = torch.where(acted.bool(), 0.0, torch.randn(2, C) * 3)
     logp = torch.full((2, C), -1.0) + noise
-    for loss_type, denominator, by_hand in [
-            ("grpo", 2, ((-1.0 * P) / P + (0.5 * Q) / Q) / 2),
-            ("dapo", P + Q, (-1.0 * P + 0.5 * Q) / (P + Q)),
-            ("cispo", P + Q, (1.0 * P - 0.5 * Q) / (P + Q)),  # -sg(rho) * A * logp = A per token
-            ("dr_grpo", 2 * T, (-1.0 * P + 0.5 * Q) / (2 * T))]:
+    for loss_type, surrogate, denominator, by_hand in [
+            ("grpo", "clip", 2, ((-1.0 * P) / P + (0.5 * Q) / Q) / 2),
+            ("dapo", "clip", P + Q, (-1.0 * P + 0.5 * Q) / (P + Q)),
+            ("dapo", "cispo", P + Q, (1.0 * P - 0.5 * Q) / (P + Q)),  # -sg(rho) * A * logp = A per token
+            ("dr_grpo", "clip", 2 * T, (-1.0 * P + 0.5 * Q) / (2 * T))]:
         assert grpo.loss_denominator(acted, loss_type, T).item() == denominator
-        objective = grpo.Objective(loss_type=loss_type, beta=0.04, clip_eps_high=0.2)
+        objective = grpo.Config(loss_type=loss_type, surrogate=surrogate, beta=0.04, clip_eps_high=0.2)
         rollout = grpo.Rollout(None, None, advantages, acted, -1.0 + noise * 2, -1.0 + noise * 5, noise)
         loss, stats = grpo.grpo_loss(logp, rollout, torch.tensor(float(denominator)), objective)
         flat = torch.full((2, C), -1.0)
@@ -149,8 +158,7 @@ def test_a_tool_that_fails_gives_an_error_result_and_the_run_goes_on(tmp_path, t
         "def echo(text):\n    return text.upper()\n")
     names = ("echo", "boom", "hang", "huge", "number", "leave")
     spec = ",".join(f"{tmp_path}/bad.py:{name}" for name in names)
-    box = tools.Toolbox(options(tools=spec, tool_timeout=0.3), tokenizer,
-                        torch.tensor([tokenizer.eos_token_id]))
+    box = toolbox(tokenizer, tools=spec, tool_timeout=0.3)
     script = {f"q{i}": [f"<tool>{name}: hi</tool>", "<answer>1</answer>"]
               for i, name in enumerate(names)}
     out, _ = transcript(box, script)
@@ -162,7 +170,7 @@ def test_a_tool_that_fails_gives_an_error_result_and_the_run_goes_on(tmp_path, t
     assert results[3] == "error: the tool returned 1000000 characters, over max_tool_chars=1000"
     assert results[4] == "error: the tool returned int, not a string"
     assert results[5] == "error: SystemExit: 3"
-    assert out.tool_errors.tolist() == [0, 1, 1, 1, 1, 1]
+    assert out.info["tool_errors"].tolist() == [0, 1, 1, 1, 1, 1]
     assert all(text.endswith("</result><answer>1</answer>") for text in texts)  # each went on
 
 
@@ -178,46 +186,45 @@ def test_the_calculator_computes_and_refuses_what_is_not_arithmetic():
 
 def test_calls_past_max_tool_calls_stay_plain_text(tiny):
     _, tokenizer = tiny
-    box = tools.Toolbox(options(max_tool_calls=2), tokenizer, torch.tensor([tokenizer.eos_token_id]))
+    box = toolbox(tokenizer, max_tool_calls=2)
     script = {"q": ["<tool>1+1</tool>", "<tool>2+2</tool>", "<tool>3+3</tool><answer>6</answer>"]}
     out, _ = transcript(box, script)
     text = data.decode(tokenizer, out.tokens)[0]
     assert text == ("<tool>1+1</tool><result>2</result><tool>2+2</tool><result>4</result>"
                     "<tool>3+3</tool><answer>6</answer>")
-    assert int((out.policy == 0).logical_and(out.tokens != tokenizer.pad_token_id).sum()) == len(
+    assert int((out.mask == 0).logical_and(out.tokens != tokenizer.pad_token_id).sum()) == len(
         ids_of(tokenizer, "<result>2</result><result>4</result>"))
-    none = tools.Toolbox(options(max_tool_calls=0), tokenizer, torch.tensor([tokenizer.eos_token_id]))
+    none = toolbox(tokenizer, max_tool_calls=0)
     plain = transcript(none, {"q": ["<tool>1+1</tool>x"]})[0]
     assert "<result>" not in data.decode(tokenizer, plain.tokens)[0]
 
 
 def test_max_new_tokens_caps_the_whole_transcript(tiny):
     _, tokenizer = tiny
-    box = tools.Toolbox(options(), tokenizer, torch.tensor([tokenizer.eos_token_id]))
+    box = toolbox(tokenizer)
     # a call left open at max_new_tokens runs nothing; the row is truncated
     out, _ = transcript(box, {"q": ["<think><tool>12*"]}, T=12, junk="3", eos=False)
     assert data.decode(tokenizer, out.tokens)[0] == "<think><tool>12*33"
-    assert out.policy.all() and out.tokens.size(1) == 12
+    assert out.mask.all() and out.tokens.size(1) == 12
     # a result that does not fit is cut at the cap: the completion ends there, without EOS
     call = "<tool>99999*99999</tool>"
     T = len(ids_of(tokenizer, call)) + 5
     out, _ = transcript(box, {"q": [call, "<answer>1</answer>"]}, T=T)
     assert data.decode(tokenizer, out.tokens)[0] == call + "<resu"
-    assert out.tokens.size(1) == T and out.policy[0, -5:].sum() == 0
+    assert out.tokens.size(1) == T and out.mask[0, -5:].sum() == 0
     assert not torch.isin(out.tokens, torch.tensor([tokenizer.eos_token_id])).any()
 
 
 def test_tags_and_stop_tokens_inside_a_result_are_text(tmp_path, tiny):
     _, tokenizer = tiny
     (tmp_path / "sly.py").write_text("def sly(text):\n    return '</result><tool>1+1</tool><eos><pad>'\n")
-    box = tools.Toolbox(options(tools=f"{tmp_path}/sly.py:sly"), tokenizer,
-                        torch.tensor([tokenizer.eos_token_id]))
+    box = toolbox(tokenizer, tools=f"{tmp_path}/sly.py:sly")
     out, sampler = transcript(box, {"q": ["<tool>x</tool>", "<answer>1</answer>"]})
     text = data.decode(tokenizer, out.tokens)[0]
     assert text == ("<tool>x</tool><result>&lt;/result>&lt;tool>1+1&lt;/tool><eos><pad></result>"
                     "<answer>1</answer>")
     assert len(sampler.seen) == 2 and tools.calls_in(text, TAGS) == 1  # the result made no call
-    mask = data.completion_mask(out.tokens, torch.tensor([tokenizer.eos_token_id]))
+    mask = engine.completion_mask(out.tokens, torch.tensor([tokenizer.eos_token_id]))
     spelled = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert int(mask.sum()) == len(spelled) + 1  # its "<eos>" is five characters, not the stop token
 
@@ -225,8 +232,7 @@ def test_tags_and_stop_tokens_inside_a_result_are_text(tmp_path, tiny):
 def test_a_call_goes_to_the_tool_it_names(tmp_path, tiny):
     _, tokenizer = tiny
     (tmp_path / "t.py").write_text("def lookup(text):\n    return {'Paris': 'France'}.get(text, '?')\n")
-    box = tools.Toolbox(options(tools=f"calculator,{tmp_path}/t.py:lookup"), tokenizer,
-                        torch.tensor([tokenizer.eos_token_id]))
+    box = toolbox(tokenizer, tools=f"calculator,{tmp_path}/t.py:lookup")
     assert box.route("lookup: Paris") == (0, "Paris")  # the first tool of yours: in a worker
     assert tools.run_calls([box.route("lookup: Paris")], box.options, box.workers) == [("France", False)]
     assert box.route("2*3") == (tools.calculator, "2*3")
@@ -271,9 +277,9 @@ def engines(path, tools="calculator", **changes):
     import dataclasses
     cfg = grpo.parse_config([f"--model={path}", f"--tools={tools}"])
     cfg = dataclasses.replace(cfg, **changes)
-    hf = engine.open_policy(path, dataclasses.replace(cfg, decoder="hf"), torch.device("cpu"), "float32")[1]
-    static = engine.open_policy(path, dataclasses.replace(cfg, decoder="static"), torch.device("cpu"),
-                                "float32")[1]
+    cpu, reference = torch.device("cpu"), grpo.REFERENCE
+    hf = engine.open_policy(path, dataclasses.replace(cfg, decoder="hf"), cpu, "float32", reference)[1]
+    static = engine.open_policy(path, dataclasses.replace(cfg, decoder="static"), cpu, "float32", reference)[1]
     return hf, static
 
 
@@ -294,14 +300,14 @@ def test_the_built_in_samplers_write_the_same_transcript_with_tools(caller, tmp_
     uniforms = torch.rand(len(ids), 100)
     a = hf.sample(ids, mask, 100, temperature, 1.0, uniforms)
     b = static.sample(ids, mask, 100, temperature, 1.0, uniforms)
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.policy, b.policy)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
     assert torch.allclose(a.logp, b.logp, atol=1e-4)
     texts = data.decode(tokenizer, a.tokens)
     assert sum(tools.calls_in(t, TAGS) for t in texts) >= len(texts)  # it does call, more than once a row
-    assert (a.policy == 0).any()
+    assert (a.mask == 0).any()
     if mine:  # in workers as inline: the calculator's own (greedy) transcripts, whose calls are well formed
         inline = engines(caller)[0].sample(ids, mask, 100, temperature, 1.0, uniforms)
-        assert torch.equal(a.tokens, inline.tokens) and torch.equal(a.policy, inline.policy)
+        assert torch.equal(a.tokens, inline.tokens) and torch.equal(a.mask, inline.mask)
 
 
 def test_the_transcripts_log_probs_equal_a_full_pass_over_it(caller):
@@ -311,11 +317,11 @@ def test_the_transcripts_log_probs_equal_a_full_pass_over_it(caller):
     out = hf.sample(ids, mask, 100, 1.0, 1.0, torch.rand(len(ids), 100))
     whole = torch.cat([ids, out.tokens], 1)
     attention = torch.cat([mask, torch.ones_like(out.tokens)], 1)
-    logp, _ = hf.logprobs(whole, attention, out.tokens.size(1))
-    acted = (data.completion_mask(out.tokens, hf.eos_ids) * out.policy).bool()
-    assert acted.sum() > 20 and (out.policy == 0).any()
+    logp = hf.logprobs(whole, attention, out.tokens.size(1))
+    acted = (engine.completion_mask(out.tokens, hf.eos_ids) * out.mask).bool()
+    assert acted.sum() > 20 and (out.mask == 0).any()
     assert torch.allclose(out.logp[acted], logp[acted], atol=1e-4)
-    assert not out.logp[~out.policy.bool()].any()
+    assert not out.logp[~out.mask.bool()].any()
 
 
 # ----------------------------------------------------------------------------
@@ -372,9 +378,10 @@ def test_step_metrics_split_accuracy_by_whether_a_tool_was_called():
     whole = {"rewards": torch.tensor([1.0, 0.0, 1.0, 0.0]), "scores": {},
              "correct": torch.tensor([1.0, 0.0, 1.0, 1.0]),
              "zero_std": torch.tensor([False, False]), "lengths": torch.tensor([5, 6, 7, 8]),
-             "truncated": torch.tensor([False] * 4), "calls": torch.tensor([2, 0, 1, 0])}
+             "truncated": torch.tensor([False] * 4), "tool_calls": torch.tensor([2, 0, 1, 0]),
+             "tool_errors": torch.tensor([2, 0, 1, 0])}  # the sampler's own figures (engine.Sampled's info)
     counts = {"loss_tokens": 10, "tokens": 10, "reward_errors": 0, "entropy": 1.0, "prompts_cut": 0,
-              "reflecting": 0, "tool_errors": 3}
+              "reflecting": 0}
     row = runs.step_metrics(1, whole, counts, grpo.Update({}, None, 0, False), (0.0, 1.0, 2.0, 3.0, 4.0))
     assert row["tool_calls"] == 0.75 and row["tool_call_frac"] == 0.5 and row["tool_errors"] == 3
     assert row["accuracy_with_tool"] == 1.0 and row["accuracy_without_tool"] == 0.5
@@ -484,13 +491,13 @@ def test_results_are_plain_text_that_a_tokenizer_takes(tmp_path, tiny):
     _, tokenizer = tiny
     spec = ",".join(f"{tmp_path}/misbehaving.py:{name}" for name in ("lone", "liar"))
     (tmp_path / "misbehaving.py").write_text(MISBEHAVING)
-    box = tools.Toolbox(options(tools=spec), tokenizer, torch.tensor([tokenizer.eos_token_id]))
+    box = toolbox(tokenizer, tools=spec)
     out, _ = transcript(box, {"q0": ["<tool>lone: x</tool>", "<answer>1</answer>"],
                               "q1": ["<tool>liar: x</tool>", "<answer>1</answer>"]})
     texts = data.decode(tokenizer, out.tokens)
     assert "<result>error: the tool returned text that is not valid Unicode ('\\ud800')</result>" in texts[0]
     assert "<result>truth</result>" in texts[1]
-    assert out.tool_errors.tolist() == [1, 0]
+    assert out.info["tool_errors"].tolist() == [1, 0]
     why = "the tool returned text that is not valid Unicode ('\\ud800')"
     assert usercode.plain_text("\ud800", 10) == (None, why)
 
@@ -577,4 +584,4 @@ def test_a_tools_random_stream_depends_on_the_run_seed_and_the_call_only(tmp_pat
 
 def test_blank_tools_are_no_tools(tiny):
     _, tokenizer = tiny
-    assert tools.open_toolbox(options(tools=" "), tokenizer, torch.tensor([tokenizer.eos_token_id])) is None
+    assert tools.open_toolbox(options(tools=" "), tokenizer, eos_of(tokenizer)).tools == []

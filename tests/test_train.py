@@ -190,11 +190,11 @@ def test_sampled_entropy_is_the_mean_over_completion_tokens(tiny):
     eos = engine.stop_ids(model, tokenizer)
     u = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
     how = engine.Sampling(10, eos, tokenizer.pad_token_id, 0.7, 1.0, u)
-    out = engine.sample(model, ids, torch.ones_like(ids), how)
+    out = grpo.sample(model, ids, torch.ones_like(ids), how)
     tokens, logp, entropy = out.tokens, out.logp, out.entropy
     full = torch.cat([ids, tokens], 1)
     with torch.no_grad():  # the same log-probs and entropies from one pass over the sampled sequences
-        expected_logp, expected = engine.completion_logprobs(model, full, torch.ones_like(full),
+        expected_logp, expected = grpo.completion_logprobs(model, full, torch.ones_like(full),
                                                              tokens.size(1), 0.7)
     assert torch.allclose(entropy, expected, atol=1e-4) and torch.allclose(logp, expected_logp, atol=1e-4)
 
@@ -233,8 +233,8 @@ def test_dropout_is_off_in_the_policy_by_default(tmp_path, disable):
             engine.disable_dropout(model)
         ids = torch.randint(3, 50, (4, 12), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            sampler = engine.completion_logprobs(model.eval(), ids, torch.ones_like(ids), 6)[0]
-            update = engine.completion_logprobs(model.train(), ids, torch.ones_like(ids), 6)[0]
+            sampler = grpo.completion_logprobs(model.eval(), ids, torch.ones_like(ids), 6)[0]
+            update = grpo.completion_logprobs(model.train(), ids, torch.ones_like(ids), 6)[0]
         assert torch.allclose(sampler, update, atol=1e-6) == disable, type(model).__name__
 
 

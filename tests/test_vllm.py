@@ -30,7 +30,7 @@ def pair(request, tmp_path_factory):
     model, tokenizer = engine.load_model(path, "cpu")
     model.eval()
     sampler = vllm_sampler.VllmSampler(path, model, OPTIONS, False, engine.merged_weights)
-    return model, engine.Engine(model, tokenizer, decoder="hf"), sampler
+    return model, engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="hf"), sampler
 
 
 def vllm_sample(sampler, model, ids, mask, how):
@@ -51,18 +51,18 @@ def test_greedy_tokens_equal_the_engines_with_mixed_lengths_and_stop_ids(pair):
     model, ours, sampler = pair
     ids, mask = left_padded(ours.tokenizer, QUESTIONS)
     how = settings(ours)
-    theirs, mine = vllm_sample(sampler, model, ids, mask, how), engine.sample(model, ids, mask, how)
+    theirs, mine = vllm_sample(sampler, model, ids, mask, how), grpo.sample(model, ids, mask, how)
     assert torch.equal(theirs.tokens, mine.tokens)
     assert torch.allclose(theirs.logp, mine.logp, atol=1e-4)
     first = mine.tokens[:, 0]
     stops = torch.tensor(sorted({ours.tokenizer.eos_token_id, int(first[0])}))  # row 0 ends at once
     how = settings(ours, eos=stops)._replace(pad_id=ours.tokenizer.eos_token_id)  # pad is an EOS id
-    theirs, mine = vllm_sample(sampler, model, ids, mask, how), engine.sample(model, ids, mask, how)
+    theirs, mine = vllm_sample(sampler, model, ids, mask, how), grpo.sample(model, ids, mask, how)
     assert torch.equal(theirs.tokens, mine.tokens) and theirs.tokens[0, 0] == first[0]
     never = settings(ours, eos=torch.tensor([len(ours.tokenizer) + 3]))  # no row ends: all run full length
     theirs = vllm_sample(sampler, model, ids, mask, never)
     assert theirs.tokens.shape == (len(ids), 12)
-    assert torch.equal(theirs.tokens, engine.sample(model, ids, mask, never).tokens)
+    assert torch.equal(theirs.tokens, grpo.sample(model, ids, mask, never).tokens)
     assert torch.isnan(theirs.entropy).all()                      # vLLM gives none
 
 
@@ -86,7 +86,7 @@ def test_sampled_log_probs_are_the_trainers_of_the_sampled_distribution(pair, te
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(1))
     how = settings(ours, temperature=temperature, top_p=top_p, uniforms=u)
     out = vllm_sample(sampler, model, ids, mask, how)
-    ended = data.completion_mask(out.tokens, ours.eos_ids).bool()
+    ended = engine.completion_mask(out.tokens, ours.eos_ids).bool()
     full = torch.cat([ids, out.tokens], 1)
     attention = torch.cat([mask, torch.ones_like(out.tokens)], 1)
     with torch.no_grad():
@@ -101,7 +101,8 @@ def test_sampled_log_probs_are_the_trainers_of_the_sampled_distribution(pair, te
 def test_with_tools_vllm_writes_the_same_greedy_transcript(caller_dir):
     """The rounds of tools.py over vLLM: each round's prompt is the transcript so far."""
     model, tokenizer = engine.load_model(caller_dir, "cpu")
-    ours, theirs = engine.Engine(model.eval(), tokenizer, decoder="hf"), engine.Engine(model, tokenizer)
+    ours = engine.Engine(model.eval(), tokenizer, grpo.REFERENCE, decoder="hf")
+    theirs = engine.Engine(model, tokenizer, grpo.REFERENCE)
     theirs.vllm = vllm_sampler.VllmSampler(caller_dir, model, OPTIONS, False, engine.merged_weights)
     ours.tools = theirs.tools = tools.Toolbox(tools.ToolOptions(tools="calculator"), tokenizer, ours.eos_ids)
     ids, mask = left_padded(tokenizer, ["12*34+5\n", "71*23+9\n", "40*40+1\n", "88*19+2\n"])
@@ -116,7 +117,8 @@ def fresh(folder):
     path = data.build_tiny_model(str(folder), 0)
     model, tokenizer = engine.load_model(path, "cpu")
     sampler = vllm_sampler.VllmSampler(path, model, OPTIONS, False, engine.merged_weights)
-    return model, engine.Engine(model, tokenizer, decoder="hf"), sampler, *left_padded(tokenizer, QUESTIONS)
+    ours = engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="hf")
+    return model, ours, sampler, *left_padded(tokenizer, QUESTIONS)
 
 
 @pytest.mark.parametrize("step", ["sgd", "fused_adamw"])  # a fused step leaves the version counters
@@ -130,13 +132,13 @@ def test_after_an_update_vllm_samples_the_new_weights(tmp_path, step):
     optimizer = (torch.optim.SGD(model.parameters(), lr=2.0) if step == "sgd" else
                  torch.optim.AdamW(model.parameters(), lr=0.2, fused=True))
     full = torch.cat([ids, before], 1)
-    logp, _ = ours.logprobs(full, torch.cat([mask, torch.ones_like(before)], 1), before.size(1))
+    logp = ours.logprobs(full, torch.cat([mask, torch.ones_like(before)], 1), before.size(1))
     logp.sum().backward()
     optimizer.step()
     after = vllm_sample(sampler, model, ids, mask, settings(ours))
     assert sampler.take_sync_seconds() > 0
     assert not torch.equal(after.tokens, before)
-    assert torch.equal(after.tokens, engine.sample(model, ids, mask, settings(ours)).tokens)
+    assert torch.equal(after.tokens, grpo.sample(model, ids, mask, settings(ours)).tokens)
 
 
 def test_with_lora_vllm_samples_the_merged_weights(tmp_path):
@@ -151,7 +153,7 @@ def test_with_lora_vllm_samples_the_merged_weights(tmp_path):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     merged = vllm_sample(sampler, model, ids, mask, settings(ours)).tokens
     assert not torch.equal(merged, base)
-    assert torch.equal(merged, engine.sample(lora, ids, mask, settings(ours)).tokens)
+    assert torch.equal(merged, grpo.sample(lora, ids, mask, settings(ours)).tokens)
 
 
 def rows(run):
