@@ -493,6 +493,22 @@ def resolve_prompt_limit(cfg, model, tokenizer, examples):
 # how a policy does on a task's held-out questions
 
 
+@dataclasses.dataclass
+class EvalOptions:
+    # evaluation (data.py)
+    eval_size: int = 200           # held-out questions for greedy accuracy before and after RL
+    eval_every: int = 0            # steps between evaluations during RL; 0 = before and after only
+    eval_batch_size: int = 200     # questions per sampling batch
+    eval_k: int = 0                # sampled pass@k: k samples per question at `temperature`; 0 = greedy only
+
+    def checks(self):
+        counts = ("eval_size", "eval_every", "eval_k")
+        return [*[(getattr(self, k) >= 0, f"{k}: must not be negative") for k in counts],
+                (self.eval_batch_size >= 1, "eval_batch_size: must be at least 1"),
+                *unread(self, not self.eval_size, ("eval_every", "eval_batch_size", "eval_k"),
+                        "no evaluation runs (eval_size=0)")]
+
+
 def correctness(task):
     """The reward that judges an answer right under `task` (TASKS): the `accuracy` metric."""
     return REWARDS[TASKS[task].correct]

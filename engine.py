@@ -11,6 +11,7 @@ returns what the trainer reads: tokens, log-probs, entropy and the mask of the p
 Nothing here knows about rewards or the GRPO objective.
 """
 import copy
+import inspect
 import os
 import types
 import warnings
@@ -147,6 +148,46 @@ def completion_mask(completion_ids, eos_ids):
 def positions_of(mask):
     """Position ids of a left-padded attention mask [B, L]: 0 at each row's first real token."""
     return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def can_share_prompts(model):
+    """Whether a prompt's cache can be copied to other rows: every layer is attention, whose cache
+    is keys and values by row. Hybrid models (LFM2's convolutions, Qwen3-Next's linear attention)
+    keep running states that transformers updates in place; they run every row instead."""
+    config = getattr(unwrap(model), "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return set(getattr(config, "layer_types", None) or ATTENTION_LAYERS) <= ATTENTION_LAYERS
+
+
+def cache_name(model):
+    """The forward argument that takes the KV cache: transformers 5 names it `cache`, 4.x
+    `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
+def new_cache(model, share):
+    """The cache argument of a prompt's forward pass: for rows to be copied (share), a cache made
+    from the config (attention layers, full or sliding, in training mode too); else none, and a
+    model builds its own, of the state classes its transformers version has (hybrids)."""
+    from transformers import DynamicCache
+    config = getattr(unwrap(model), "config", None)
+    return {cache_name(model): DynamicCache(config=config)} if share and config is not None else {}
+
+
+def cache_of(model, out):
+    """The KV cache a forward call returned (transformers' cache object)."""
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None:  # e.g. FalconH1 under transformers 4.x, which only fills a cache it is given
+        import transformers
+        raise ConfigError(f"model: {type(unwrap(model)).__name__} returns no KV cache under transformers "
+                          f"{transformers.__version__}, so it cannot be sampled here "
+                          "(a newer transformers may)")
+    return cache
 
 
 def load_model(path, device, dtype="float32", attn_implementation="sdpa"):

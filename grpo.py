@@ -20,7 +20,6 @@ distributed.py (torchrun) and runs.py (the run directory: checkpoints, resume, l
 """
 import dataclasses
 import functools
-import inspect
 import math
 import os
 import random
@@ -37,8 +36,9 @@ import runs
 import tools
 from configurator import ConfigError, Path, parse_args, unread
 from distributed import DistributedOptions, all_sum, every_rank_done, gather, my_share, say
-from engine import EngineOptions, LoraOptions, Reference, Sampled, add_lora, draw_uniforms, merged_weights
-from engine import open_policy, open_reference, unwrap
+from engine import (EngineOptions, LoraOptions, Reference, Sampled, add_lora, cache_name, cache_of,
+                    can_share_prompts, draw_uniforms, merged_weights, new_cache, open_policy, open_reference,
+                    positions_of, unwrap)
 from rewards import RewardOptions, parse_reward_spec, reflects, score
 from runs import RunOptions
 from sft import ColdStart, cold_start
@@ -53,7 +53,7 @@ class Objective:
     # the objective (DeepSeekMath eq. 3); its later variants: objectives.Variants
     advantage: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"  # the estimator: ADVANTAGES
     surrogate: Literal["clip", "cispo"] = "clip"  # the per-token loss: SURROGATES (MiniMax-M1: cispo)
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "cispo"] = "grpo"  # the aggregation: loss_denominator
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "cispo"] = "grpo"  # aggregation (cispo: surrogate=cispo)
     scale_rewards: Literal["group", "batch", "none"] = "group"  # std dividing A (Dr. GRPO: none)
     adv_eps: float = 1e-4          # eps in (r - mean) / (std + eps)
     clip_eps_low: float = 0.2      # ratio clipped below at 1 - eps_low (DeepSeekMath: 0.2)
@@ -67,18 +67,15 @@ class Objective:
 
 
 # the option groups of the other parts, each with its own checks(cfg), in the order --help shows them
-OPTIONS = (objectives.Variants, EngineOptions, LoraOptions, ColdStart, data.DataOptions, RewardOptions,
-           tools.ToolOptions, RunOptions, DistributedOptions)
+OPTIONS = (objectives.Variants, EngineOptions, LoraOptions, ColdStart, data.DataOptions, data.EvalOptions,
+           RewardOptions, tools.ToolOptions, RunOptions, DistributedOptions)
 
 
 @dataclasses.dataclass
 class Config(Objective, *OPTIONS):
-    # run
+    # the model
     model: Path = "tiny"           # hub name or local path; "tiny" builds a ~1M-param Llama locally
-    out_dir: Path = "runs/default"  # run directory: config, metrics, checkpoints, summary
-    resume: Path = ""              # run directory to continue from its latest checkpoint
     seed: int = 0                  # seeds data split, init, sampling; runs repeat on one machine
-    eval_only: bool = False        # evaluate `model` on the held-out split and stop
     # sampling
     max_steps: int = 800           # GRPO steps; each samples prompts_per_step x group_size completions
     prompts_per_step: int = 8      # questions per step (DeepSeekMath: 1024 samples / 64 = 16)
@@ -95,12 +92,6 @@ class Config(Objective, *OPTIONS):
     adam_betas: tuple = (0.9, 0.99)  # AdamW betas
     grad_clip: float = 1.0         # max global grad norm; 0 = off
     micro_batch_size: int = 64     # completions per forward/backward; gradients accumulate
-    # evaluation and samples
-    eval_size: int = 200           # held-out questions for greedy accuracy before and after RL
-    eval_every: int = 0            # steps between evaluations during RL; 0 = before and after only
-    eval_batch_size: int = 200     # questions per sampling batch
-    eval_k: int = 0                # sampled pass@k: k samples per question at `temperature`; 0 = greedy only
-    log_samples_every: int = 200   # steps between samples printed and written to samples.jsonl; 0 = never
 
     def __post_init__(self):  # the demo's schedule applies to the demo's model only
         for key, (demo, pretrained) in MODEL_DEFAULTS.items():
@@ -201,15 +192,6 @@ def aggregate_loss(per_token, mask, loss_type, denominator):
     return masked.sum() / denominator
 
 
-def lr_factor(step, warmup_steps, total_steps, min_ratio):
-    """The learning rate at `step` as a fraction of the peak: linear warmup to 1 over warmup_steps,
-    then cosine decay to min_ratio at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 # ----------------------------------------------------------------------------
 # sampling and log-probs: the definition. engine.py's faster samplers (its own KV cache, vLLM) pick the
 # same tokens from the same uniforms, and the tests hold them to it token for token.
@@ -249,76 +231,42 @@ def pick_and_score(logits, temperature, top_p, uniform, mode=None):
     return token, torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1), entropy
 
 
-def positions_of(mask):
-    """Position ids of a left-padded attention mask [B, L]: 0 at each row's first real token."""
-    return (mask.cumsum(1) - 1).clamp(min=0)
-
-
-ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
-
-
-def can_share_prompts(model):
-    """Whether a prompt's cache can be copied to other rows: every layer is attention, whose cache
-    is keys and values by row. Hybrid models (LFM2's convolutions, Qwen3-Next's linear attention)
-    keep running states that transformers updates in place; they run every row instead."""
-    config = getattr(unwrap(model), "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return set(getattr(config, "layer_types", None) or ATTENTION_LAYERS) <= ATTENTION_LAYERS
-
-
 def prefill_prompts(model, prompt_ids, prompt_mask, share=True):
     """Run each distinct prompt of left-padded prompt_ids [B, P] once (a group's G rows share one
-    pass), then copy its KV cache and last logits to every row that has it (gradients flow back
-    through the copies); share=False, or a model whose cache cannot be copied, runs every row.
-    The cache is transformers' own, so every family works. -> (logits [B, 1, V], the cache as a
-    keyword argument for the next forward call)."""
-    from transformers import DynamicCache
+    pass), then copy its KV cache (transformers' own, so that every family works) and last logits
+    to every row that has it; gradients flow back through the copies. share=False, or a model whose
+    cache cannot be copied, runs every row. -> (logits [B, 1, V], the cache as a keyword argument
+    for the next forward call)."""
     both = torch.cat([prompt_ids, prompt_mask], 1)
     share = share and can_share_prompts(model)
     distinct, rows = torch.unique_consecutive(both, dim=0, return_inverse=True) if share else (both, None)
     ids, mask = distinct.split(prompt_ids.size(1), 1)
-    # transformers 5 names the argument `cache`, 4.x `past_key_values`
-    name = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
-    config = getattr(unwrap(model), "config", None)
-    # attention layers (full or sliding) get a cache from the config, in training mode too; a hybrid
-    # model builds its own, of the state classes its transformers version has
-    given = {name: DynamicCache(config=config)} if share and config is not None else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
-                use_cache=True, logits_to_keep=1, **given)
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
-    if cache is None:  # e.g. FalconH1 under transformers 4.x, which only fills a cache it is given
-        import transformers
-        raise ConfigError(f"model: {type(unwrap(model)).__name__} returns no KV cache under transformers "
-                          f"{transformers.__version__}, so it cannot be sampled here "
-                          "(a newer transformers may)")
-    logits = out.logits
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=True,
+                logits_to_keep=1, **new_cache(model, share))
+    logits, cache = out.logits, cache_of(model, out)
     if rows is not None and len(distinct) < len(prompt_ids):
         cache.batch_select_indices(rows)
         logits = logits[rows]
-    return logits, {name: cache}
+    return logits, {cache_name(model): cache}
 
 
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, how):
     """Completions of left-padded prompts [B, P], as `how` (engine.Sampling: max_new_tokens,
-    eos_ids, pad_id, temperature, top_p, uniforms [B, max_new_tokens], share_prompt) says: each
-    group's prompt prefilled once, then a token at a time with the model's KV cache, token t of row
-    b picked by the uniform uniforms[b, t] (drawn when None); pad after a row's first EOS. -> Sampled: tokens,
-    the sampler's log-prob of each and the entropy of softmax(logits / temperature) at each
+    eos_ids, pad_id, temperature, top_p, uniforms [B, max_new_tokens] or None to draw them,
+    share_prompt) says: each group's prompt prefilled once, then a token at a time with the KV
+    cache, token t of row b picked by uniforms[b, t]; pad after a row's first EOS. -> Sampled:
+    tokens, the sampler's log-prob of each and the entropy of softmax(logits / temperature) at each
     position, [B, T] each, T <= max_new_tokens: it stops once every row, on every rank, has ended."""
     uniforms = draw_uniforms(prompt_ids, how) if how.uniforms is None else how.uniforms
     logits, cache = prefill_prompts(model, prompt_ids, prompt_mask, how.share_prompt)
     logits, mask, positions = logits[:, -1], prompt_mask, positions_of(prompt_mask)[:, -1:]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
-    tokens, logps, entropies = [], [], []
+    picked = []  # (token, log-prob, entropy) at each position, [B] each
     for t in range(how.max_new_tokens):
         token, logp, entropy = pick_and_score(logits.float(), how.temperature, how.top_p, uniforms[:, t])
         token = torch.where(done, how.pad_id, token)
-        tokens.append(token)
-        logps.append(logp)
-        entropies.append(entropy)
+        picked.append((token, logp, entropy))
         done |= torch.isin(token, how.eos_ids)
         if t == how.max_new_tokens - 1 or (t % 8 == 7 and every_rank_done(done)):  # a wait for the device
             break
@@ -326,21 +274,20 @@ def sample(model, prompt_ids, prompt_mask, how):
         positions = positions + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                        use_cache=True, **cache).logits[:, -1]
-    return Sampled(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1))
+    tokens, logps, entropies = (torch.stack(column, 1) for column in zip(*picked))
+    return Sampled(tokens, logps, entropies)
 
 
 def completion_logprobs(model, input_ids, attention_mask, num_completion, temperature=1.0, share_prompt=False,
                         with_entropy=True):
     """log pi(o_t | q, o_<t) under softmax(logits / temperature), the distribution the tokens were
     sampled from, for the last num_completion tokens of input_ids [B, L] (left-padded prompt +
-    completion) -> logp [B, C] and entropy [B, C] (None unless with_entropy; both carry
-    gradients where grad is enabled). Logits exist only at completion positions, and log-softmax
-    is taken a block of rows at a time (at most 2^24 logits: one row of a large vocabulary, a
-    whole batch of a small one), so the full-vocabulary log-probs of a large batch are never held
-    at once. share_prompt: consecutive rows with the same prompt (a group) share one forward pass
-    over it (prefill_prompts); the same result, fewer FLOPs. Not under gradient checkpointing,
-    which keeps no KV cache. Whether to share is the caller's choice, not the data's, so that
-    every rank makes the same number of forward calls (FSDP gathers weights in each)."""
+    completion) -> logp [B, C] and entropy [B, C] (None unless with_entropy), with gradients
+    where they are enabled. Logits exist only at completion positions; log-softmax runs a block of
+    at most 2^24 logits at a time, so a large batch's full-vocabulary log-probs are never held at
+    once. share_prompt: a group's rows share one pass over their prompt (prefill_prompts; the same
+    result, fewer FLOPs; not under gradient checkpointing, which keeps no cache), the caller's
+    choice, so that every rank makes as many forward calls (FSDP gathers weights in each)."""
     positions = positions_of(attention_mask)
     prompt_len = input_ids.size(1) - num_completion
     checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules())
@@ -570,13 +517,21 @@ def train(cfg):
 # asked, DeepSeekMath's (and TRL's) lr, room to reason (TRL's max_completion_length: 256)
 MODEL_DEFAULTS = {"sft_steps": (150, 0), "sft_lr": (1e-3, 1e-5), "max_new_tokens": (32, 256),
                   "lr": (3e-4, 1e-6)}
-AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size",
-                "eval_batch_size")
+AT_LEAST_ONE = ("max_steps", "prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size")
 NON_NEGATIVE = ("clip_eps_low", "clip_eps_high", "beta", "adv_eps", "ref_sync_every", "lr", "weight_decay",
-                "grad_clip", "warmup_steps", "eval_size", "eval_every", "eval_k", "log_samples_every")
+                "grad_clip", "warmup_steps")
 # what a resumed checkpoint cannot honour: the model it started from, its seed, cold start, adapters
 RESUME_FIXED = ("model", "seed", *(f.name for f in dataclasses.fields(ColdStart)),
                 *(f.name for f in dataclasses.fields(LoraOptions)))
+
+
+def lr_factor(step, warmup_steps, total_steps, min_ratio):
+    """The learning rate at `step` as a fraction of the peak: linear warmup to 1 over warmup_steps,
+    then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def parse_config(argv, cls=Config, read_elsewhere=()):
@@ -609,14 +564,10 @@ def core_checks(cfg):
         (len(betas) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in betas),
          "adam_betas: two numbers in [0, 1)"),
         (0 <= cfg.seed < 2**32, f"seed: {cfg.seed} is not in [0, 2^32 - 1]"),
-        (not (cfg.resume and cfg.eval_only),
-         "eval_only: evaluate a run with --model=RUN_DIR --eval_only=True, not with --resume"),
         (not cfg.model.startswith((".", "/")) or os.path.isdir(cfg.model),
          f"model: {cfg.model}: no such directory"),
         (cfg.prompts_per_step % ranks == 0, f"prompts_per_step: {cfg.prompts_per_step} does not divide among "
                                             f"{ranks} ranks (each rank samples whole groups)"),
-        *unread(cfg, not cfg.eval_size, ("eval_every", "eval_batch_size", "eval_k"),
-                "no evaluation runs (eval_size=0)"),
         *unread(cfg, not cfg.beta, ("ref_sync_every", "ref_sync_alpha"), "beta=0 loads no reference model"),
         *unread(cfg, cfg.beta and not cfg.ref_sync_every, ("ref_sync_alpha",),
                 "the reference never moves (ref_sync_every=0)"),

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from configurator import ConfigError, fields_in_order, read_text
+from configurator import ConfigError, Path, fields_in_order, read_text
 from distributed import (all_sum, any_rank, barrier, full_state, gather, leave_distributed,
                          load_optimizer_state, main_rank, my_share, say, world_size)
 
@@ -30,6 +30,10 @@ from distributed import (all_sum, any_rank, barrier, full_state, gather, leave_d
 @dataclass
 class RunOptions:
     # the run directory: checkpoints, logging (runs.py)
+    out_dir: Path = "runs/default"  # run directory: config, metrics, checkpoints, summary
+    resume: Path = ""              # run directory to continue from its latest checkpoint
+    eval_only: bool = False        # evaluate `model` on the held-out split and stop
+    log_samples_every: int = 200   # steps between samples printed and written to samples.jsonl; 0 = never
     save_every: int = 400          # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2      # checkpoints kept on disk
     max_bad_steps: int = 10        # stop after this many consecutive steps with a non-finite loss/gradient
@@ -38,6 +42,9 @@ class RunOptions:
     def checks(self):
         return [*[(getattr(self, k) >= 1, f"{k}: must be at least 1")
                   for k in ("save_every", "keep_checkpoints", "max_bad_steps")],
+                (self.log_samples_every >= 0, "log_samples_every: must not be negative"),
+                (not (self.resume and self.eval_only),
+                 "eval_only: evaluate a run with --model=RUN_DIR --eval_only=True, not with --resume"),
                 (not self.wandb or installed("wandb"), "wandb: the wandb package is not installed"),
                 (not unwritable(self.out_dir), f"out_dir: {self.out_dir}: {unwritable(self.out_dir)}")]
 

@@ -279,7 +279,8 @@ def engines(path, tools="calculator", **changes):
     cfg = dataclasses.replace(cfg, **changes)
     cpu, reference = torch.device("cpu"), grpo.REFERENCE
     hf = engine.open_policy(path, dataclasses.replace(cfg, decoder="hf"), cpu, "float32", reference)[1]
-    static = engine.open_policy(path, dataclasses.replace(cfg, decoder="static"), cpu, "float32", reference)[1]
+    static = engine.open_policy(path, dataclasses.replace(cfg, decoder="static"), cpu, "float32",
+                                reference)[1]
     return hf, static
 
 
