@@ -99,7 +99,7 @@ class Config(Objective, *OPTIONS):
                 setattr(self, key, demo if self.model == "tiny" else pretrained)
         self.clip_eps_high = self.clip_eps_low if self.clip_eps_high is None else self.clip_eps_high
         if self.loss_type == "cispo":  # the old name of CISPO: its surrogate, aggregated over tokens
-            self.surrogate, self.loss_type = "cispo", "dapo"
+            self.renamed_from, self.surrogate, self.loss_type = self.surrogate, "cispo", "dapo"
 
 
 # ----------------------------------------------------------------------------
@@ -564,6 +564,9 @@ def core_checks(cfg):
         (len(betas) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in betas),
          "adam_betas: two numbers in [0, 1)"),
         (0 <= cfg.seed < 2**32, f"seed: {cfg.seed} is not in [0, 2^32 - 1]"),
+        ("surrogate" not in cfg.given or getattr(cfg, "renamed_from", "cispo") == "cispo",
+         f"loss_type: cispo, the old name of surrogate=cispo with loss_type=dapo, contradicts "
+         f"surrogate={getattr(cfg, 'renamed_from', '')}"),
         (not cfg.model.startswith((".", "/")) or os.path.isdir(cfg.model),
          f"model: {cfg.model}: no such directory"),
         (cfg.prompts_per_step % ranks == 0, f"prompts_per_step: {cfg.prompts_per_step} does not divide among "

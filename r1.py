@@ -7,8 +7,8 @@ long chains of thought, (2) reasoning RL with GRPO (accuracy, format and languag
 rewards), (3) rejection sampling from that checkpoint, keeping correct and readable answers, and
 SFT of the base model on them, (4) RL again. R1-Zero is phase 2 alone, from the base model. Small
 models are distilled: SFT on the big model's samples. Every phase here reuses the trainer's parts:
-engine.py's sampling and log-probs, sft.py's loop (the cold start's), data.py's evaluation and the
-task's own correctness; GRPO itself (phases 2 and 4) is grpo.py.
+grpo.py's sampling and log-probs (through engine.py's Engine), sft.py's loop (the cold start's),
+data.py's evaluation and the task's own correctness; GRPO itself (phases 2 and 4) is grpo.py.
 
 Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra ones):
   # SFT on {"prompt", "completion"} rows

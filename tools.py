@@ -19,11 +19,13 @@ max_new_tokens, or in a round that writes no call. The uniforms that pick a comp
 indexed by position in the whole transcript, so the built-in samplers give the same transcript for
 the same uniforms, and a group's G completions have the same prompt and the same tools.
 
-What the trainer sees: `policy` [B, T], 1 on the policy's own tokens. The loss, KL, entropy, clip
-and mismatch statistics, and the loss denominators count only those; results are context in every
-forward pass. Rewards read the whole transcript. A tool that raises, returns no string (or text
-that is not valid Unicode), runs past tool_timeout or returns more than max_tool_chars characters
-gives `<result>error: ...</result>`, counted in `tool_errors`; the run goes on. A tool of yours
+What the trainer sees: the sampler's own output with `mask` [B, T], 1 on the policy's own tokens
+(engine.Engine.sample ends it at the first stop), and the figures of the transcripts in `info`
+(calls, errors, each one's runs): grpo.train never mentions tools. The loss, KL, entropy, clip and
+mismatch statistics, and the loss denominators count only the policy's tokens; results are context
+in every forward pass. Rewards read the whole transcript. A tool that raises, returns no string
+(or text that is not valid Unicode), runs past tool_timeout or returns more than max_tool_chars
+characters gives `<result>error: ...</result>`, counted in `tool_errors`; the run goes on. A tool of yours
 cannot reach the trainer: a call past tool_timeout is killed with its process (a busy loop, a
 catastrophic regex), and a tool that ends its process or changes directory ends or moves only its
 worker, which is started anew. Each worker imports your file itself (within tool_timeout), so module

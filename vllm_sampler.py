@@ -97,7 +97,7 @@ class VllmSampler:
 
     @torch.no_grad()
     def sample(self, model, prompt_ids, prompt_mask, how):
-        """As engine.sample, for left-padded prompts [B, P] and `how` (engine.Sampling, its uniforms
+        """As grpo.sample, for left-padded prompts [B, P] and `how` (engine.Sampling, its uniforms
         drawn) -> {tokens, logp, entropy}, each [B, T]."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

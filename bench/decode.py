@@ -4,7 +4,7 @@ on the same prompts and uniforms, so that the tokens must be equal.
 
   python bench/decode.py                     # the demo's model and the ~27M Llama, CPU
   python bench/decode.py --device=cuda       # the same on a GPU (bf16 autocast), plus the 0.5B shape
-  python bench/decode.py --baseline=1a7be0c  # also the static decoder of that commit, side by side
+  python bench/decode.py --baseline=COMMIT   # also the static decoder of that commit (from eb4da4d on)
 
 Models are built locally from configs with the demo's tokenizer (no download); the ~27M shape is
 bench/trl_compare.py's, the 0.5B shape Qwen2.5-0.5B's with its real 151,936-token vocabulary
@@ -99,7 +99,8 @@ def main(argv=None):
                  "static": (lambda d: lambda: d.sample(ids, mask, how).tokens)(
                      engine.StaticDecoder(model, grpo.REFERENCE))}
         if baseline:
-            then = baseline.StaticDecoder(model)
+            # a commit from grpo.py's sampler on: engine.py builds on it (engine.Reference)
+            then = baseline.StaticDecoder(model, grpo.REFERENCE)
             paths["baseline"] = lambda: then.sample(ids, mask, baseline.Sampling(*how)).tokens
         if compiled:
             decoder = engine.StaticDecoder(model, grpo.REFERENCE, compile=True)

@@ -101,7 +101,8 @@ def main(argv=None):
     B, P, T = args.batch, args.prompt_tokens, args.new_tokens
     prompts = torch.randint(0, vocab, (B, P), device=device)
     prompt_mask = torch.ones_like(prompts)
-    cfg = grpo.Config(micro_batch_size=args.micro_batch_size, beta=0.0, clip_eps_high=0.2, temperature=1.0)
+    cfg = grpo.Config(micro_batch_size=args.micro_batch_size, beta=0.0, clip_eps_high=0.2, temperature=1.0,
+                      bf16=device.type == "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     bandwidth, flops_peak = ceilings(device)
 
@@ -150,7 +151,7 @@ def main(argv=None):
                 mask = torch.ones_like(completions, dtype=torch.float)
                 rollout = grpo.Rollout(ids, torch.ones_like(ids), torch.randn(B, device=device), mask,
                                        None, None, torch.zeros_like(mask))
-                grpo.accumulate_gradients(sampler, net, rollout, cfg)
+                grpo.accumulate_gradients(net, rollout, cfg)
                 optimizer.step()
 
             sample_s = timed(generate, device, args.repeats)

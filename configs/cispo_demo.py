@@ -5,7 +5,8 @@ updates per batch, so that ratios move; cap 5 as in ScaleRL (arXiv 2510.13786).
 
 Measured (seed 0, a 2-core AMD EPYC, torch 2.13.0): 50.5% -> 96.5% held-out greedy accuracy
 in 349 s (GRPO 337 s); the plain demo on the same machine: 50.5% -> 97.0% in 231 s."""
-loss_type = "cispo"
+surrogate = "cispo"
+loss_type = "dapo"
 cispo_cap = 5.0
 num_iterations = 2
 out_dir = "runs/cispo_demo"

@@ -242,3 +242,17 @@ def test_the_newer_objectives_train(tmp_path, flags):
                                          f"--out_dir={tmp_path}"]))
     rows = metrics(tmp_path)
     assert all(r["updates"] == 2 and r["grad_norm"] > 0 and math.isfinite(r["loss"]) for r in rows)
+
+
+def test_loss_type_cispo_is_the_old_name_of_the_cispo_surrogate():
+    """It still parses, as surrogate=cispo with CISPO's token mean (loss_type=dapo); given beside an
+    explicit other surrogate it contradicts, it is refused in one line."""
+    cfg = grpo.parse_config(["--loss_type=cispo"])
+    assert (cfg.surrogate, cfg.loss_type) == ("cispo", "dapo")
+    assert grpo.Config(loss_type="cispo").surrogate == "cispo"
+    assert grpo.Config(surrogate="cispo").loss_type == "grpo"  # the new name leaves the aggregation alone
+    with pytest.raises(grpo.ConfigError, match="loss_type: cispo, the old name .* surrogate=clip"):
+        grpo.parse_config(["--loss_type=cispo", "--surrogate=clip"])
+    with pytest.raises(grpo.ConfigError, match="cispo_cap: .* surrogate=clip is not cispo"):
+        grpo.parse_config(["--cispo_cap=3"])
+    assert grpo.SURROGATES["cispo"] is not None and set(grpo.SURROGATES) == {"clip", "cispo"}

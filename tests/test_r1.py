@@ -124,7 +124,7 @@ def test_duplicates_are_dropped_ignoring_whitespace():
 
 
 def scripted_sampler(tokenizer, per_prompt):
-    """A stand-in for engine.sample: completion j of each prompt is per_prompt(question)[j], as ids."""
+    """A stand-in for grpo.sample: completion j of each prompt is per_prompt(question)[j], as ids."""
     def fake_sample(model, prompt_ids, prompt_mask, how):
         questions = [tokenizer.decode(row[m.bool()]).strip() for row, m in zip(prompt_ids, prompt_mask)]
         k = questions.count(questions[0])
@@ -146,7 +146,8 @@ def test_rejection_sampling_then_distillation_into_another_tokenizer(tmp_path, t
         good = f"<think>{a}+{b}</think><answer>{a + b}</answer>"
         return [good, good + " ", f"<think>x</think><answer>{a + b + 1}</answer>", good[:-9] + "..."]
     _, tokenizer = engine.load_model(tiny_dir, "cpu")
-    monkeypatch.setattr(engine, "sample", scripted_sampler(tokenizer, per_prompt))
+    scripted = grpo.REFERENCE._replace(sample=scripted_sampler(tokenizer, per_prompt))
+    monkeypatch.setattr(grpo, "REFERENCE", scripted)
     kept = tmp_path / "kept.jsonl"
     assert r1.main(["sample", f"--model={tiny_dir}", f"--output={kept}", "--samples=4", "--sample_prompts=10",
                     "--eval_batch_size=12", "--max_new_tokens=32", "--decoder=hf"]) == 0  # the scripted path

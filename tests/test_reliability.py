@@ -147,8 +147,8 @@ def poison(monkeypatch, bad_calls, kind):
     """Make the update numbered in `bad_calls` (1-based) non-finite: its gradient, or its loss."""
     real, calls = grpo.accumulate_gradients, [0]
 
-    def wrapper(engine, model, *args):
-        sums = real(engine, model, *args)
+    def wrapper(model, *args):
+        sums = real(model, *args)
         calls[0] += 1
         if calls[0] in bad_calls:
             if kind == "gradient":

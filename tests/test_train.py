@@ -80,6 +80,28 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(full.parameters(), resumed.parameters()))
 
 
+def test_a_run_saved_under_the_old_names_resumes_as_before(tmp_path):
+    """loss_type=cispo was CISPO's surrogate with a token mean; a run directory saved under that name
+    (before `surrogate` existed) resumes as surrogate=cispo, loss_type=dapo, and goes on exactly as
+    a run that used the new names from the start."""
+    common = FAST + ["--warmup_steps=0", "--min_lr_ratio=1.0", "--num_iterations=2", "--save_every=2"]
+    new, old = str(tmp_path / "new"), str(tmp_path / "old")
+    grpo.train(grpo.parse_config(common + ["--surrogate=cispo", "--loss_type=dapo", "--max_steps=4",
+                                           f"--out_dir={new}"]))
+    grpo.train(grpo.parse_config(common + ["--loss_type=cispo", "--max_steps=2", f"--out_dir={old}"]))
+    path = os.path.join(old, "train_config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    saved["loss_type"] = "cispo"  # as the trainer wrote it before the names were split
+    del saved["surrogate"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    cfg = grpo.parse_config([f"--resume={old}", "--max_steps=4"])
+    assert (cfg.surrogate, cfg.loss_type) == ("cispo", "dapo")
+    grpo.train(cfg)
+    assert without_timings(metrics(new)) == without_timings(metrics(old))
+
+
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     runs = [(0, "a"), (0, "b"), (1, "c")]
     for seed, name in runs:
