@@ -9,6 +9,11 @@ sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data", "gsm8k")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a whole run, a subprocess, a compile or several seconds of "
+                                       "work; the fast tier is `python -m pytest -q tests -m \"not slow\"`")
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     import data

@@ -47,6 +47,7 @@ def test_batch_buckets_by_hand():
         [8, 8, 16, 16, 64, 64, 128, 128, 256, 256, 320]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAST)
 @pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
 def test_the_compiled_step_is_one_graph_with_the_eager_steps_tokens(name, temperature, top_p, tokenizer):
@@ -63,6 +64,7 @@ def test_the_compiled_step_is_one_graph_with_the_eager_steps_tokens(name, temper
     assert torch.allclose(out.logp, eager.logp, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_gsm8k_shaped_run_compiles_one_graph_per_way_of_picking(tokenizer, tiny_dir):
     """Training batches of mixed prompt lengths (within and across 16-token buckets), evaluation
     batches with a partial last one, greedy, sampled and nucleus, with LoRA's adapters on: three
@@ -229,6 +231,7 @@ def test_no_copy_for_fp32_sampling_or_lora(tiny, tiny_dir):
         assert lora.copy is None
 
 
+@pytest.mark.slow
 def test_a_compile_that_fails_falls_back_to_the_eager_step_in_one_line(tmp_path, monkeypatch, capsys):
     def broken(fn, **options):
         def failing(*args, **kwargs):
@@ -243,6 +246,7 @@ def test_a_compile_that_fails_falls_back_to_the_eager_step_in_one_line(tmp_path,
         "the eager step goes on"]
 
 
+@pytest.mark.slow
 def test_each_decoder_compiles_on_its_own_below_the_recompile_limit(tokenizer):
     """torch.compile counts recompiles per code object; each decoder compiles a copy of the step's,
     so a process that makes many (r1.py's phases, these tests) never reaches the limit."""

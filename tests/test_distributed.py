@@ -66,6 +66,7 @@ def assert_same_run(reference_dir, run_dir):
     assert max((weights[k] - start[k]).abs().max().item() for k in weights) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_ranks_make_the_same_updates_as_one_process(tmp_path, one_process, sharding):
     run_dir = str(tmp_path / "run")
@@ -82,6 +83,7 @@ def test_two_ranks_make_the_same_updates_as_one_process(tmp_path, one_process, s
     assert "ref_model" in state and state["optimizer"]["state"]  # whole, not rank 0's shard
 
 
+@pytest.mark.slow
 def test_a_run_resumes_on_another_number_of_ranks_and_sharding(tmp_path, one_process):
     run_dir = str(tmp_path / "run")
     launch(ARGS + [f"--out_dir={run_dir}", "--max_steps=2"])
@@ -89,6 +91,7 @@ def test_a_run_resumes_on_another_number_of_ranks_and_sharding(tmp_path, one_pro
     assert_same_run(one_process, run_dir)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_tools_make_the_same_steps_as_one_process(tmp_path, caller_dir):
     """With the calculator: one rank's rows may still be calling while the other's are done, so
     every rank samples each round (the samplers' stop checks are collectives). From a model that
@@ -113,6 +116,7 @@ def test_two_ranks_with_tools_make_the_same_steps_as_one_process(tmp_path, calle
     assert max((weights_two[k] - weights_one[k]).abs().max().item() for k in weights_one) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not runs.installed("peft"), reason="LoRA needs peft")
 def test_two_ranks_train_the_same_lora_adapters_as_one_process(tmp_path):
     """DDP over the adapters alone (after a full-weight cold start): the same steps and the same
@@ -151,6 +155,7 @@ def test_outside_torchrun_the_collectives_are_identities():
             and distributed.any_rank([15]))
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)

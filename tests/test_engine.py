@@ -116,6 +116,7 @@ def test_truncated_importance_weights_by_hand():
     assert torch.isclose(loss, -(2.0 * expected).sum() / 3)        # ratio 1: each token's -A, weighted
 
 
+@pytest.mark.slow
 def test_the_compiled_decode_step_gives_the_same_tokens(tokenizer):
     """torch.compile of the decode step (on CPU: inductor; on CUDA it adds CUDA graphs): the same
     tokens and log-probs as the eager step, one compilation per prompt bucket and batch."""

@@ -141,6 +141,7 @@ def insert_after(path, anchor, new_lines):
         f.write("\n".join(lines[:at + 1] + new_lines + lines[at + 1:]) + "\n")
 
 
+@pytest.mark.slow
 def test_the_hack_it_recipes_fit_the_layout_and_run(tmp_path):
     """Both of the README's recipes for a variant, applied to a copy of the project as written there,
     keep this file's rules green and train: the core has room for them."""

@@ -85,6 +85,7 @@ LORA = FAST + ["--lora_rank=4", "--lora_alpha=16", "--beta=0.04", "--lr=3e-3", "
                "--min_lr_ratio=1.0", "--micro_batch_size=5"]
 
 
+@pytest.mark.slow
 def test_a_lora_run_saves_the_adapter_and_a_merged_model(tmp_path):
     run = tmp_path / "run"
     grpo.train(grpo.parse_config(LORA + ["--max_steps=3", "--save_every=2", f"--out_dir={run}"]))
@@ -105,6 +106,7 @@ def test_a_lora_run_saves_the_adapter_and_a_merged_model(tmp_path):
     assert (logprobs(plain) - logprobs(start)).abs().max() > 1e-4         # the adapters trained
 
 
+@pytest.mark.slow
 def test_a_resumed_lora_run_reproduces_the_uninterrupted_one(tmp_path):
     whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
     grpo.train(grpo.parse_config(LORA + ["--max_steps=4", "--save_every=2", f"--out_dir={whole}"]))
@@ -147,6 +149,7 @@ def test_without_peft_lora_stops_in_one_line(tmp_path, capsys, monkeypatch):
         engine.add_lora(torch.nn.Linear(2, 2), engine.LoraOptions(4, 8.0))
 
 
+@pytest.mark.slow
 def test_a_bf16_base_under_fp32_adapters(tmp_path, monkeypatch):
     """dtype=bfloat16 with LoRA: the frozen base loads in bf16 (it never takes an AdamW step), the
     adapters stay fp32 and train, and the merged model saves and loads."""

@@ -258,6 +258,7 @@ def test_real_numbers_of_any_kind_are_rewards():
         assert R.safe_reward(lambda c, e: value, "x", {}) == (expected, False)
 
 
+@pytest.mark.slow
 def test_a_reward_file_that_exits_at_import_is_refused(tmp_path):
     for body, why in [("import sys\nsys.exit(0)\n", "it exits at import (SystemExit: 0)"),
                       ("raise SystemExit(3)\n", "it exits at import (SystemExit: 3)")]:
@@ -267,6 +268,7 @@ def test_a_reward_file_that_exits_at_import_is_refused(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_reward_that_raises_system_exit_is_a_failed_call(tmp_path):
     path = reward_file(tmp_path, "import sys\ndef r(completion, example):\n    sys.exit(3)\n")
     code, err = cli(*ARGS, "--max_steps=2", f"--rewards=format:1,{path}:r", f"--out_dir={tmp_path / 'run'}")
@@ -730,6 +732,7 @@ def test_a_jsonl_row_with_a_lone_surrogate_names_its_line(capsys, tmp_path, row)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_config_values_that_are_not_unicode_are_refused(tmp_path):
     path = tmp_path / "c.py"
     path.write_text('system_prompt = "\\ud800"\n')
@@ -791,6 +794,7 @@ def test_a_resume_whose_reference_model_is_damaged_changes_nothing(capsys, run):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_config_that_is_a_device_a_fifo_or_huge_is_refused_at_once(tmp_path):
     fifo, huge = tmp_path / "fifo", tmp_path / "huge.py"
     os.mkfifo(fifo)
@@ -834,6 +838,7 @@ def test_a_temperature_that_leaves_float_range_is_refused(capsys, tmp_path):
     grpo.parse_config(["--temperature=0.001"])
 
 
+@pytest.mark.slow
 def test_countdown_holds_out_at_most_its_training_size_and_a_long_evaluation_is_said(capsys, tmp_path,
                                                                                        monkeypatch):
     code, err = main(capsys, "--task=countdown", "--eval_size=5000000", f"--out_dir={tmp_path / 'run'}")

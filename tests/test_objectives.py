@@ -236,6 +236,7 @@ def test_the_same_loss_and_gradient_as_trl(case):
     ["--loss_type=cispo", "--advantage=reinforce_pp", "--entropy_coef=0.01"],
     ["--delta=4", "--entropy_coef=0.01", "--loss_type=dapo"],
 ])
+@pytest.mark.slow
 def test_the_newer_objectives_train(tmp_path, flags):
     from test_train import FAST, metrics
     grpo.train(grpo.parse_config(FAST + ["--max_steps=2", "--num_iterations=2", "--lr=1e-3", *flags,

@@ -64,6 +64,7 @@ def test_load_pairs_strips_the_prefill_and_names_bad_lines(tmp_path):
         r1.load_pairs(str(tmp_path / "empty.jsonl"))
 
 
+@pytest.mark.slow
 def test_sft_mode_learns_and_writes_a_run(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", worked_pairs(200))
     run = tmp_path / "sft"
@@ -180,6 +181,7 @@ def test_r1_command_line_errors(tmp_path, capsys):
     assert "--samples=8" in shown and "--group_size=8" in shown  # its own flags and grpo.py's
 
 
+@pytest.mark.slow
 def test_the_recipe_walks_every_phase(tmp_path, capsys, monkeypatch):
     """The wiring of the phases at 1 % of their length; the models learn too little in that to
     pass the filters, so every sample is kept here (the filters have their own tests)."""

@@ -63,6 +63,7 @@ def test_prefill_is_part_of_what_the_rewards_see():
     assert texts == ["<think>2+2=4</think><answer>4</answer>"] and R.format_reward(texts[0], {}) == 1.0
 
 
+@pytest.mark.slow
 def test_train_tiny_qwen_on_gsm8k_with_chat_template_then_reload_and_evaluate(tmp_path, tiny_qwen_chat):
     config = tmp_path / "gsm8k_tiny.py"
     config.write_text('"""A tiny Qwen2 chat model on the GSM8K JSONL: the gsm8k_qwen recipe in miniature."""'
@@ -131,6 +132,7 @@ def test_hub_dataset_names_need_the_datasets_package(capsys, monkeypatch):
                                                "(hub datasets need the `datasets` package)")
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
     result = load_bench("gpu_bench").main(["--shape=tiny", "--device=cpu", "--batch=4", "--prompt_tokens=8",
                                            "--new_tokens=8", "--repeats=1"])
@@ -138,6 +140,7 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
     assert result["compiled"]["sample_tokens_per_s"] > 0  # each row times its own sampler
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_every_part_at_a_tiny_size_on_cpu(tmp_path):
     output = tmp_path / "check.json"
     result = load_bench("gpu_check").main(["--smoke", "--device=cpu", f"--output={output}"])

@@ -76,6 +76,7 @@ def assert_checkpoint_loads(run):
     ("os", "replace", 7),        # all linked, `latest` not yet pointing at it
     ("shutil", "rmtree", 2),     # `latest` updated, the older checkpoint not yet pruned
 ])
+@pytest.mark.slow
 def test_sigkill_at_each_point_of_a_checkpoint_write(tmp_path, reference, module, name, nth):
     run = tmp_path / "run"
     args = ARGS + ["--max_steps=6", "--save_every=2", "--keep_checkpoints=1", f"--out_dir={run}"]
@@ -89,6 +90,7 @@ def test_sigkill_at_each_point_of_a_checkpoint_write(tmp_path, reference, module
     assert not list(run.glob("*.tmp")) and [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-000006"]
 
 
+@pytest.mark.slow
 def test_repeated_sigkill_at_random_moments(tmp_path):
     """SIGKILL again and again at random times while a run saves every step; each time the latest
     checkpoint loads, and the run resumed after the last kill finishes with the uninterrupted metrics."""
@@ -122,6 +124,7 @@ def latest_step(run):
     return int((run / "latest").read_text().split("-")[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, sig):
     args = ARGS + ["--max_steps=30", "--save_every=1000"]
@@ -218,6 +221,7 @@ def test_arithmetic_split_that_leaves_nothing_to_train_on(tmp_path):
                                  "(81 in all)")
 
 
+@pytest.mark.slow
 def test_model_path_that_does_not_exist(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     code, err = run_cli(tmp_path, "--model=no-such-owner/no-such-model", env=env)
@@ -227,6 +231,7 @@ def test_model_path_that_does_not_exist(tmp_path):
     assert code == 2 and err == f"grpo.py: error: model: {tmp_path}/missing: no such directory"
 
 
+@pytest.mark.slow
 def test_tokenizer_without_eos(tmp_path, tiny_dir):
     model_dir = tmp_path / "no_eos"
     shutil.copytree(tiny_dir, model_dir)
@@ -238,6 +243,7 @@ def test_tokenizer_without_eos(tmp_path, tiny_dir):
                                  "so completions could never end")
 
 
+@pytest.mark.slow
 def test_prompts_longer_than_the_context(tmp_path, tiny_dir):
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=?" + " pad" * (70 * (i == 20)),
@@ -274,6 +280,7 @@ def wait_for_rows(run, n, process):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_held_directory_is_refused_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     first = start_run(*ARGS, "--max_steps=5000", "--save_every=1", f"--out_dir={run}")
@@ -296,6 +303,7 @@ def test_a_second_run_in_a_held_directory_is_refused_naming_the_holder(tmp_path)
     assert [r["step"] for r in rows(run)] == list(range(1, len(steps) + 3))
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_leave_one_run_and_no_temporary_files(tmp_path):
     run = tmp_path / "run"
     fresh = [*ARGS, "--max_steps=4", "--save_every=1", f"--out_dir={run}"]

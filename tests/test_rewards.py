@@ -309,6 +309,7 @@ def no_model_text_run():
 @settings(max_examples=400, deadline=None)
 @given(text=COMPLETIONS, numbers=st.lists(st.integers(0, 10**6), max_size=6),
        target=st.integers(-10**9, 10**9), tokens=st.integers(0, 10**6))
+@pytest.mark.slow
 def test_every_reward_returns_a_finite_float_and_never_runs_code(text, numbers, target, tokens):
     example = {"answer": str(target), "numbers": numbers, "target": target, "completion_tokens": tokens,
                "max_new_tokens": 512, "overlong_buffer": 64, "language": "en"}

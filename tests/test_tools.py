@@ -290,6 +290,7 @@ MINE = """def calc(text):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature, mine", [(0.0, False), (1.0, False), (0.0, True)])
 def test_the_built_in_samplers_write_the_same_transcript_with_tools(caller, tmp_path, temperature, mine):
     """The calculator inline, or (mine) a tool of yours in worker processes: the same transcripts."""
@@ -311,6 +312,7 @@ def test_the_built_in_samplers_write_the_same_transcript_with_tools(caller, tmp_
         assert torch.equal(a.tokens, inline.tokens) and torch.equal(a.mask, inline.mask)
 
 
+@pytest.mark.slow
 def test_the_transcripts_log_probs_equal_a_full_pass_over_it(caller):
     hf, _ = engines(caller)
     ids, mask = prompts(hf.tokenizer, ["12*34+5", "71*23+9", "40*40+1", "88*19+2"])
@@ -336,6 +338,7 @@ def run_cli(tmp_path, *args):
     return result.returncode, result.stderr.strip()
 
 
+@pytest.mark.slow
 def test_a_bad_tool_is_refused_in_one_line_before_the_model_loads(tmp_path):
     (tmp_path / "t.py").write_text("def two(a, b):\n    return ''\ndef one(text):\n    return text\n")
     cases = [("--tools=abacus", "tools: unknown tool 'abacus' (built in: calculator; or FILE.py:FUNCTION)"),
@@ -354,6 +357,7 @@ def test_a_bad_tool_is_refused_in_one_line_before_the_model_loads(tmp_path):
         assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_the_demo_config_trains_with_the_calculator(tmp_path):
     args = ["--config", os.path.join(ROOT, "configs", "calculator_demo.py"), "--max_steps=2",
             "--sft_steps=100", "--eval_size=8", "--prompts_per_step=4", "--group_size=4",
@@ -393,6 +397,7 @@ TOOL_RUN = ["--config", os.path.join(ROOT, "configs", "calculator_demo.py"), "--
             "--min_lr_ratio=1.0", "--save_every=2", "--num_iterations=2", "--log_samples_every=0"]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_with_tools_reproduces_the_uninterrupted_one(tmp_path):
     whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
     grpo.train(grpo.parse_config(TOOL_RUN + ["--max_steps=4", f"--out_dir={whole}"]))
@@ -448,6 +453,7 @@ def workers_of(tmp_path, names, timeout=0.5, size=4):
     return usercode.Workers([(str(path), name) for name in names], timeout, 1000, size)
 
 
+@pytest.mark.slow
 def test_a_tool_past_its_timeout_is_killed_with_its_process(tmp_path):
     import threading
     threads = threading.active_count()
@@ -541,6 +547,7 @@ def alive(pid):
     ("import sys\nsys.exit(0)\n", "it exits at import (SystemExit: 0)"),
     ("raise ImportError('no such package')\n", "no such package"),
 ])
+@pytest.mark.slow
 def test_a_tool_file_that_hangs_or_exits_at_import_is_refused_in_one_line(tmp_path, body, problem):
     (tmp_path / "t.py").write_text(body)
     started = time.time()
@@ -549,6 +556,7 @@ def test_a_tool_file_that_hangs_or_exits_at_import_is_refused_in_one_line(tmp_pa
     assert time.time() - started < 60 and not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_run_whose_tools_spin_exit_and_move_goes_on_in_its_own_place(caller, tmp_path, monkeypatch):
     """The model calls on most rows; its calls go to tools that spin past the timeout, end their
     process or change directory. The run finishes, counts the errors and saves where it was told."""

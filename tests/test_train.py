@@ -34,6 +34,7 @@ def without_timings(rows):
     return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
 
 
+@pytest.mark.slow
 def test_command_line_run_end_to_end(tmp_path):
     run = tmp_path / "run"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *FAST, "--max_steps=3",
@@ -80,6 +81,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(full.parameters(), resumed.parameters()))
 
 
+@pytest.mark.slow
 def test_a_run_saved_under_the_old_names_resumes_as_before(tmp_path):
     """loss_type=cispo was CISPO's surrogate with a token mean; a run directory saved under that name
     (before `surrogate` existed) resumes as surrogate=cispo, loss_type=dapo, and goes on exactly as
@@ -102,6 +104,7 @@ def test_a_run_saved_under_the_old_names_resumes_as_before(tmp_path):
     assert without_timings(metrics(new)) == without_timings(metrics(old))
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     runs = [(0, "a"), (0, "b"), (1, "c")]
     for seed, name in runs:
@@ -122,6 +125,7 @@ def test_beta_zero_loads_no_reference_model(tmp_path, monkeypatch, beta, loads):
     assert (metrics(tmp_path)[0]["kl"] is None) == (beta == 0)
 
 
+@pytest.mark.slow
 def test_every_flag_combination_runs(tmp_path):
     grpo.train(grpo.parse_config(FAST + [
         "--max_steps=2", "--loss_type=dr_grpo", "--scale_rewards=none", "--clip_eps_high=0.28",
@@ -132,6 +136,7 @@ def test_every_flag_combination_runs(tmp_path):
     assert len(rows) == 2 and "eval_accuracy" in rows[0] and "reward_overlong" in rows[0]
 
 
+@pytest.mark.slow
 def test_pad_token_equal_to_eos_trains(tmp_path, tiny_dir):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
@@ -148,6 +153,7 @@ def test_pad_token_equal_to_eos_trains(tmp_path, tiny_dir):
     assert all(r["completion_len_mean"] < 20 and r["truncated_frac"] < 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     """compile=True (torch.compile of the log-prob forward) trains as eager does."""
     for flag in ("False", "True"):
@@ -174,6 +180,7 @@ def flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_bfloat16_keeps_fp32_master_weights_and_tracks_float32(tmp_path):
     """dtype=bfloat16 at lr 1e-6: bf16 weights would round nearly every AdamW step away (about
     1 % of weights moved in 5 steps); with fp32 master weights under bf16 compute (nearly) every
