@@ -3,11 +3,13 @@ engine.py: the policy as grpo.py samples it: loading (dtype, attention, pad and 
 dropout), LoRA, the reference model, and the samplers that must equal grpo.py's own.
 
 grpo.py holds the definition: `sample` (transformers' forward with the model's own KV cache, any
-family), `pick_token` and `completion_logprobs`. Here are the faster samplers built on it, which
-pick the same tokens from the same uniforms: `StaticDecoder`, a KV cache the engine owns with one
-decode step that picks its own token (Llama, Qwen2, Qwen3, Mistral; compiled on CUDA), and vLLM
-(vllm_sampler.py). `Engine.sample` runs whichever applies, with tools around it (tools.py), and
-returns what the trainer reads: tokens, log-probs, entropy and the mask of the policy's own tokens.
+family), `pick_token` and `completion_logprobs`. Here are the faster samplers built on it:
+`StaticDecoder`, a KV cache the engine owns with one decode step that picks its own token (Llama,
+Qwen2, Qwen3, Mistral; compiled on CUDA), which picks the same tokens from the same uniforms; and
+vLLM (vllm_sampler.py), the same greedy tokens (sampled ones are vLLM's own, seeded from the
+uniforms). `Engine.sample` runs whichever applies, always wrapped by tools.py's Toolbox (which runs
+tools, or without any counts the calls written), and returns what the trainer reads: tokens,
+log-probs, entropy, the mask of the policy's own tokens, lengths and the sampler's figures.
 Nothing here knows about rewards or the GRPO objective.
 """
 import copy
@@ -94,7 +96,7 @@ class LoraOptions:
 class Sampling(NamedTuple):
     """How to sample: up to max_new_tokens tokens, a row ending at any of eos_ids [S] (then pad_id);
     temperature 0 is greedy; the top_p nucleus; uniforms [B, max_new_tokens] in [0, 1) pick the
-    tokens (drawn when None); share_prompt: repeated prompts are prefilled once (prefill_prompts)."""
+    tokens (drawn when None); share_prompt: repeated prompts are prefilled once (grpo.prefill_prompts)."""
     max_new_tokens: int
     eos_ids: torch.Tensor
     pad_id: int
@@ -119,8 +121,9 @@ class Sampled(NamedTuple):
     info: Optional[dict] = None
 
 
-class Reference(NamedTuple):
-    """grpo.py's definitions, which the samplers here are built on and must equal: sample(model,
+class Definition(NamedTuple):
+    """grpo.py's definitions, which the samplers here are built on (StaticDecoder must give the same
+    tokens for the same uniforms, vLLM the same greedy ones): sample(model,
     prompt_ids, prompt_mask, how) -> Sampled; logprobs(model, ids, attention, num_completion,
     temperature, share_prompt, with_entropy) -> (logp, entropy); pick(logits, temperature, top_p,
     uniform, mode) -> (token, logp, entropy) [B] each; picking(temperature, top_p) -> its mode."""
@@ -301,23 +304,23 @@ def unwrap(model):
 
 class Engine:
     """The policy's sampler and log-probs, for the models that share its tokenizer (the reference,
-    the policy's training wrapper), built on grpo.py's definitions (`reference`, a Reference).
+    the policy's training wrapper), built on grpo.py's definitions (`definition`, a Definition).
     bf16: forward passes under bf16 autocast (the weights stay as loaded). decoder: "static"
     samples with StaticDecoder where the model's family allows (compiled with compile_decode),
-    "hf" with the reference sampler; "auto" is static where the family allows, except under FSDP,
+    "hf" with grpo.py's own sampler; "auto" is static where the family allows, except under FSDP,
     whose sharded layers only gather inside their forward. Under bf16 autocast over fp32 weights
     the static decoder samples a bf16 copy (Bf16Copy). open_policy sets the rest: vllm (a
     vllm_sampler.VllmSampler), tools (a tools.Toolbox) and share_prompt (a group's G sequences
     share one forward pass over their prompt)."""
 
-    def __init__(self, model, tokenizer, reference, bf16=False, decoder="hf", compile_decode=False):
-        self.model, self.tokenizer, self.reference, self.bf16 = model, tokenizer, reference, bf16
+    def __init__(self, model, tokenizer, definition, bf16=False, decoder="hf", compile_decode=False):
+        self.model, self.tokenizer, self.definition, self.bf16 = model, tokenizer, definition, bf16
         self.eos_ids, self.pad_id = stop_ids(model, tokenizer), tokenizer.pad_token_id
         why_not = StaticDecoder.unsupported(model, 0)
         if decoder == "static" and why_not:
             raise ConfigError(f"decoder: static decoding cannot run this model: {why_not}")
         static = decoder in ("auto", "static")
-        self.decoder = StaticDecoder(model, reference, compile_decode) if static and not why_not else None
+        self.decoder = StaticDecoder(model, definition, compile_decode) if static and not why_not else None
         self.why_not_static, self.copy = why_not if static else f"decoder={decoder}", None
         self.vllm, self.tools, self.share_prompt = None, tools.Toolbox(tokenizer, self.eos_ids), True
         self.wants_copy = None  # whether the static decoder samples a Bf16Copy (static_decoder)
@@ -346,7 +349,7 @@ class Engine:
         return out._replace(mask=ended * out.mask, lengths=ended.sum(1))
 
     def sample_once(self, prompt_ids, prompt_mask, how):
-        """One call of the sampler that runs (vLLM, the static decoder or the reference), its
+        """One call of the sampler that runs (vLLM, the static decoder or grpo.sample), its
         uniforms drawn."""
         if self.vllm is not None:
             return Sampled(**self.vllm.sample(self.model, prompt_ids, prompt_mask, how))
@@ -354,7 +357,7 @@ class Engine:
         with self.autocast():
             if self.uses_static(prompt_ids.size(1) + how.max_new_tokens):
                 return self.static_decoder().sample(prompt_ids, prompt_mask, how)
-            return self.reference.sample(self.model, prompt_ids, prompt_mask, how)
+            return self.definition.sample(self.model, prompt_ids, prompt_mask, how)
 
     def timings(self):
         """The sampler's own phases since the last call, for the metrics: t_weight_sync, the seconds
@@ -371,7 +374,7 @@ class Engine:
             self.wants_copy = fp32 and not any(".lora_" in name for name, _ in self.model.named_parameters())
         if self.copy is None and self.wants_copy:
             self.copy = Bf16Copy(unwrap(self.model))
-            self.decoder = StaticDecoder(self.copy.model, self.reference, self.decoder.compiled,
+            self.decoder = StaticDecoder(self.copy.model, self.definition, self.decoder.compiled,
                                          self.decoder.bucket, self.decoder.backend)
         if self.copy is not None:
             self.copy.refresh()
@@ -383,7 +386,7 @@ class Engine:
         None is the engine's."""
         share = self.share_prompt if share_prompt is None else share_prompt
         with self.autocast():
-            return self.reference.logprobs(self.model if model is None else model, ids, attention,
+            return self.definition.logprobs(self.model if model is None else model, ids, attention,
                                            num_completion, 1.0, share, False)[0]
 
 
@@ -419,9 +422,15 @@ def open_reference(path, options, device, weights=None, lora=None):
     return distribute(model, options, device, trainable=False)
 
 
-def open_policy(path, options, device, dtype, reference):
-    """The policy (weights in dtype) and its Engine on `reference` (grpo.py's definitions, a
-    Reference), as `options` (EngineOptions) ask: dropout off
+def uses_bf16(options, device):
+    """Whether forward passes run under bf16 autocast: options.bf16, or where None (auto) on CUDA
+    and with dtype=bfloat16."""
+    return (device.type == "cuda" or options.dtype == "bfloat16") if options.bf16 is None else options.bf16
+
+
+def open_policy(path, options, device, dtype, definition):
+    """The policy (weights in dtype) and its Engine on `definition` (grpo.py's, a Definition), as
+    `options` (EngineOptions) ask: dropout off
     (disable_dropout), gradient checkpointing, bf16 autocast by default on CUDA and with
     dtype=bfloat16 on any device, the static decoder compiled on CUDA. Says which sampler runs."""
     if options.decoder == "vllm":
@@ -432,9 +441,9 @@ def open_policy(path, options, device, dtype, reference):
         disable_dropout(model)
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    bf16 = (device.type == "cuda" or options.dtype == "bfloat16") if options.bf16 is None else options.bf16
+    bf16 = uses_bf16(options, device)
     compile_decode = device.type == "cuda" if options.compile_decode is None else options.compile_decode
-    engine = Engine(model, tokenizer, reference, bf16, options.decoder, compile_decode)
+    engine = Engine(model, tokenizer, definition, bf16, options.decoder, compile_decode)
     engine.tools = tools.open_toolbox(options, tokenizer, engine.eos_ids)
     engine.share_prompt = options.share_prompt
     if options.decoder == "vllm":
@@ -507,8 +516,8 @@ class StaticDecoder:
     # for its batch and length): the memory CUDA graphs cost, as a graph replays on those addresses
     MAX_STATES = 4
 
-    def __init__(self, model, reference, compile=False, bucket=64, backend="inductor"):
-        self.model, self.pick, self.picking = unwrap(model), reference.pick, reference.picking
+    def __init__(self, model, definition, compile=False, bucket=64, backend="inductor"):
+        self.model, self.pick, self.picking = unwrap(model), definition.pick, definition.picking
         self.body, self.bucket, self.backend, self.states = self.model.model, bucket, backend, OrderedDict()
         self.step, self.compiled, self.reported = self.decode_step, compile, False
         if compile:
@@ -617,7 +626,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def sample(self, prompt_ids, prompt_mask, how):
-        """As `sample` (the same tokens for the same uniforms) -> Sampled."""
+        """As grpo.sample (the same tokens for the same uniforms) -> Sampled."""
         try:
             return self.run(prompt_ids, prompt_mask, how)
         except torch.OutOfMemoryError:  # not the compiler's failure: the eager step would not fit either

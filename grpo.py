@@ -36,9 +36,9 @@ import runs
 import tools
 from configurator import ConfigError, Path, parse_args, unread
 from distributed import DistributedOptions, all_sum, every_rank_done, gather, my_share, say
-from engine import (EngineOptions, LoraOptions, Reference, Sampled, add_lora, cache_name, cache_of,
+from engine import (Definition, EngineOptions, LoraOptions, Sampled, add_lora, cache_name, cache_of,
                     can_share_prompts, draw_uniforms, merged_weights, new_cache, open_policy, open_reference,
-                    positions_of, unwrap)
+                    positions_of, unwrap, uses_bf16)
 from rewards import RewardOptions, parse_reward_spec, reflects, score
 from runs import RunOptions
 from sft import ColdStart, cold_start
@@ -64,6 +64,10 @@ class Objective:
     ref_sync_alpha: float = 1.0    # ref <- alpha * theta + (1 - alpha) * ref; 1.0 = hard copy
     mask_truncated: bool = False   # leave completions without EOS out of the loss (DAPO: True)
     drop_zero_std_groups: bool = False  # leave groups with equal rewards out (DAPO: True, resampled)
+
+    def __post_init__(self):
+        if self.loss_type == "cispo":  # the old name of CISPO: its surrogate, aggregated over tokens
+            self.renamed_from, self.surrogate, self.loss_type = self.surrogate, "cispo", "dapo"
 
 
 # the option groups of the other parts, each with its own checks(cfg), in the order --help shows them
@@ -98,8 +102,7 @@ class Config(Objective, *OPTIONS):
             if getattr(self, key) is None:
                 setattr(self, key, demo if self.model == "tiny" else pretrained)
         self.clip_eps_high = self.clip_eps_low if self.clip_eps_high is None else self.clip_eps_high
-        if self.loss_type == "cispo":  # the old name of CISPO: its surrogate, aggregated over tokens
-            self.renamed_from, self.surrogate, self.loss_type = self.surrogate, "cispo", "dapo"
+        super().__post_init__()
 
 
 # ----------------------------------------------------------------------------
@@ -121,8 +124,9 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4, baseline=None
     return torch.where(all_equal, 0.0, advantages).view(-1)
 
 
-# the advantage estimators by name (cfg.advantage): (rewards [N], group_size, scale, eps) -> [N], exactly
-# 0 for a group whose rewards are all equal. A new one is a function and a line here.
+# the advantage estimators by name (cfg.advantage): (rewards [N], group_size, scale, eps) -> [N], all 0
+# exactly for a group whose rewards are all equal, and only for one (train() reads "no signal" from that).
+# A new one is a function, a line here and its name in Objective.advantage's Literal.
 ADVANTAGES = {"grpo": group_advantages,
               "rloo": functools.partial(group_advantages, baseline=objectives.rloo_baseline),
               "reinforce_pp": objectives.reinforce_pp_advantages}
@@ -147,7 +151,7 @@ def clipped_surrogate(log_ratio, advantages, eps_low, eps_high, delta=0.0):
 
 
 # the per-token losses by name (cfg.surrogate): (logp, log_ratio [B, T], advantages [B], cfg) ->
-# (loss, clipped low, clipped high) [B, T] each
+# (loss, clipped low, clipped high) [B, T] each; a new one is a line here and a name in the Literal
 SURROGATES = {
     "clip": lambda logp, log_ratio, adv, o: clipped_surrogate(log_ratio, adv, o.clip_eps_low, o.clip_eps_high,
                                                               o.delta),
@@ -176,7 +180,9 @@ def loss_denominator(loss_mask, loss_type, max_new_tokens):
         return (loss_mask.sum(1) > 0).sum()
     if loss_type == "dapo":
         return loss_mask.sum()
-    return torch.tensor(len(loss_mask) * max_new_tokens, device=loss_mask.device)
+    if loss_type == "dr_grpo":
+        return torch.tensor(len(loss_mask) * max_new_tokens, device=loss_mask.device)
+    raise ValueError(f"loss_type: {loss_type!r} is not grpo, dapo or dr_grpo")
 
 
 def aggregate_loss(per_token, mask, loss_type, denominator):
@@ -193,8 +199,8 @@ def aggregate_loss(per_token, mask, loss_type, denominator):
 
 
 # ----------------------------------------------------------------------------
-# sampling and log-probs: the definition. engine.py's faster samplers (its own KV cache, vLLM) pick the
-# same tokens from the same uniforms, and the tests hold them to it token for token.
+# sampling and log-probs: the definition. engine.py's static KV cache picks the same tokens from the same
+# uniforms, vLLM the same greedy ones, and the tests hold them to it token for token.
 
 
 def picking(temperature, top_p):
@@ -312,13 +318,13 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
 
 
 # what engine.py's samplers are built on (and its Engine.logprobs, sft.py's and r1.py's)
-REFERENCE = Reference(sample=sample, logprobs=completion_logprobs, pick=pick_and_score, picking=picking)
+DEFINITION = Definition(sample=sample, logprobs=completion_logprobs, pick=pick_and_score, picking=picking)
 
 
 def logprobs(model, ids, attention, num_completion, cfg, with_entropy=False):
     """completion_logprobs at cfg.temperature, under bf16 autocast when cfg.bf16: the weights stay
     fp32 (the optimizer's master copy) and the matmuls run in bf16 (as sampling does)."""
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16)):  # None: setup decides
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, ids.device)):
         return completion_logprobs(model, ids, attention, num_completion, cfg.temperature, cfg.share_prompt,
                                    with_entropy)
 
@@ -456,6 +462,8 @@ def train(cfg):
             uniforms = my_share(torch.rand(cfg.prompts_per_step * G, T)).to(device)  # one stream
             prompt_ids, prompt_mask, prompts_cut = data.encode_prompts(tokenizer, examples, cfg, device)
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+            # `sample` above, or a faster one equal to it (engine.py), with the mask of the policy's own
+            # tokens, the lengths and the sampler's own figures for the log
             sampled = sampler.sample(prompt_ids, prompt_mask, T, cfg.temperature, cfg.top_p, uniforms)
             truncated = ~torch.isin(sampled.tokens, sampler.eos_ids).any(1)
             texts = data.decode(tokenizer, sampled.tokens, cfg.prefill)
@@ -507,7 +515,7 @@ def train(cfg):
             if stop:  # after the checkpoint: say why, and how to go on
                 raise stop
     after = data.evaluate(sampler, run.test_set, cfg) if cfg.eval_size else {}
-    return run.log.summarise(run.before, after, cfg.eval_size and len(run.test_set))
+    return run.log.summarise(after, cfg.eval_size and len(run.test_set))
 
 
 # ----------------------------------------------------------------------------
@@ -577,15 +585,12 @@ def core_checks(cfg):
         *unread(cfg, cfg.scale_rewards == "none" and cfg.advantage != "reinforce_pp", ("adv_eps",),
                 "scale_rewards=none divides by no std"),
         *unread(cfg, cfg.advantage == "reinforce_pp", ("scale_rewards",),
-                "advantage=reinforce_pp whitens over the batch itself"),
-        *unread(cfg, cfg.surrogate != "cispo", ("cispo_cap",), f"surrogate={cfg.surrogate} is not cispo"),
-        *unread(cfg, cfg.surrogate == "cispo", ("clip_eps_low", "clip_eps_high"),
-                "surrogate=cispo clips no ratio (it caps its weight at cispo_cap)")]
+                "advantage=reinforce_pp whitens over the batch itself")]
 
 
 class Run(NamedTuple):
     """What setup() hands the loop."""
-    cfg: Config                    # resolved: the prompt limit fitted to the model, bf16 decided
+    cfg: Config                    # resolved: the prompt limit fitted to the model
     device: torch.device
     engine: object                 # engine.Engine: the policy's sampler (sample, eos_ids, tokenizer)
     policy: torch.nn.Module        # the policy itself
@@ -596,8 +601,7 @@ class Run(NamedTuple):
     test_set: list
     shared: dict                   # what the rewards read of the config
     step: int                      # the first step to run: 0, or a resumed run's
-    before: dict                   # held-out metrics before RL ({} without evaluation)
-    log: runs.TrainingLog          # metrics.jsonl, samples.jsonl, the progress line, why to stop
+    log: runs.TrainingLog          # metrics.jsonl, samples.jsonl, the progress line, why to stop, summary
     save: object                   # save(step): a checkpoint of the run after `step`
 
 
@@ -613,9 +617,8 @@ def setup(cfg):
     cold, saved_cfg = not state and cfg.sft_steps > 0, dataclasses.asdict(cfg)
     frozen = cfg.lora_rank and not cold  # a LoRA base that no cold start trains loads in dtype
     model, engine = open_policy(checkpoint if state and not cfg.lora_rank else init_path, cfg, device,
-                                cfg.dtype if frozen else "float32", REFERENCE)
+                                cfg.dtype if frozen else "float32", DEFINITION)
     cfg = data.resolve_prompt_limit(cfg, model, engine.tokenizer, train_set + test_set)
-    cfg = dataclasses.replace(cfg, bf16=engine.bf16)
     train_model = distributed.distribute(model, cfg, device) if cold or not cfg.lora_rank else model
     if cold:
         init_path = cold_start(train_model, model, engine, train_set, cfg)
@@ -634,14 +637,17 @@ def setup(cfg):
     before = state["eval_before"] if state else data.evaluate(engine, test_set, cfg) if cfg.eval_size else {}
     if before and not state:
         say(f"before RL: greedy accuracy {before['accuracy']:.1%} on {len(test_set)} held-out questions")
-    log = runs.TrainingLog(cfg, state, started)
+    log = runs.TrainingLog(cfg, state, started, before)
     merged = (lambda: merged_weights(lora)) if lora else None  # LoRA: the run holds the merged model
     saving = runs.Saving(model, optimizer, ref_model if cfg.ref_sync_every else None, lora, merged, init_path,
                          saved_cfg)
     shared = {key: getattr(cfg, key) for key in ("language", "max_new_tokens", "overlong_buffer")}  # rewards'
-    return Run(cfg, device, engine, model, train_model, ref_model, optimizer, train_set, test_set, shared,
-               state.get("step", 0), before, log,
-               lambda step: runs.save_training(cfg, engine.tokenizer, saving, log.checkpoint(step, before)))
+
+    def save(step):  # a checkpoint after `step`: weights, optimizer, random streams, the log's counts
+        runs.save_training(cfg, engine.tokenizer, saving, log.checkpoint(step))
+    return Run(cfg=cfg, device=device, engine=engine, policy=model, model=train_model, ref_model=ref_model,
+               optimizer=optimizer, train_set=train_set, test_set=test_set, shared=shared,
+               step=state.get("step", 0), log=log, save=save)
 
 
 def start(cfg):
@@ -664,7 +670,7 @@ def evaluate_only(cfg):
     """Evaluate cfg.model (in cfg.dtype) on the held-out split; eval.json in out_dir."""
     device, train_set, test_set = start(cfg)
     path = data.initial_model(cfg)
-    model, engine = open_policy(path, cfg, device, cfg.dtype, REFERENCE)
+    model, engine = open_policy(path, cfg, device, cfg.dtype, DEFINITION)
     cfg = data.resolve_prompt_limit(cfg, model, engine.tokenizer, train_set + test_set)
     distributed.distribute(model, cfg, device)  # FSDP shards the weights, as in training
     result = data.evaluate(engine, test_set, cfg)

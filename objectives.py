@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from configurator import unread
+
 
 
 @dataclass
@@ -29,7 +31,11 @@ class Variants:
                  "delta: caps the clipped objective's ratio; surrogate=cispo has none"),
                 (self.cispo_cap > 0, "cispo_cap: must be positive"),
                 (self.entropy_coef >= 0, "entropy_coef: must not be negative"),
-                (self.tis_cap >= 0, "tis_cap: must not be negative")]
+                (self.tis_cap >= 0, "tis_cap: must not be negative"),
+                *unread(self, self.surrogate != "cispo", ("cispo_cap",),
+                        f"surrogate={self.surrogate} is not cispo"),
+                *unread(self, self.surrogate == "cispo", ("clip_eps_low", "clip_eps_high"),
+                        "surrogate=cispo clips no ratio (it caps its weight at cispo_cap)")]
 
 
 def rloo_baseline(r):

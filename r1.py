@@ -112,7 +112,7 @@ def sft(cfg):
     runs.write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
     path = (data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny"
             else cfg.model)
-    model, engine = open_policy(path, cfg, device, "float32", grpo.REFERENCE)  # fp32 master weights
+    model, engine = open_policy(path, cfg, device, "float32", grpo.DEFINITION)  # fp32 master weights
     cfg = data.resolve_prompt_limit(cfg, model, engine.tokenizer, pairs)
     before = data.evaluate(engine, test_set, cfg) if test_set else {}
     metrics, show = runs.RunLog(cfg.out_dir, cfg, fresh=True), runs.Progress("sft")
@@ -179,7 +179,7 @@ def rejection_sample(cfg):
     prompts = data.load_task(cfg.task, cfg.seed, cfg.data_path, cfg.eval_data_path, cfg.eval_size,
                              cfg.digits)[0]
     prompts = prompts[:cfg.sample_prompts or None]
-    model, engine = open_policy(cfg.model, cfg, device, cfg.dtype, grpo.REFERENCE)
+    model, engine = open_policy(cfg.model, cfg, device, cfg.dtype, grpo.DEFINITION)
     cfg = data.resolve_prompt_limit(cfg, model, engine.tokenizer, prompts)
     tokenizer, k = engine.tokenizer, cfg.samples
     kept, report, reasons, show = [], [], collections.Counter(), runs.Progress("sample")

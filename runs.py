@@ -363,11 +363,12 @@ class TrainingLog(RunLog):
     """A GRPO run's log (grpo.train's): each step's metrics row written with the count of skipped
     steps, the progress line, samples.jsonl every log_samples_every steps; whether the run must
     stop (a signal, or max_bad_steps non-finite steps in a row); what a checkpoint records of it;
-    the summary at the end. state: a resumed run's checkpoint state ({} for a fresh run)."""
+    the summary at the end. state: a resumed run's checkpoint state ({} for a fresh run); started:
+    the wall clock at the run's start; before: the held-out metrics before RL ({} without any)."""
 
-    def __init__(self, cfg, state, started):
+    def __init__(self, cfg, state, started, before):
         super().__init__(cfg.out_dir, cfg, fresh=not state)
-        self.cfg, self.started, self.progress = cfg, started, Progress("grpo")
+        self.cfg, self.started, self.before, self.progress = cfg, started, before, Progress("grpo")
         self.bad_steps, self.skipped = state.get("bad_steps", (0, 0))
         self.rl_started, self.step = time.time(), state.get("step", 0)
 
@@ -391,12 +392,13 @@ class TrainingLog(RunLog):
             return stopped(signals if signalled else None, self.step, self.bad_steps, self.cfg.out_dir)
         return None
 
-    def checkpoint(self, step, before):
+    def checkpoint(self, step):
         """What a checkpoint after `step` keeps of the run besides the weights."""
-        return {"step": step, "eval_before": before, "bad_steps": (self.bad_steps, self.skipped)}
+        return {"step": step, "eval_before": self.before, "bad_steps": (self.bad_steps, self.skipped)}
 
-    def summarise(self, before, after, questions):
-        return summarise(self.cfg, before, after, questions, self.started, time.time() - self.rl_started)
+    def summarise(self, after, questions):
+        """summary.json and the closing lines, `after` the held-out metrics after RL."""
+        return summarise(self.cfg, self.before, after, questions, self.started, time.time() - self.rl_started)
 
 
 LOGS = ("metrics.jsonl", "samples.jsonl")  # rows with a "step", cut back to the checkpoint on resume

@@ -97,13 +97,13 @@ def main(argv=None):
         how = engine.Sampling(new_tokens, never, tokenizer.pad_token_id, 1.0, 1.0, uniforms)
         paths = {"hf": lambda: grpo.sample(model, ids, mask, how).tokens,
                  "static": (lambda d: lambda: d.sample(ids, mask, how).tokens)(
-                     engine.StaticDecoder(model, grpo.REFERENCE))}
+                     engine.StaticDecoder(model, grpo.DEFINITION))}
         if baseline:
-            # a commit from grpo.py's sampler on: engine.py builds on it (engine.Reference)
-            then = baseline.StaticDecoder(model, grpo.REFERENCE)
+            # a commit from grpo.py's sampler on: engine.py builds on it (engine.Definition)
+            then = baseline.StaticDecoder(model, grpo.DEFINITION)
             paths["baseline"] = lambda: then.sample(ids, mask, baseline.Sampling(*how)).tokens
         if compiled:
-            decoder = engine.StaticDecoder(model, grpo.REFERENCE, compile=True)
+            decoder = engine.StaticDecoder(model, grpo.DEFINITION, compile=True)
             paths["compiled"] = lambda: decoder.sample(ids, mask, how).tokens
         times, outputs = {k: [] for k in paths}, {}
         with autocast:

@@ -93,7 +93,7 @@ def main(argv=None):
                 else contextlib.nullcontext)
     stops = types.SimpleNamespace(eos_token_id=0, pad_token_id=0,  # a tokenizer's part the engine reads
                                   batch_decode=lambda ids, **_: [""] * len(ids))
-    samplers = {compiled: engine.Engine(model, stops, grpo.REFERENCE, bf16=device.type == "cuda",
+    samplers = {compiled: engine.Engine(model, stops, grpo.DEFINITION, bf16=device.type == "cuda",
                                         decoder=args.decoder,
                                         compile_decode=compiled) for compiled in (False, True)}
     for sampler in samplers.values():

@@ -57,9 +57,9 @@ def check_families(device):
         mask = torch.ones_like(ids)
         how = engine.Sampling(24, torch.tensor([255], device=device), 0, 0.0)
         theirs = grpo.sample(model, ids, mask, how).tokens
-        eager = engine.StaticDecoder(model, grpo.REFERENCE).sample(ids, mask, how).tokens
+        eager = engine.StaticDecoder(model, grpo.DEFINITION).sample(ids, mask, how).tokens
         skips = engine.cudagraph_skips()
-        compiled = engine.StaticDecoder(model, grpo.REFERENCE, compile=True).sample(ids, mask, how).tokens
+        compiled = engine.StaticDecoder(model, grpo.DEFINITION, compile=True).sample(ids, mask, how).tokens
         out[name] = {"eager_equals_transformers": torch.equal(eager, theirs),
                      "compiled_equals_eager": torch.equal(compiled, eager),
                      "cuda_graphs_captured": device.type == "cuda" and engine.cudagraph_skips() == skips}
@@ -77,7 +77,7 @@ def decode(shape, device, batch, prompt_tokens, new_tokens):
     bf16 = device.type == "cuda"
     rows = {}
     for compiled in (False, True):
-        sampler = engine.Engine(model, tokenizer, grpo.REFERENCE, bf16=bf16, decoder="static",
+        sampler = engine.Engine(model, tokenizer, grpo.DEFINITION, bf16=bf16, decoder="static",
                                 compile_decode=compiled)
         sampler.eos_ids = torch.tensor([vocab + 1], device=device)  # every row runs the full length
         for B in batch:

@@ -41,7 +41,7 @@ def one_model(name, path, args):
     start = time.perf_counter()
     vllm = vllm_sampler.VllmSampler(path, model, options, False, engine.merged_weights)
     started = time.perf_counter() - start
-    static = engine.StaticDecoder(model, grpo.REFERENCE)
+    static = engine.StaticDecoder(model, grpo.DEFINITION)
     paths = {"hf": lambda: grpo.sample(model, ids, mask, how),
              "static": lambda: static.sample(ids, mask, how),
              "vllm": lambda: vllm.sample(model, ids, mask, how)}

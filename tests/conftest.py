@@ -85,7 +85,7 @@ def caller_dir(tmp_path_factory):
     import sft
     path = data.build_tiny_model(str(tmp_path_factory.mktemp("caller")), seed=0)
     cfg = grpo.parse_config([f"--model={path}", "--max_prompt_tokens=64"])
-    model, policy = engine.open_policy(path, cfg, torch.device("cpu"), "float32", grpo.REFERENCE)
+    model, policy = engine.open_policy(path, cfg, torch.device("cpu"), "float32", grpo.DEFINITION)
     rng, examples = random.Random(0), []
     for _ in range(4000):
         a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(1, 9)

@@ -56,9 +56,9 @@ def test_the_compiled_step_is_one_graph_with_the_eager_steps_tokens(name, temper
     ids, mask = prompts(tokenizer, ["12+34", "5+6", "99+1"], group=2)
     settings = how(tokenizer, len(ids), temperature=temperature, top_p=top_p)
     compiled = []
-    traced = engine.StaticDecoder(model, grpo.REFERENCE, compile=True, bucket=16,
+    traced = engine.StaticDecoder(model, grpo.DEFINITION, compile=True, bucket=16,
                                      backend=counting_backend(compiled))
-    eager = engine.StaticDecoder(model, grpo.REFERENCE).sample(ids, mask, settings)
+    eager = engine.StaticDecoder(model, grpo.DEFINITION).sample(ids, mask, settings)
     out = traced.sample(ids, mask, settings)
     assert len(compiled) == 1 and torch.equal(out.tokens, eager.tokens)
     assert torch.allclose(out.logp, eager.logp, atol=1e-5)
@@ -73,7 +73,7 @@ def test_a_gsm8k_shaped_run_compiles_one_graph_per_way_of_picking(tokenizer, tin
     model = engine.load_model(tiny_dir, "cpu")[0]
     engine.add_lora(model, engine.LoraOptions(4, 8.0))
     compiled = []
-    decoder = engine.StaticDecoder(model, grpo.REFERENCE, compile=True, bucket=16,
+    decoder = engine.StaticDecoder(model, grpo.DEFINITION, compile=True, bucket=16,
                                      backend=counting_backend(compiled))
     short, mid, long = ["1+2", "3+4"], ["12+34+56", "7+8"], ["+".join(["12345"] * 4), "9+9"]
     batches = [(short, 8, 1.0, 1.0), (mid, 8, 1.0, 1.0), (long, 8, 1.0, 1.0), (short * 25, 1, 0.0, 1.0),
@@ -104,7 +104,7 @@ class Writes(TorchDispatchMode):
 
 def test_every_tensor_the_step_writes_keeps_its_address_across_steps_and_calls(tokenizer):
     model = build("qwen2", tokenizer)
-    decoder = engine.StaticDecoder(model, grpo.REFERENCE, compile=False)
+    decoder = engine.StaticDecoder(model, grpo.DEFINITION, compile=False)
     decoder.compiled = True  # buckets as when compiled, the eager step recorded
     real, writes = decoder.step, []
 
@@ -127,7 +127,7 @@ def test_every_tensor_the_step_writes_keeps_its_address_across_steps_and_calls(t
 
 def test_a_steps_outputs_are_not_overwritten_by_the_next(tokenizer):
     model = build("llama", tokenizer)
-    decoder = engine.StaticDecoder(model, grpo.REFERENCE)
+    decoder = engine.StaticDecoder(model, grpo.DEFINITION)
     real, columns = decoder.step, []
 
     def recorded(s, mode):
@@ -149,7 +149,7 @@ def test_nothing_waits_for_the_device_between_the_checks(tokenizer, monkeypatch)
     """A host read (.item(), bool(), a tensor built from Python numbers) inside the decode loop
     would stall CUDA graphs; the loop's only one is the all-rows-ended check, every 8 tokens."""
     model = build("mistral", tokenizer)
-    decoder = engine.StaticDecoder(model, grpo.REFERENCE)
+    decoder = engine.StaticDecoder(model, grpo.DEFINITION)
     ids, mask = prompts(tokenizer, ["12+34", "5+6"], group=2)
     settings = how(tokenizer, len(ids), new_tokens=30)._replace(eos_ids=torch.tensor([len(tokenizer) + 7]))
     reads, checks = [], []
@@ -179,7 +179,7 @@ def test_bf16_sampling_is_near_transformers_bf16(name, tokenizer):
     ids, mask = prompts(tokenizer, ["12+34", "5+6", "99+1", "7+8"], group=2)
     settings = how(tokenizer, len(ids), new_tokens=16, temperature=0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        static = engine.StaticDecoder(model, grpo.REFERENCE).sample(ids, mask, settings)
+        static = engine.StaticDecoder(model, grpo.DEFINITION).sample(ids, mask, settings)
         theirs = grpo.sample(model, ids, mask, settings).tokens
         full = torch.cat([ids, static.tokens], 1)
         attention = torch.cat([mask, torch.ones_like(static.tokens)], 1)
@@ -193,7 +193,7 @@ def test_bf16_sampling_is_near_transformers_bf16(name, tokenizer):
 @pytest.mark.parametrize("step", ["sgd", "fused_adamw"])  # a fused step leaves the version counters
 def test_a_bf16_copy_of_fp32_weights_follows_every_update(tiny, step):
     model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
-    sampler = engine.Engine(model, tokenizer, grpo.REFERENCE, bf16=True, decoder="static")
+    sampler = engine.Engine(model, tokenizer, grpo.DEFINITION, bf16=True, decoder="static")
     ids, mask = prompts(tokenizer, ["12+34", "5+6"], group=2)
     before = sampler.sample(ids, mask, 12, 1.0, 1.0, how(tokenizer, len(ids)).uniforms)
     assert sampler.copy is not None and sampler.decoder.model is sampler.copy.model
@@ -220,13 +220,13 @@ def test_a_bf16_copy_of_fp32_weights_follows_every_update(tiny, step):
 
 def test_no_copy_for_fp32_sampling_or_lora(tiny, tiny_dir):
     ids, mask = prompts(tiny[1], ["1+2"], group=2)
-    fp32 = engine.Engine(copy.deepcopy(tiny[0]), tiny[1], grpo.REFERENCE, bf16=False, decoder="static")
+    fp32 = engine.Engine(copy.deepcopy(tiny[0]), tiny[1], grpo.DEFINITION, bf16=False, decoder="static")
     fp32.sample(ids, mask, 4)
     assert fp32.copy is None
     if engine.runs.installed("peft"):
         model = engine.load_model(tiny_dir, "cpu")[0]
         engine.add_lora(model, engine.LoraOptions(4, 8.0))
-        lora = engine.Engine(model, tiny[1], grpo.REFERENCE, bf16=True, decoder="static")
+        lora = engine.Engine(model, tiny[1], grpo.DEFINITION, bf16=True, decoder="static")
         lora.sample(ids, mask, 4)
         assert lora.copy is None
 
@@ -254,7 +254,7 @@ def test_each_decoder_compiles_on_its_own_below_the_recompile_limit(tokenizer):
     ids, mask = prompts(tokenizer, ["12+34"], group=2)
     compiled = []
     for _ in range(torch._dynamo.config.recompile_limit + 1):
-        decoder = engine.StaticDecoder(model, grpo.REFERENCE, compile=True, bucket=16,
+        decoder = engine.StaticDecoder(model, grpo.DEFINITION, compile=True, bucket=16,
                                      backend=counting_backend(compiled))
         decoder.sample(ids, mask, how(tokenizer, len(ids), temperature=0.0))
     assert len(compiled) == torch._dynamo.config.recompile_limit + 1

@@ -24,7 +24,7 @@ def both_paths(model, ids, mask, *how):
     """Transformers' path and the static decoder, sampling 12 tokens as engine.Sampling(12, *how)."""
     how = engine.Sampling(12, *how)
     how = drawn(ids, how)
-    static = engine.StaticDecoder(model, grpo.REFERENCE).sample(ids, mask, how)
+    static = engine.StaticDecoder(model, grpo.DEFINITION).sample(ids, mask, how)
     return grpo.sample(model, ids, mask, how), static
 
 
@@ -66,7 +66,7 @@ def test_stops_at_any_stop_id_with_pad_equal_to_eos_and_rows_that_end_at_once_or
 
 def test_after_an_update_the_static_path_samples_the_new_weights(tiny):
     model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
-    sampler = engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="static")
+    sampler = engine.Engine(model, tokenizer, grpo.DEFINITION, decoder="static")
     ids, mask = group_prompts(tokenizer)
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(1))
     before = sampler.sample(ids, mask, 12, 1.0, 1.0, u).tokens
@@ -85,9 +85,9 @@ def test_after_an_update_the_static_path_samples_the_new_weights(tiny):
 @pytest.mark.parametrize("name, why", [("lfm2", "lfm2 is not one of"), ("gpt2", "gpt2 is not one of")])
 def test_other_families_fall_back_or_are_refused_in_one_line(name, why, tokenizer):
     model = build(name, tokenizer)
-    assert engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="auto").decoder is None
+    assert engine.Engine(model, tokenizer, grpo.DEFINITION, decoder="auto").decoder is None
     with pytest.raises(grpo.ConfigError, match=f"decoder: static decoding cannot run this model: {why}"):
-        engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="static")
+        engine.Engine(model, tokenizer, grpo.DEFINITION, decoder="static")
 
 
 def test_a_sliding_window_shorter_than_the_sequence_takes_transformers_path(tokenizer):
@@ -99,7 +99,7 @@ def test_a_sliding_window_shorter_than_the_sequence_takes_transformers_path(toke
                                         eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(config).eval()
-    sampler = engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="auto")
+    sampler = engine.Engine(model, tokenizer, grpo.DEFINITION, decoder="auto")
     assert sampler.decoder is not None and not sampler.uses_static(20) and sampler.uses_static(8)
 
 
@@ -125,6 +125,6 @@ def test_the_compiled_decode_step_gives_the_same_tokens(tokenizer):
     eos = torch.tensor([tokenizer.eos_token_id])
     u = torch.rand(len(ids), 12, generator=torch.Generator().manual_seed(3))
     how = engine.Sampling(12, eos, tokenizer.pad_token_id, 1.0, 1.0, u)
-    eager = engine.StaticDecoder(model, grpo.REFERENCE, bucket=16).sample(ids, mask, how)
-    compiled = engine.StaticDecoder(model, grpo.REFERENCE, compile=True, bucket=16).sample(ids, mask, how)
+    eager = engine.StaticDecoder(model, grpo.DEFINITION, bucket=16).sample(ids, mask, how)
+    compiled = engine.StaticDecoder(model, grpo.DEFINITION, compile=True, bucket=16).sample(ids, mask, how)
     assert torch.equal(compiled[0], eager[0]) and torch.allclose(compiled[1], eager[1], atol=1e-5)

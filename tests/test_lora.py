@@ -42,7 +42,7 @@ def test_gradients_reach_only_the_adapters(tiny_dir):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert not any("lm_head" in n or "embed" in n for n in trainable)  # all-linear leaves the head out
-    logp = engine.Engine(model, tokenizer, grpo.REFERENCE).logprobs(IDS, torch.ones_like(IDS), C)
+    logp = engine.Engine(model, tokenizer, grpo.DEFINITION).logprobs(IDS, torch.ones_like(IDS), C)
     logp.sum().backward()
     touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert touched and touched <= trainable
@@ -71,7 +71,7 @@ def test_sampling_goes_through_the_adapters(tiny_dir):
     model, tokenizer, lora = adapted(tiny_dir)
     prompt = IDS[:, :4]
     for decoder in ("static", "hf"):
-        eng = engine.Engine(model, tokenizer, grpo.REFERENCE, decoder=decoder)
+        eng = engine.Engine(model, tokenizer, grpo.DEFINITION, decoder=decoder)
         out = eng.sample(prompt, torch.ones_like(prompt), 6, uniforms=torch.rand(2, 6))
         tokens, sampler_logp = out.tokens, out.logp
         full = torch.cat([prompt, tokens], 1)

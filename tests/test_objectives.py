@@ -257,3 +257,16 @@ def test_loss_type_cispo_is_the_old_name_of_the_cispo_surrogate():
     with pytest.raises(grpo.ConfigError, match="cispo_cap: .* surrogate=clip is not cispo"):
         grpo.parse_config(["--cispo_cap=3"])
     assert grpo.SURROGATES["cispo"] is not None and set(grpo.SURROGATES) == {"clip", "cispo"}
+
+
+@pytest.mark.parametrize("name", sorted(grpo.ADVANTAGES))
+def test_every_estimator_gives_all_zero_exactly_to_the_groups_without_a_signal(name):
+    """train() reads the groups whose rewards are all equal off the advantages (all exactly 0), for
+    zero_std_frac and drop_zero_std_groups: every entry of ADVANTAGES keeps that contract, both ways."""
+    torch.manual_seed(0)
+    rewards = torch.randint(0, 3, (40, 4)).float() / 2
+    rewards[::3] = rewards[::3, :1]  # every third group all equal
+    equal = (rewards == rewards[:, :1]).all(1)
+    for scale in ("group", "batch", "none"):
+        advantages = grpo.ADVANTAGES[name](rewards.view(-1), 4, scale, 1e-4).view(-1, 4)
+        assert torch.equal((advantages == 0).all(1), equal), scale

@@ -38,7 +38,7 @@ def test_sft_loss_is_the_mean_nll_of_completion_tokens_only(tiny):
     cfg = grpo.Config(max_prompt_tokens=200)
     batch = [{"question": "12+34", "solution": "<think>2+4=6</think><answer>46</answer>"},
              {"question": "5+7", "solution": "12"}]
-    loss, tokens = sft.sft_loss(engine.Engine(model, tokenizer, grpo.REFERENCE), batch, cfg)
+    loss, tokens = sft.sft_loss(engine.Engine(model, tokenizer, grpo.DEFINITION), batch, cfg)
     total, count = 0.0, 0
     for e in batch:  # by hand: each sequence alone, unpadded, the full log-softmax
         prompt = tokenizer(e["question"] + "\n")["input_ids"]
@@ -147,8 +147,8 @@ def test_rejection_sampling_then_distillation_into_another_tokenizer(tmp_path, t
         good = f"<think>{a}+{b}</think><answer>{a + b}</answer>"
         return [good, good + " ", f"<think>x</think><answer>{a + b + 1}</answer>", good[:-9] + "..."]
     _, tokenizer = engine.load_model(tiny_dir, "cpu")
-    scripted = grpo.REFERENCE._replace(sample=scripted_sampler(tokenizer, per_prompt))
-    monkeypatch.setattr(grpo, "REFERENCE", scripted)
+    scripted = grpo.DEFINITION._replace(sample=scripted_sampler(tokenizer, per_prompt))
+    monkeypatch.setattr(grpo, "DEFINITION", scripted)
     kept = tmp_path / "kept.jsonl"
     assert r1.main(["sample", f"--model={tiny_dir}", f"--output={kept}", "--samples=4", "--sample_prompts=10",
                     "--eval_batch_size=12", "--max_new_tokens=32", "--decoder=hf"]) == 0  # the scripted path

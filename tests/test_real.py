@@ -120,7 +120,7 @@ def test_eval_pass_at_k_counts_any_correct_sample(monkeypatch, tiny):
                 "<answer>0</answer>", "<answer>0</answer>", "<answer>0</answer>"]]  # q2: none right
     calls = iter(outputs)
     monkeypatch.setattr(data, "decode", lambda tok, ids, prefill="": next(calls))
-    result = data.evaluate(engine.Engine(model, tokenizer, grpo.REFERENCE), examples, cfg)
+    result = data.evaluate(engine.Engine(model, tokenizer, grpo.DEFINITION), examples, cfg)
     assert (result["accuracy"] == 0.5 and result["pass_at_k"] == 0.5
             and result["sampled_accuracy"] == pytest.approx(1 / 6))
 

@@ -277,10 +277,10 @@ def engines(path, tools="calculator", **changes):
     import dataclasses
     cfg = grpo.parse_config([f"--model={path}", f"--tools={tools}"])
     cfg = dataclasses.replace(cfg, **changes)
-    cpu, reference = torch.device("cpu"), grpo.REFERENCE
-    hf = engine.open_policy(path, dataclasses.replace(cfg, decoder="hf"), cpu, "float32", reference)[1]
+    cpu, definition = torch.device("cpu"), grpo.DEFINITION
+    hf = engine.open_policy(path, dataclasses.replace(cfg, decoder="hf"), cpu, "float32", definition)[1]
     static = engine.open_policy(path, dataclasses.replace(cfg, decoder="static"), cpu, "float32",
-                                reference)[1]
+                                definition)[1]
     return hf, static
 
 

@@ -30,7 +30,7 @@ def pair(request, tmp_path_factory):
     model, tokenizer = engine.load_model(path, "cpu")
     model.eval()
     sampler = vllm_sampler.VllmSampler(path, model, OPTIONS, False, engine.merged_weights)
-    return model, engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="hf"), sampler
+    return model, engine.Engine(model, tokenizer, grpo.DEFINITION, decoder="hf"), sampler
 
 
 def vllm_sample(sampler, model, ids, mask, how):
@@ -101,15 +101,15 @@ def test_sampled_log_probs_are_the_trainers_of_the_sampled_distribution(pair, te
 def test_with_tools_vllm_writes_the_same_greedy_transcript(caller_dir):
     """The rounds of tools.py over vLLM: each round's prompt is the transcript so far."""
     model, tokenizer = engine.load_model(caller_dir, "cpu")
-    ours = engine.Engine(model.eval(), tokenizer, grpo.REFERENCE, decoder="hf")
-    theirs = engine.Engine(model, tokenizer, grpo.REFERENCE)
+    ours = engine.Engine(model.eval(), tokenizer, grpo.DEFINITION, decoder="hf")
+    theirs = engine.Engine(model, tokenizer, grpo.DEFINITION)
     theirs.vllm = vllm_sampler.VllmSampler(caller_dir, model, OPTIONS, False, engine.merged_weights)
-    ours.tools = theirs.tools = tools.Toolbox(tools.ToolOptions(tools="calculator"), tokenizer, ours.eos_ids)
+    ours.tools = theirs.tools = tools.Toolbox(tokenizer, ours.eos_ids, tools.ToolOptions(tools="calculator"))
     ids, mask = left_padded(tokenizer, ["12*34+5\n", "71*23+9\n", "40*40+1\n", "88*19+2\n"])
     mine, vllms = ours.sample(ids, mask, 100, 0.0), theirs.sample(ids, mask, 100, 0.0)
-    assert torch.equal(mine.tokens, vllms.tokens) and torch.equal(mine.policy, vllms.policy)
+    assert torch.equal(mine.tokens, vllms.tokens) and torch.equal(mine.mask, vllms.mask)
     assert torch.allclose(mine.logp, vllms.logp, atol=1e-4)
-    assert (mine.policy == 0).any() and mine.segments == vllms.segments
+    assert (mine.mask == 0).any() and mine.info["segments"] == vllms.info["segments"]
 
 
 def fresh(folder):
@@ -117,7 +117,7 @@ def fresh(folder):
     path = data.build_tiny_model(str(folder), 0)
     model, tokenizer = engine.load_model(path, "cpu")
     sampler = vllm_sampler.VllmSampler(path, model, OPTIONS, False, engine.merged_weights)
-    ours = engine.Engine(model, tokenizer, grpo.REFERENCE, decoder="hf")
+    ours = engine.Engine(model, tokenizer, grpo.DEFINITION, decoder="hf")
     return model, ours, sampler, *left_padded(tokenizer, QUESTIONS)
 
 
