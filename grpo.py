@@ -538,8 +538,8 @@ def lr_factor(step, warmup_steps, total_steps, min_ratio):
     then cosine decay to min_ratio at total_steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def parse_config(argv, cls=Config, read_elsewhere=()):
