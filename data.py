@@ -22,7 +22,7 @@ import torch
 import distributed
 import tools
 from configurator import ConfigError, Path, encodable, unread
-from rewards import REWARDS, format_reward, safe_reward
+from rewards import REWARDS, format_reward, parse_reward_spec, safe_batch_reward, safe_reward
 
 # DeepSeek-R1-Zero's template (R1 paper, Table 1); the model continues after "Assistant:".
 R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -519,9 +519,11 @@ def evaluate(engine, examples, cfg):
     """Held-out metrics of the policy (engine.Engine): greedy pass@1 `accuracy`, `format`
     compliance, the share of completions that write a tool call (`tool_call_frac`, with tools or
     without) and mean completion `length` (tokens); with eval_k > 0 also `pass_at_k` (some of k
-    samples at `temperature` is correct) and `sampled_accuracy` (the mean over those samples)."""
+    samples at `temperature` is correct) and `sampled_accuracy` (the mean over those samples); with
+    a reward model among cfg.rewards, its mean score `reward_rm:PATH` of the greedy completions."""
     correct, k, T = correctness(cfg.task), cfg.eval_k, cfg.max_new_tokens
-    names = ["accuracy", "format", "tool_call_frac", "length"]
+    learned = [name for name, _ in parse_reward_spec(cfg.rewards) if getattr(REWARDS[name], "batched", False)]
+    names = ["accuracy", "format", "tool_call_frac", "length"] + [f"reward_{name}" for name in learned]
     names += ["pass_at_k", "sampled_accuracy"] if k else []
     # the same number of batches on every rank; repeats do not count
     shard, counted = distributed.padded_share(examples)
@@ -534,6 +536,8 @@ def evaluate(engine, examples, cfg):
         row = [[safe_reward(correct, t, e)[0], format_reward(t, e), tools.calls_in(t, cfg.tool_tags) > 0]
                for t, e in zip(texts, chunk)]
         row = torch.cat([torch.tensor(row), out.lengths[:, None].cpu()], 1)
+        for name in learned:  # a reward model's score beside the rule's accuracy: reward hacking shows
+            row = torch.cat([row, safe_batch_reward(REWARDS[name], texts, chunk, ids.device)[0][:, None]], 1)
         if k:
             drawn = torch.rand(distributed.world_size() * len(chunk) * k, T)  # one stream for every rank
             uniforms = distributed.my_share(drawn).to(ids.device)

@@ -20,6 +20,7 @@ Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra
 """
 import collections
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -32,27 +33,35 @@ import torch
 import data
 import distributed
 import grpo
+import reward_model as rm
 import runs
 import sft as supervised
 from configurator import ConfigError, Path, unread
 from engine import open_policy
+from reward_model import RewardModelOptions
 from rewards import REWARDS, safe_reward
 
 
 @dataclass
-class R1Config(grpo.Config):
+class R1Config(grpo.Config, RewardModelOptions):
     # rejection sampling (R1 phase 3) and distillation
     output: Path = ""              # sample: JSONL of kept {"prompt", "completion", "answer", "source"} rows
     samples: int = 8               # sample: completions per prompt
     sample_prompts: int = 0        # sample: prompts from the task's training split; 0 = all
     keep_rewards: str = "format,language"  # sample: rewards a kept (correct) completion must score in full
     max_repeats: int = 3           # sample: most times any 8-token span may recur (repetition); 0 = no check
+    pairs_output: Path = ""        # sample: also preference pairs, each kept completion over each rejected
 
     def checks(self):  # the output is checked before any sampling: a run must not lose its work at the end
         output = os.path.abspath(self.output) if self.output else ""
+        learned = RewardModelOptions.checks(self) + [
+            (not self.pairs_output or os.path.isdir(os.path.dirname(os.path.abspath(self.pairs_output))),
+             f"pairs_output: {self.pairs_output}: no such directory"),
+            (not self.pairs_output or os.path.abspath(self.pairs_output) != output,
+             "pairs_output: the same file as output")]
         folder = os.path.dirname(output)
         inputs = [os.path.abspath(path) for path in (self.data_path, self.eval_data_path) if path]
-        return [(self.samples >= 1, "samples: must be at least 1"),
+        return [*learned, (self.samples >= 1, "samples: must be at least 1"),
                 (self.sample_prompts >= 0, "sample_prompts: must not be negative"),
                 (self.max_repeats >= 0, "max_repeats: must not be negative (0 = no check)"),
                 (not output or not os.path.isdir(output), f"output: {self.output} is a directory"),
@@ -62,7 +71,9 @@ class R1Config(grpo.Config):
                 (output not in inputs, f"output: {self.output} is the data it samples from")]
 
 
-MODE_KEYS = {"sample": ("output", "samples", "sample_prompts", "keep_rewards", "max_repeats")}  # one mode's
+# the keys only one mode reads
+MODE_KEYS = {"sample": ("output", "samples", "sample_prompts", "keep_rewards", "max_repeats", "pairs_output"),
+             "reward_model": tuple(f.name for f in dataclasses.fields(RewardModelOptions))}
 
 
 # ----------------------------------------------------------------------------
@@ -139,6 +150,57 @@ def sft(cfg):
 
 
 # ----------------------------------------------------------------------------
+# a reward model from preference pairs: what R1's phase 4 adds to the rules
+
+
+def reward_model(cfg):
+    """Train a reward model on cfg.data_path's preference pairs from cfg.model (a causal LM, an
+    encoder, "tiny", a run directory) with a new one-output head (reward_model.py); held-out
+    pairwise accuracy before and after, on eval_data_path's first eval_size pairs or, without it,
+    a seeded eval_size of data_path's; the model in out_dir (from_pretrained loads it), metrics.jsonl
+    and summary.json beside it."""
+    device = distributed.init_distributed(cfg)
+    pairs = rm.load_preferences(cfg.data_path)
+    if cfg.eval_data_path:
+        train_pairs, test_pairs = pairs, rm.load_preferences(cfg.eval_data_path)[:cfg.eval_size]
+    else:
+        train_pairs, test_pairs = rm.split_pairs(pairs, cfg.eval_size, cfg.seed)
+    runs.take_run_dir(cfg.out_dir, new="start anew")
+    runs.write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
+    path = (data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny"
+            else cfg.model)
+    torch.manual_seed(cfg.seed)  # the new head's initial weights
+    model, tokenizer = rm.load(path, device, new_head=True)
+    context = getattr(model.config, "max_position_embeddings", None) or cfg.rm_max_tokens
+    cfg = dataclasses.replace(cfg, rm_max_tokens=min(cfg.rm_max_tokens, context))
+    before = rm.evaluate_pairs(model, tokenizer, test_pairs, cfg.rm_max_tokens) if test_pairs else {}
+    metrics, show, started = runs.RunLog(cfg.out_dir, cfg, fresh=True), runs.Progress("rm"), time.time()
+
+    def on_step(step, row):
+        metrics.write(row)
+        show(step, cfg.rm_steps, f"loss {row['loss']:.3f} pairwise acc {row['accuracy']:.2f}")
+    lr_at = lambda step: cfg.rm_lr * grpo.lr_factor(step, cfg.warmup_steps, cfg.rm_steps,  # noqa: E731
+                                                    cfg.min_lr_ratio)
+    rm.train(model, tokenizer, train_pairs, cfg, lr_at, on_step)
+    after = rm.evaluate_pairs(model, tokenizer, test_pairs, cfg.rm_max_tokens) if test_pairs else {}
+    model.save_pretrained(cfg.out_dir)
+    tokenizer.save_pretrained(cfg.out_dir)
+    summary = {"pairwise_accuracy": after.get("pairwise_accuracy"),
+               "pairwise_accuracy_before": before.get("pairwise_accuracy"), "loss": after.get("loss"),
+               "loss_before": before.get("loss"), "pairs": len(train_pairs),
+               "held_out_pairs": len(test_pairs),
+               "steps": cfg.rm_steps, "seconds": time.time() - started, "backbone": path,
+               "run_dir": os.path.abspath(cfg.out_dir)}
+    runs.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    if after:
+        print(f"reward model on {len(train_pairs)} pairs: held-out pairwise accuracy "
+              f"{before['pairwise_accuracy']:.1%} -> {after['pairwise_accuracy']:.1%} "
+              f"({len(test_pairs)} pairs)")
+    print(f"wrote {cfg.out_dir} (for `grpo.py --rewards=rm:{cfg.out_dir}`)")
+    return summary
+
+
+# ----------------------------------------------------------------------------
 # rejection sampling: sample k per prompt, keep what passes the rules, drop repeats
 
 
@@ -183,6 +245,7 @@ def rejection_sample(cfg):
     cfg = data.resolve_prompt_limit(cfg, model, engine.tokenizer, prompts)
     tokenizer, k = engine.tokenizer, cfg.samples
     kept, report, reasons, show = [], [], collections.Counter(), runs.Progress("sample")
+    pairs = []  # the rules as annotators: a kept completion preferred to a rejected one of its prompt
     per_batch = max(1, cfg.eval_batch_size // k)
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start:start + per_batch]
@@ -192,15 +255,20 @@ def rejection_sample(cfg):
         truncated = ~torch.isin(out, engine.eos_ids).any(1)
         texts = data.decode(tokenizer, out, cfg.prefill)
         for j, example in enumerate(chunk):
-            seen, why = set(), collections.Counter()
+            seen, why, sides = set(), collections.Counter(), {"kept": [], "rejected": []}
             for i in range(j * k, (j + 1) * k):
                 outcome = verdict(texts[i], example, bool(truncated[i]), cfg, seen)
                 why[outcome] += 1
+                if outcome != "duplicate":
+                    sides["kept" if outcome == "kept" else "rejected"].append(texts[i])
                 if outcome == "kept":
                     kept.append({"prompt": example["question"], "completion": texts[i],
                                  "answer": example["answer"],
                                  "source": example.get("source", f"{cfg.task}:{start + j}")})
             reasons.update(why)
+            # every pair of a kept and a rejected completion, as InstructGPT compares all K choose 2
+            pairs += [{"prompt": example["question"], "chosen": chosen, "rejected": rejected}
+                      for chosen, rejected in itertools.product(*sides.values())]
             rejected = {reason: n for reason, n in why.items() if reason != "kept"}
             report.append({"prompt": example["question"], "kept": why["kept"], "total": k,
                            "rejected": rejected})
@@ -208,6 +276,9 @@ def rejection_sample(cfg):
              f"kept {len(kept)}/{(start + len(chunk)) * k}")
     write_jsonl(cfg.output, kept)
     write_jsonl(cfg.output + ".report.jsonl", report)
+    if cfg.pairs_output:
+        write_jsonl(cfg.pairs_output, pairs)
+        print(f"wrote {len(pairs)} preference pairs to {cfg.pairs_output} (for `r1.py reward_model`)")
     total = len(prompts) * k
     covered = sum(r["kept"] > 0 for r in report)
     print(f"kept {len(kept)}/{total} completions ({len(kept) / max(1, total):.1%}); "
@@ -215,7 +286,8 @@ def rejection_sample(cfg):
           + (", ".join(f"{n} {reason}" for reason, n in reasons.most_common() if reason != "kept") or "none"))
     print(f"wrote {cfg.output} (for `r1.py sft --data_path={cfg.output}`) and "
           f"{cfg.output}.report.jsonl (kept/total per prompt)")
-    return {"kept": len(kept), "total": total, "prompts_covered": covered, "reasons": dict(reasons)}
+    return {"kept": len(kept), "total": total, "prompts_covered": covered, "reasons": dict(reasons),
+            "pairs": len(pairs)}
 
 
 # ----------------------------------------------------------------------------
@@ -304,7 +376,7 @@ def recipe(cfg, scale=1.0):
 
 
 def main(argv):
-    modes = {"sft": sft, "sample": rejection_sample, "recipe": recipe}
+    modes = {"sft": sft, "sample": rejection_sample, "reward_model": reward_model, "recipe": recipe}
     if not argv or argv[0] not in modes:
         print(f"usage: python r1.py {{{','.join(modes)}}} [--config FILE] [--key=value ...]"
               "   (see the docstring)",
@@ -315,7 +387,8 @@ def main(argv):
     def run():
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("r1.py runs in one process; torchrun is for grpo.py")
-        read_here = {"sft": ("data_path",), "sample": ("eval_batch_size",)}.get(mode, ())  # pairs; batch
+        read_here = {"sft": ("data_path",), "sample": ("eval_batch_size",),  # pairs; batch
+                     "reward_model": ("data_path", "eval_data_path")}.get(mode, ())
         cfg = grpo.parse_config(argv, R1Config, read_here)
         for other, keys in MODE_KEYS.items():
             rules = unread(cfg, mode != other, keys, f"only `r1.py {other}` reads it")
@@ -330,6 +403,9 @@ def main(argv):
         if mode == "sft" and cfg.sft_steps < 1:
             raise ConfigError("sft_steps: the sft mode needs --sft_steps=N, N >= 1 "
                               "(a pretrained model's default is 0)")
+        if mode == "reward_model" and not cfg.data_path.endswith(".jsonl"):
+            raise ConfigError("data_path: the reward_model mode needs a JSONL file of "
+                              "{\"prompt\", \"chosen\", \"rejected\"} rows")
         if mode == "sample" and not cfg.output:
             raise ConfigError("output: the sample mode needs a file to write the kept completions to")
         for name in filter(None, cfg.keep_rewards.split(",")):

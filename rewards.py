@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import math
 import numbers
+import os
 import re
 import signal
 import unicodedata
@@ -42,7 +43,7 @@ class RewardOptions:
         except ValueError as err:
             spec = f"rewards: {err}"
         names = {part.split(":")[0].strip() for part in self.rewards.split(",")}
-        shared = "overlong" in names or any(REWARDS.get(name) not in BUILTIN for name in names - {""})
+        shared = "overlong" in names or any(REWARDS.get(name) not in BUILTIN for name in names - {"", "rm"})
         return [(self.overlong_buffer >= 0, "overlong_buffer: must not be negative"),
                 *unread(self, not shared, ("overlong_buffer",),
                         "no reward reads it (overlong, or one of yours)"),
@@ -371,6 +372,9 @@ def parse_reward_spec(spec):
     naming the bad part."""
     pairs = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part.startswith("rm:"):
+            pairs.append(learned_reward(part))
+            continue
         fields = part.split(":")
         custom = len(fields) == 3 or (len(fields) == 2 and fields[0] not in REWARDS
                                       and not is_number(fields[1]))
@@ -390,6 +394,21 @@ def parse_reward_spec(spec):
     if not pairs:
         raise ValueError("no reward given")
     return pairs
+
+
+def learned_reward(part):
+    """'rm:PATH[:weight]' -> ("rm:PATH", weight): a reward model at PATH (reward_model.py), checked
+    now and registered in REWARDS once; its weights load at its first call."""
+    path, _, weight = part[3:].rpartition(":")
+    path, weight = (path, weight) if path and is_number(weight) else (part[3:], "1")
+    name = f"rm:{path}"
+    if name not in REWARDS:
+        from reward_model import RewardModel
+        REWARDS[name] = RewardModel(os.path.expanduser(path))
+    w = float(weight)
+    if not math.isfinite(w):
+        raise ValueError(f"reward {name!r} has weight {weight!r}, not finite")
+    return name, w
 
 
 def is_number(text):
@@ -427,10 +446,31 @@ def score(texts, examples, lengths, spec, correct, shared):
     -> (scores, failed calls, correct)."""
     G = len(texts) // len(examples)
     scores, failures, right = torch.zeros(len(texts), len(spec)), 0, torch.zeros(len(texts))
-    for i, text in enumerate(texts):
-        context = dict(examples[i // G], completion_tokens=int(lengths[i]), **shared)
-        for j, (name, _) in enumerate(spec):
-            scores[i, j], failed = safe_reward(REWARDS[name], text, context)
+    contexts = [dict(examples[i // G], completion_tokens=int(lengths[i]), **shared)
+                for i in range(len(texts))]
+    for j, (name, _) in enumerate(spec):
+        if getattr(REWARDS[name], "batched", False):  # a reward model: every completion in one call
+            scores[:, j], failed = safe_batch_reward(REWARDS[name], texts, contexts, lengths.device)
             failures += failed
-        right[i] = safe_reward(correct, text, context)[0]
+            continue
+        for i, text in enumerate(texts):
+            scores[i, j], failed = safe_reward(REWARDS[name], text, contexts[i])
+            failures += failed
+    for i, text in enumerate(texts):
+        right[i] = safe_reward(correct, text, contexts[i])[0]
     return scores, failures, right
+
+
+def safe_batch_reward(fn, texts, contexts, device):
+    """A batched reward's values [N] and how many failed: a value that is not a real number within
+    ±MAX_REWARD scores 0 and counts; a call that raises scores every row 0 and counts them all."""
+    try:
+        values = torch.as_tensor(fn(texts, contexts, device), dtype=torch.float64).reshape(len(texts))
+    except KeyboardInterrupt:
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
+        return torch.zeros(len(texts)), len(texts)
+    except Exception:
+        return torch.zeros(len(texts)), len(texts)
+    good = values.abs() <= MAX_REWARD  # False for NaN
+    return torch.where(good, values, 0.0).float(), int((~good).sum())

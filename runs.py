@@ -307,7 +307,8 @@ def log_samples(log, step, examples, texts, whole, advantages):
 def summarise(cfg, before, after, questions, wall_start, rl_seconds):
     """summary.json (held-out metrics before and after RL on `questions` questions, steps, ranks,
     times: RL's, and the wall clock since wall_start) and the closing lines."""
-    names = ("accuracy", "format", "tool_call_frac", "length")
+    learned = tuple(name for name in after if name.startswith("reward_rm:"))  # reward models' scores
+    names = ("accuracy", "format", "tool_call_frac", "length", *learned)
     summary = {f"{name}_{when}": metrics.get(name) for name in names
                for when, metrics in (("before", before), ("after", after))}
     summary.update(eval_questions=questions, steps=cfg.max_steps, ranks=world_size(), rl_seconds=rl_seconds,
@@ -318,6 +319,8 @@ def summarise(cfg, before, after, questions, wall_start, rl_seconds):
         say(f"held-out greedy accuracy: {before['accuracy']:.1%} before RL -> {after['accuracy']:.1%} after "
             f"{cfg.max_steps} GRPO steps ({100 * (after['accuracy'] - before['accuracy']):+.1f} points)")
         say(f"format compliance: {before['format']:.1%} -> {after['format']:.1%}")
+        for name in learned:  # risen while accuracy fell: the policy exploits the RM (README: reward hacking)
+            say(f"{name[7:]} score: {before.get(name, math.nan):.3f} -> {after[name]:.3f}")
         if cfg.tools or before.get("tool_call_frac") or after.get("tool_call_frac"):
             say(f"completions that call a tool: {before.get('tool_call_frac', 0):.1%} -> "
                 f"{after['tool_call_frac']:.1%}" + ("" if cfg.tools else " (no tools ran: tools=\"\")"))
