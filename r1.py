@@ -39,6 +39,7 @@ import sft as supervised
 from configurator import ConfigError, Path, unread
 from engine import open_policy
 from reward_model import RewardModelOptions
+import rewards
 from rewards import REWARDS, safe_reward
 
 
@@ -48,7 +49,7 @@ class R1Config(grpo.Config, RewardModelOptions):
     output: Path = ""              # sample: JSONL of kept {"prompt", "completion", "answer", "source"} rows
     samples: int = 8               # sample: completions per prompt
     sample_prompts: int = 0        # sample: prompts from the task's training split; 0 = all
-    keep_rewards: str = "format,language"  # sample: rewards a kept (correct) completion must score in full
+    keep_rewards: str = "format,language"  # sample: NAME[:least] a kept one must score (1; or rm:PATH:least)
     max_repeats: int = 3           # sample: most times any 8-token span may recur (repetition); 0 = no check
     pairs_output: Path = ""        # sample: also preference pairs, each kept completion over each rejected
 
@@ -212,10 +213,17 @@ def longest_repeat(text, span=8):
     return max(runs.values(), default=0)
 
 
-def verdict(text, example, truncated, cfg, seen):
+def keep_spec(cfg):
+    """keep_rewards as (name, the least score kept) pairs: a rule's default is 1, in full; a reward
+    model's (rm:PATH:min) the score its filter asks, R1's semantic filtering by a learned score."""
+    return rewards.parse_reward_spec(cfg.keep_rewards) if cfg.keep_rewards.strip(", ") else []
+
+
+def verdict(text, example, truncated, cfg, seen, learned=None):
     """Why a completion is rejected ("truncated", "repetition", "wrong" by the task's own rule as
-    the trainer judges it, the first reward in keep_rewards it does not score in full, or
-    "duplicate"), or "kept". `seen` holds the prompt's kept texts."""
+    the trainer judges it, the first reward in keep_rewards it scores below its least, or
+    "duplicate"), or "kept". `seen` holds the prompt's kept texts; `learned` the text's scores by
+    the reward models of keep_rewards, {name: score}, computed for a whole batch at once."""
     if truncated:  # bounded length: it must end within max_new_tokens
         return "truncated"
     if cfg.max_repeats and longest_repeat(text) > cfg.max_repeats:
@@ -223,8 +231,9 @@ def verdict(text, example, truncated, cfg, seen):
     context = dict(example, language=cfg.language)
     if safe_reward(data.correctness(cfg.task), text, context)[0] < 1:
         return "wrong"
-    for name in filter(None, cfg.keep_rewards.split(",")):
-        if safe_reward(REWARDS[name], text, context)[0] < 1:
+    for name, least in keep_spec(cfg):
+        score = learned[name] if learned and name in learned else safe_reward(REWARDS[name], text, context)[0]
+        if score < least:
             return name
     normalised = "".join(text.split())
     if normalised in seen:
@@ -254,10 +263,14 @@ def rejection_sample(cfg):
                             cfg.temperature, cfg.top_p).tokens
         truncated = ~torch.isin(out, engine.eos_ids).any(1)
         texts = data.decode(tokenizer, out, cfg.prefill)
+        rows = [chunk[i // k] for i in range(len(texts))]
+        scored = {name: rewards.safe_batch_reward(REWARDS[name], texts, rows, device)[0].tolist()
+                  for name, _ in keep_spec(cfg) if getattr(REWARDS[name], "batched", False)}
         for j, example in enumerate(chunk):
             seen, why, sides = set(), collections.Counter(), {"kept": [], "rejected": []}
             for i in range(j * k, (j + 1) * k):
-                outcome = verdict(texts[i], example, bool(truncated[i]), cfg, seen)
+                learned = {name: values[i] for name, values in scored.items()}
+                outcome = verdict(texts[i], example, bool(truncated[i]), cfg, seen, learned)
                 why[outcome] += 1
                 if outcome != "duplicate":
                     sides["kept" if outcome == "kept" else "rejected"].append(texts[i])
@@ -408,9 +421,10 @@ def main(argv):
                               "{\"prompt\", \"chosen\", \"rejected\"} rows")
         if mode == "sample" and not cfg.output:
             raise ConfigError("output: the sample mode needs a file to write the kept completions to")
-        for name in filter(None, cfg.keep_rewards.split(",")):
-            if name not in REWARDS:
-                raise ConfigError(f"keep_rewards: unknown reward {name!r} (known: {', '.join(REWARDS)})")
+        try:
+            keep_spec(cfg)
+        except ValueError as err:
+            raise ConfigError(f"keep_rewards: {err}") from None
         modes[mode](cfg)
     return runs.cli("r1.py", run)
 

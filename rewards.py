@@ -402,6 +402,8 @@ def learned_reward(part):
     path, _, weight = part[3:].rpartition(":")
     path, weight = (path, weight) if path and is_number(weight) else (part[3:], "1")
     name = f"rm:{path}"
+    if not path.strip():
+        raise ValueError("rm: needs the path of a reward model (rm:PATH or rm:PATH:weight)")
     if name not in REWARDS:
         from reward_model import RewardModel
         REWARDS[name] = RewardModel(os.path.expanduser(path))

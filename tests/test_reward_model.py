@@ -309,3 +309,19 @@ def test_rejection_sampling_writes_each_kept_completion_over_each_rejected_one(t
     right = "<think>1+1=2</think><answer>2</answer>"
     assert rows == [{"prompt": "1+1", "chosen": right, "rejected": rejected}
                     for rejected in ("<answer>3</answer>", "<answer>4</answer>")]
+
+
+def test_rejection_sampling_keeps_only_what_a_reward_model_scores_high_enough(tmp_path, tiny, rm_dir):
+    """R1's semantic filtering by a learned score: keep_rewards=rm:PATH:least, one batched call."""
+    reward = rewards.REWARDS[rewards.learned_reward(f"rm:{rm_dir}")[0]]
+    right = ["<think>1+1=2</think><answer>2</answer>", "<answer>2</answer>", "2"]
+    example = {"question": "1+1", "answer": "2"}
+    values = reward(right, [example] * 3, "cpu")
+    least = sorted(values)[1]  # the middle one: two of three pass
+    cfg = r1.R1Config(keep_rewards=f"rm:{rm_dir}:{least}", max_repeats=0)
+    outcomes = [r1.verdict(text, example, False, cfg, set(), {f"rm:{rm_dir}": value})
+                for text, value in zip(right, values)]
+    assert outcomes == ["kept" if value >= least else f"rm:{rm_dir}" for value in values]
+    assert outcomes.count("kept") == 2
+    assert r1.keep_spec(r1.R1Config(keep_rewards="format,language")) == [("format", 1.0), ("language", 1.0)]
+    assert r1.keep_spec(r1.R1Config(keep_rewards="")) == []
