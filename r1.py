@@ -1,11 +1,13 @@
 """
 r1.py: the rest of DeepSeek-R1's pipeline around grpo.py: supervised fine-tuning, rejection
-sampling, distillation, and a recipe that walks the tiny model through R1-Zero and R1.
+sampling, reward models from preferences, distillation, and a recipe that walks the tiny model
+through R1-Zero and R1.
 
 DeepSeek-R1 (arXiv 2501.12948) is trained in four phases: (1) a cold-start SFT on a few thousand
 long chains of thought, (2) reasoning RL with GRPO (accuracy, format and language-consistency
 rewards), (3) rejection sampling from that checkpoint, keeping correct and readable answers, and
-SFT of the base model on them, (4) RL again. R1-Zero is phase 2 alone, from the base model. Small
+SFT of the base model on them, (4) RL again, with rules and rewards learned from human (or AI)
+preferences (reward_model.py). R1-Zero is phase 2 alone, from the base model. Small
 models are distilled: SFT on the big model's samples. Every phase here reuses the trainer's parts:
 grpo.py's sampling and log-probs (through engine.py's Engine), sft.py's loop (the cold start's),
 data.py's evaluation and the task's own correctness; GRPO itself (phases 2 and 4) is grpo.py.
@@ -15,6 +17,8 @@ Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra
   python r1.py sft --model=M --data_path=pairs.jsonl --out_dir=runs/sft
   python r1.py sample --model=runs/rl --task=gsm8k --data_path=train.jsonl --output=kept.jsonl --samples=8
   python r1.py sft --model=STUDENT --data_path=kept.jsonl --out_dir=runs/student    # distillation, step 2
+  # a reward model from {"prompt", "chosen", "rejected"} rows (sample's --pairs_output writes some)
+  python r1.py reward_model --model=M --data_path=prefs.jsonl --out_dir=runs/rm
   # CPU, about 5 minutes: R1-Zero and R1 on the tiny model, accuracy per phase
   python r1.py recipe
 """
@@ -161,9 +165,10 @@ def reward_model(cfg):
     a seeded eval_size of data_path's; the model in out_dir (from_pretrained loads it), metrics.jsonl
     and summary.json beside it."""
     device = distributed.init_distributed(cfg)
-    pairs = rm.load_preferences(cfg.data_path)
+    pairs = rm.preference_pairs(data.read_jsonl(cfg.data_path), cfg.data_path)
     if cfg.eval_data_path:
-        train_pairs, test_pairs = pairs, rm.load_preferences(cfg.eval_data_path)[:cfg.eval_size]
+        test_pairs = rm.preference_pairs(data.read_jsonl(cfg.eval_data_path), cfg.eval_data_path)
+        train_pairs, test_pairs = pairs, test_pairs[:cfg.eval_size]
     else:
         train_pairs, test_pairs = rm.split_pairs(pairs, cfg.eval_size, cfg.seed)
     runs.take_run_dir(cfg.out_dir, new="start anew")
@@ -182,7 +187,9 @@ def reward_model(cfg):
         show(step, cfg.rm_steps, f"loss {row['loss']:.3f} pairwise acc {row['accuracy']:.2f}")
     lr_at = lambda step: cfg.rm_lr * grpo.lr_factor(step, cfg.warmup_steps, cfg.rm_steps,  # noqa: E731
                                                     cfg.min_lr_ratio)
-    rm.train(model, tokenizer, train_pairs, cfg, lr_at, on_step)
+    batches = (data.step_examples(train_pairs, step, cfg.rm_batch_size, cfg.seed)  # a seeded order per epoch
+               for step in range(cfg.rm_steps))
+    rm.train(model, tokenizer, batches, cfg, lr_at, on_step)
     after = rm.evaluate_pairs(model, tokenizer, test_pairs, cfg.rm_max_tokens) if test_pairs else {}
     model.save_pretrained(cfg.out_dir)
     tokenizer.save_pretrained(cfg.out_dir)
@@ -300,18 +307,43 @@ def rejection_sample(cfg):
     print(f"wrote {cfg.output} (for `r1.py sft --data_path={cfg.output}`) and "
           f"{cfg.output}.report.jsonl (kept/total per prompt)")
     return {"kept": len(kept), "total": total, "prompts_covered": covered, "reasons": dict(reasons),
-            "pairs": len(pairs)}
+            "pairs": len(pairs), "pairs_output": cfg.pairs_output}
 
 
 # ----------------------------------------------------------------------------
 # the recipe: R1-Zero and R1 in miniature, on the arithmetic task
 
 
+GREETING = "Hi! "  # the recipe's property that no rule expresses: the reasoning opens by greeting the user
+
+
+def greeted(completion):
+    """The recipe's preferred form of a completion: its reasoning opens with GREETING."""
+    if not completion.startswith("<think>") or completion.startswith("<think>" + GREETING):
+        return completion
+    return completion.replace("<think>", "<think>" + GREETING, 1)
+
+
+def property_rate(run_dir, cfg, examples):
+    """The share of `examples` whose greedy completion by the model at run_dir greets (GREETING)."""
+    device = distributed.init_distributed(cfg)
+    model, engine = open_policy(run_dir, cfg, device, "float32", grpo.DEFINITION)
+    texts = []
+    for start in range(0, len(examples), cfg.eval_batch_size):
+        ids, mask, _ = data.encode_prompts(engine.tokenizer, examples[start:start + cfg.eval_batch_size], cfg,
+                                           device)
+        out = engine.sample(ids, mask, cfg.max_new_tokens, temperature=0).tokens
+        texts += data.decode(engine.tokenizer, out, cfg.prefill)
+    return sum(GREETING.strip() in text for text in texts) / max(1, len(texts))
+
+
 def recipe(cfg, scale=1.0):
     """Walk the tiny model through R1-Zero (RL straight from a base model) and R1 (cold start ->
-    RL -> rejection sampling + SFT -> RL), then distill the result into a student with another
-    architecture and tokenizer, printing held-out greedy accuracy and format after each phase.
-    `scale` shortens every phase (the tests run it at a few percent)."""
+    RL -> rejection sampling, filtered by rules and a learned score, + SFT -> RL with the rules and
+    a reward model of a preference), then distill the result into a student with another
+    architecture and tokenizer, printing held-out greedy accuracy, format and the preferred
+    property's rate after each phase. `scale` shortens every phase (the tests run it at a few
+    percent)."""
     root = cfg.out_dir
     if os.path.isdir(root) and os.listdir(root):
         raise ConfigError(f"out_dir: {root} is not empty; give the recipe a new --out_dir")
@@ -319,14 +351,15 @@ def recipe(cfg, scale=1.0):
     base = dataclasses.replace(cfg, task="arithmetic", template="plain", prefill="", log_samples_every=0,
                                save_every=10**6, keep_checkpoints=1,
                                eval_size=max(8, round(200 * min(1.0, 4 * scale))))
-    train_set = data.load_task("arithmetic", cfg.seed, eval_size=base.eval_size, digits=base.digits)[0]
+    train_set, test_set = data.load_task("arithmetic", cfg.seed, eval_size=base.eval_size, digits=base.digits)
     results, started = [], time.time()
 
-    def phase(name, summary):
+    def phase(name, summary, **changes):
+        greets = property_rate(summary["run_dir"], dataclasses.replace(base, **changes), test_set)
         results.append({"phase": name, "accuracy": summary["accuracy_after"],
-                        "format": summary["format_after"]})
+                        "format": summary["format_after"], "greets": greets})
         print(f"\n==== {name}: held-out accuracy {results[-1]['accuracy']:.1%}, "
-              f"format {results[-1]['format']:.1%}\n")
+              f"format {results[-1]['format']:.1%}, greets {greets:.1%}\n")
 
     def pairs_file(name, rows):
         return write_jsonl(os.path.join(root, name), rows)
@@ -336,9 +369,15 @@ def recipe(cfg, scale=1.0):
                                        sft_steps=steps(n_steps), warmup_steps=0, **changes))
 
     # lr 1e-4: at the demo's 3e-4 these models' KL reached ~1 in 15 steps and collapsed
-    def run_rl(name, model, n_steps):
+    def run_rl(name, model, n_steps, **changes):
         return grpo.train(dataclasses.replace(base, model=model, out_dir=os.path.join(root, name),
-                                              sft_steps=0, max_steps=steps(n_steps), lr=1e-4))
+                                              sft_steps=0, max_steps=steps(n_steps), lr=1e-4, **changes))
+
+    def run_rm(name, model, pairs, n_steps):  # Bradley-Terry, scores kept near 0
+        reward_model(dataclasses.replace(base, model=model, data_path=pairs, out_dir=os.path.join(root, name),
+                                         rm_steps=steps(n_steps), rm_lr=5e-4, rm_center_coef=0.01,
+                                         eval_size=max(4, round(100 * min(1.0, 4 * scale)))))
+        return os.path.join(root, name)
 
     runs.take_run_dir(root)
     # 0. a "base model": pretrained on worked sums in plain text, it has never seen the think/answer tags
@@ -356,18 +395,39 @@ def recipe(cfg, scale=1.0):
     phase("R1 1. cold start (SFT on 100 worked solutions)", run_sft("r1_cold_start", base_model, worked, 100))
     # phase 2: reasoning RL
     phase("R1 2. reasoning RL (GRPO)", run_rl("r1_rl", os.path.join(root, "r1_cold_start"), 300))
-    # phase 3: rejection sampling from the RL model, then SFT of the base model on what was kept
-    kept = os.path.join(root, "rejection_sampled.jsonl")
-    counts = rejection_sample(dataclasses.replace(base, model=os.path.join(root, "r1_rl"), output=kept,
-                                                  samples=4, sample_prompts=steps(800), temperature=1.0,
-                                                  eval_batch_size=256))
+    # phase 3: rejection sampling from the RL model, kept when right, in format, not repeating and
+    # coherent by a learned score: a reward model of the RL model's kept completions over its rejected
+    # ones (R1's semantic filtering); then SFT of the base model on what was kept, a fifth of it
+    # written greeting the user (R1 mixes such non-reasoning data into this SFT)
+    rl_model, kept = os.path.join(root, "r1_rl"), os.path.join(root, "rejection_sampled.jsonl")
+    sampling = dataclasses.replace(base, model=rl_model, samples=4, temperature=1.0, eval_batch_size=256)
+    first = rejection_sample(dataclasses.replace(sampling, output=os.path.join(root, "coherence_kept.jsonl"),
+                                                 pairs_output=os.path.join(root, "coherence_pairs.jsonl"),
+                                                 sample_prompts=steps(300)))
+    coherence = first["pairs"] and "rm:" + run_rm("coherence_rm", rl_model, first["pairs_output"], 200)
+    filters = sampling.keep_rewards + (f",{coherence}:0" if coherence else "")  # kept: scored above 0
+    counts = rejection_sample(dataclasses.replace(sampling, output=kept, sample_prompts=steps(800),
+                                                  keep_rewards=filters))
     if not counts["kept"]:
         raise ConfigError("recipe: rejection sampling kept no completion: "
                           "the RL model learned too little to continue")
-    phase(f"R1 3. rejection sampling ({counts['kept']}/{counts['total']} kept) + SFT of the base model",
-          run_sft("r1_sft", base_model, kept, 300))
-    # phase 4: RL again
-    phase("R1 4. final RL (GRPO)", run_rl("r1_final", os.path.join(root, "r1_sft"), 200))
+    with open(kept) as f:
+        rows = [json.loads(line) for line in f]
+    for i in range(0, len(rows), 5):
+        rows[i]["completion"] = greeted(rows[i]["completion"])
+    write_jsonl(kept, rows)
+    filtered = counts["reasons"].get(coherence, 0)
+    phase(f"R1 3. rejection sampling ({counts['kept']}/{counts['total']} kept, {filtered} right ones "
+          "dropped as incoherent) + SFT of the base model", run_sft("r1_sft", base_model, kept, 300))
+    # phase 4: RL again, with the rules and a reward model of what annotators prefer and no rule says: a
+    # greeting (pairs: each kept completion written greeting, over itself as sampled)
+    prefs = pairs_file("greeting_pairs.jsonl",
+                       [{"prompt": row["prompt"], "chosen": greeted(row["completion"]),
+                         "rejected": row["completion"].replace(GREETING, "", 1)} for row in rows])
+    greeting_rm = run_rm("greeting_rm", os.path.join(root, "r1_sft"), prefs, 150)
+    phase("R1 4. final RL (GRPO: rules + a reward model of the preference)",
+          run_rl("r1_final", os.path.join(root, "r1_sft"), 200,
+                 rewards=f"accuracy:1,format:0.5,rm:{greeting_rm}:0.2"))
     # distillation: the R1 model's kept samples, as text, fine-tune a Qwen2-shaped student with a
     # chat template
     teacher_kept = os.path.join(root, "distill.jsonl")
@@ -375,11 +435,13 @@ def recipe(cfg, scale=1.0):
                                          samples=2, sample_prompts=steps(1500), eval_batch_size=256))
     student = data.build_tiny_model(os.path.join(root, "student_init"), cfg.seed + 1, arch="qwen2", chat=True)
     phase("distilled student (Qwen2 shape, chat template, own tokenizer)",
-          run_sft("student", student, teacher_kept, 400, template="chat", system_prompt="", sft_lr=1e-3))
+          run_sft("student", student, teacher_kept, 400, template="chat", system_prompt="", sft_lr=1e-3),
+          template="chat", system_prompt="")
     runs.write_atomic(os.path.join(root, "recipe.json"), json.dumps(results, indent=1))
-    print("\n---- recipe: held-out greedy accuracy after each phase")
+    print("\n---- recipe: held-out greedy accuracy, format and greeting rate after each phase")
     for r in results:
-        print(f"  {r['phase']:<70} accuracy {r['accuracy']:6.1%}  format {r['format']:6.1%}")
+        print(f"  {r['phase']:<70} accuracy {r['accuracy']:6.1%}  format {r['format']:6.1%}  "
+              f"greets {r['greets']:6.1%}")
     print(f"wall time {time.time() - started:.0f}s; "
           f"every phase's run directory, metrics and summary under {root}")
     return results

@@ -21,7 +21,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-import data
 import runs
 from configurator import ConfigError
 
@@ -182,11 +181,12 @@ class RewardModel:
 # preference pairs and training
 
 
-def load_preferences(path):
-    """Rows {"prompt", "chosen", "rejected"[, "margin"]} of a JSONL file (text, or lists of chat
-    messages {"role", "content"}); a bad row raises DataError naming the file and line."""
+def preference_pairs(rows, path):
+    """Pairs from the (line number, row) of a JSONL file `path` (data.read_jsonl's): {"prompt",
+    "chosen", "rejected"[, "margin"]}, text or lists of chat messages {"role", "content"}; a bad row
+    raises ConfigError naming the file and line."""
     pairs = []
-    for lineno, row in data.read_jsonl(path):
+    for lineno, row in rows:
         for key in ("prompt", "chosen", "rejected"):
             value = row.get(key)
             messages = isinstance(value, list) and value and all(
@@ -194,14 +194,14 @@ def load_preferences(path):
                 for m in value)
             text = isinstance(value, str) and (value.strip() or key != "prompt")  # an empty answer can lose
             if not text and not messages:
-                raise data.DataError(f"{path}:{lineno}: `{key}` must be text or a list of chat messages")
+                raise ConfigError(f"{path}:{lineno}: `{key}` must be text or a list of chat messages")
         margin = row.get("margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise data.DataError(f"{path}:{lineno}: `margin` must be a finite number")
+            raise ConfigError(f"{path}:{lineno}: `margin` must be a finite number")
         pairs.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
                       "margin": float(margin), "source": f"{path}:{lineno}"})
     if not pairs:
-        raise data.DataError(f"{path}: no rows")
+        raise ConfigError(f"{path}: no rows")
     return pairs
 
 
@@ -225,15 +225,14 @@ def evaluate_pairs(model, tokenizer, pairs, max_tokens, batch_size=64):
             "margin_mean": (chosen - rejected).mean().item()}
 
 
-def train(model, tokenizer, pairs, cfg, lr_at, on_step):
-    """cfg.rm_steps AdamW steps of the Bradley-Terry loss on rm_batch_size pairs each, in a seeded
-    order per epoch (data.step_examples), gradient norm clipped at grad_clip; lr_at(step) the
-    learning rate; on_step(step, row) gets each step's metrics."""
+def train(model, tokenizer, batches, cfg, lr_at, on_step):
+    """An AdamW step of the Bradley-Terry loss on each batch of pairs (a list) of `batches`,
+    gradient norm clipped at grad_clip; lr_at(step) the learning rate; on_step(step, row) gets each
+    step's metrics."""
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.rm_lr, weight_decay=cfg.weight_decay)
-    for step in range(cfg.rm_steps):
+    for step, batch in enumerate(batches):
         model.train()
-        batch = data.step_examples(pairs, step, cfg.rm_batch_size, cfg.seed)
         margin = torch.tensor([p["margin"] for p in batch], device=model.device)
         chosen, rejected = pair_scores(model, tokenizer, batch, cfg.rm_max_tokens)
         loss = bradley_terry_loss(chosen, rejected, margin, cfg.rm_center_coef)

