@@ -19,7 +19,7 @@ Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra
   python r1.py sft --model=STUDENT --data_path=kept.jsonl --out_dir=runs/student    # distillation, step 2
   # a reward model from {"prompt", "chosen", "rejected"} rows (sample's --pairs_output writes some)
   python r1.py reward_model --model=M --data_path=prefs.jsonl --out_dir=runs/rm
-  # CPU, about 5 minutes: R1-Zero and R1 on the tiny model, accuracy per phase
+  # CPU, about 10 minutes on 2 cores: R1-Zero and R1 on the tiny model, accuracy per phase
   python r1.py recipe
 """
 import collections
@@ -55,7 +55,7 @@ class R1Config(grpo.Config, RewardModelOptions):
     sample_prompts: int = 0        # sample: prompts from the task's training split; 0 = all
     keep_rewards: str = "format,language"  # sample: NAME[:least] a kept one must score (1; or rm:PATH:least)
     max_repeats: int = 3           # sample: most times any 8-token span may recur (repetition); 0 = no check
-    pairs_output: Path = ""        # sample: also preference pairs, each kept completion over each rejected
+    pairs_output: Path = ""        # sample: also preference pairs, each kept one over each rejected (and why)
 
     def checks(self):  # the output is checked before any sampling: a run must not lose its work at the end
         output = os.path.abspath(self.output) if self.output else ""
@@ -280,15 +280,15 @@ def rejection_sample(cfg):
                 outcome = verdict(texts[i], example, bool(truncated[i]), cfg, seen, learned)
                 why[outcome] += 1
                 if outcome != "duplicate":
-                    sides["kept" if outcome == "kept" else "rejected"].append(texts[i])
+                    sides["kept" if outcome == "kept" else "rejected"].append((texts[i], outcome))
                 if outcome == "kept":
                     kept.append({"prompt": example["question"], "completion": texts[i],
                                  "answer": example["answer"],
                                  "source": example.get("source", f"{cfg.task}:{start + j}")})
             reasons.update(why)
             # every pair of a kept and a rejected completion, as InstructGPT compares all K choose 2
-            pairs += [{"prompt": example["question"], "chosen": chosen, "rejected": rejected}
-                      for chosen, rejected in itertools.product(*sides.values())]
+            pairs += [{"prompt": example["question"], "chosen": chosen, "rejected": rejected, "why": why_not}
+                      for (chosen, _), (rejected, why_not) in itertools.product(*sides.values())]
             rejected = {reason: n for reason, n in why.items() if reason != "kept"}
             report.append({"prompt": example["question"], "kept": why["kept"], "total": k,
                            "rejected": rejected})
@@ -396,15 +396,18 @@ def recipe(cfg, scale=1.0):
     # phase 2: reasoning RL
     phase("R1 2. reasoning RL (GRPO)", run_rl("r1_rl", os.path.join(root, "r1_cold_start"), 300))
     # phase 3: rejection sampling from the RL model, kept when right, in format, not repeating and
-    # coherent by a learned score: a reward model of the RL model's kept completions over its rejected
-    # ones (R1's semantic filtering); then SFT of the base model on what was kept, a fifth of it
-    # written greeting the user (R1 mixes such non-reasoning data into this SFT)
+    # coherent by a learned score (R1's semantic filtering): a reward model of the RL model's kept
+    # completions over its incoherent ones (malformed, cut off: not merely wrong); then SFT of the base
+    # model on what was kept, a fifth of it written greeting the user (R1 mixes such data into this SFT)
     rl_model, kept = os.path.join(root, "r1_rl"), os.path.join(root, "rejection_sampled.jsonl")
     sampling = dataclasses.replace(base, model=rl_model, samples=4, temperature=1.0, eval_batch_size=256)
     first = rejection_sample(dataclasses.replace(sampling, output=os.path.join(root, "coherence_kept.jsonl"),
                                                  pairs_output=os.path.join(root, "coherence_pairs.jsonl"),
                                                  sample_prompts=steps(300)))
-    coherence = first["pairs"] and "rm:" + run_rm("coherence_rm", rl_model, first["pairs_output"], 200)
+    with open(first["pairs_output"]) as f:
+        incoherent = [row for row in map(json.loads, f) if row["why"] != "wrong"]
+    coherence = incoherent and "rm:" + run_rm("coherence_rm", rl_model, pairs_file("coherence_pairs.jsonl",
+                                                                                    incoherent), 200)
     filters = sampling.keep_rewards + (f",{coherence}:0" if coherence else "")  # kept: scored above 0
     counts = rejection_sample(dataclasses.replace(sampling, output=kept, sample_prompts=steps(800),
                                                   keep_rewards=filters))
@@ -427,7 +430,7 @@ def recipe(cfg, scale=1.0):
     greeting_rm = run_rm("greeting_rm", os.path.join(root, "r1_sft"), prefs, 150)
     phase("R1 4. final RL (GRPO: rules + a reward model of the preference)",
           run_rl("r1_final", os.path.join(root, "r1_sft"), 200,
-                 rewards=f"accuracy:1,format:0.5,rm:{greeting_rm}:0.2"))
+                 rewards=f"accuracy:1,format:0.5,rm:{greeting_rm}:0.1"))
     # distillation: the R1 model's kept samples, as text, fine-tune a Qwen2-shaped student with a
     # chat template
     teacher_kept = os.path.join(root, "distill.jsonl")

@@ -47,6 +47,7 @@ def main():
     parser.add_argument("--out_dir", default="runs/rlhf_demo")
     parser.add_argument("--pairs", choices=("sampled", "synthetic"), default="sampled")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample_temperature", type=float, default=0.7)  # of the sampled pairs
     parser.add_argument("--rm_steps", type=int, default=600)
     parser.add_argument("--rl_steps", type=int, default=200)
     parser.add_argument("--rl_flags", default="--lr=3e-5 --beta=0.1 --temperature=0.7")
@@ -62,7 +63,8 @@ def main():
                     "--sft_lr=1e-3", "--warmup_steps=0", *common]) == 0
     if args.pairs == "sampled":
         assert r1.main(["sample", f"--model={cold}", f"--output={root}/kept.jsonl", f"--pairs_output={prefs}",
-                        "--samples=8", "--sample_prompts=2000", "--temperature=0.7", "--eval_batch_size=256",
+                        "--samples=8", "--sample_prompts=2000", f"--temperature={args.sample_temperature}",
+                        "--eval_batch_size=256",
                         *common]) == 0
     else:
         rng = random.Random(args.seed)

@@ -187,7 +187,7 @@ def test_the_recipe_walks_every_phase(tmp_path, capsys, monkeypatch):
     """The wiring of the phases at 1 % of their length; the models learn too little in that to
     pass the filters, so every sample is kept here (the filters have their own tests)."""
     calls = itertools.count()  # every other one kept: preference pairs, and a reward model filtering too
-    monkeypatch.setattr(r1, "verdict", lambda *args: "wrong" if next(calls) % 2 else "kept")
+    monkeypatch.setattr(r1, "verdict", lambda *args: "format" if next(calls) % 2 else "kept")
     cfg = grpo.parse_config([f"--out_dir={tmp_path / 'recipe'}"], r1.R1Config)
     results = r1.recipe(cfg, scale=0.01)
     prefixes = ["base model", "R1-Zero", "R1 1. cold start", "R1 2. reasoning RL", "R1 3. rejection sampling",
@@ -197,7 +197,7 @@ def test_the_recipe_walks_every_phase(tmp_path, capsys, monkeypatch):
     root = tmp_path / "recipe"
     assert all((root / name / "summary.json").exists() for name in ("coherence_rm", "greeting_rm"))
     assert json.loads((root / "r1_final" / "train_config.json").read_text())["rewards"].endswith(
-        f"rm:{root / 'greeting_rm'}:0.2")
+        f"rm:{root / 'greeting_rm'}:0.1")
     out = capsys.readouterr().out
     assert "---- recipe: held-out greedy accuracy, format and greeting rate after each phase" in out
     assert json.loads((tmp_path / "recipe" / "recipe.json").read_text()) == results

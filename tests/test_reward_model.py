@@ -307,7 +307,7 @@ def test_rejection_sampling_writes_each_kept_completion_over_each_rejected_one(t
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     # the duplicate of the kept one is neither side; two wrong ones -> two pairs
     right = "<think>1+1=2</think><answer>2</answer>"
-    assert rows == [{"prompt": "1+1", "chosen": right, "rejected": rejected}
+    assert rows == [{"prompt": "1+1", "chosen": right, "rejected": rejected, "why": "wrong"}
                     for rejected in ("<answer>3</answer>", "<answer>4</answer>")]
 
 
