@@ -172,6 +172,8 @@ def reward_model(cfg):
     else:
         train_pairs, test_pairs = rm.split_pairs(pairs, cfg.eval_size, cfg.seed)
     runs.take_run_dir(cfg.out_dir, new="start anew")
+    if os.path.exists(os.path.join(cfg.out_dir, "config.json")):  # checked under the lock
+        raise ConfigError(f"out_dir: {cfg.out_dir} already holds a model; train in another --out_dir")
     runs.write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
     path = (data.build_tiny_model(os.path.join(cfg.out_dir, "tiny"), cfg.seed) if cfg.model == "tiny"
             else cfg.model)

@@ -105,6 +105,8 @@ def check_reward_model(path):
     """What keeps `path` from serving as a reward model, in one line, or None: a folder that is no
     model or is damaged, a model that is not for sequence classification, more than one output."""
     from transformers import AutoConfig
+    if path.startswith((".", "/")) and not os.path.isdir(path):  # a local path, not a hub name
+        return "no such directory"
     problem = runs.damaged_weights(path) if os.path.isdir(path) else None
     if problem:
         return problem

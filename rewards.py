@@ -445,7 +445,8 @@ def score(texts, examples, lengths, spec, correct, shared):
     """Rewards [N, K] of completion i (of question examples[i // G], G = N / len(examples)) under
     each of the K (name, weight) pairs of spec; a reward that fails scores 0 and is counted. Also
     correct(...) [N], the task's own judgement. Each call's example holds the question's fields,
-    `completion_tokens` (lengths[i]) and `shared` (language, max_new_tokens, overlong_buffer).
+    `completion_tokens` (lengths[i]) and `shared` (language, max_new_tokens, overlong_buffer). A
+    batched reward (a reward model) takes every completion at once, on the device of `lengths`.
     -> (scores, failed calls, correct)."""
     G = len(texts) // len(examples)
     scores, failures, right = torch.zeros(len(texts), len(spec)), 0, torch.zeros(len(texts))

@@ -246,6 +246,7 @@ def smollm2_dir():
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
+@pytest.mark.slow  # a minute of a 135M model's training where it is built
 @pytest.mark.skipif(smollm2_dir() is None,
                     reason="SmolLM2-135M-Instruct is not built here (../shared/tools/smollm2.sh)")
 def test_a_real_pretrained_model_trains_on_gsm8k_then_reloads(tmp_path):

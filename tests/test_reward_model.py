@@ -142,7 +142,7 @@ def two_output_model(path, backbone):
 
 
 @pytest.mark.parametrize("make, problem", [
-    (lambda tmp, tiny, rm_dir: f"{tmp}/missing", "rm:TMP/missing: "),
+    (lambda tmp, tiny, rm_dir: f"{tmp}/missing", "rm:TMP/missing: no such directory"),
     (lambda tmp, tiny, rm_dir: tiny, "not a reward model"),
     (lambda tmp, tiny, rm_dir: two_output_model(f"{tmp}/two", tiny), "the model has 2 outputs"),
     (lambda tmp, tiny, rm_dir: damaged_copy(rm_dir, f"{tmp}/damaged"), "model.safetensors"),
@@ -193,6 +193,9 @@ def test_r1_trains_a_reward_model_that_plain_transformers_loads(tmp_path):
     greeted = plain_forward(str(out), "3+3", "Hello! 6")
     assert greeted > plain_forward(str(out), "3+3", "6")
     assert rewards.parse_reward_spec(f"rm:{out}") == [(f"rm:{out}", 1.0)]  # it serves as a reward
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert r1.main(["reward_model", "--model=tiny", f"--data_path={prefs}", f"--out_dir={out}"]) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # a trained RM is kept as it was
 
 
 @pytest.mark.parametrize("row, problem", [
