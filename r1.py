@@ -41,7 +41,7 @@ import reward_model as rm
 import runs
 import sft as supervised
 from configurator import ConfigError, Path, unread
-from engine import open_policy
+from engine import disable_dropout, open_policy
 from reward_model import RewardModelOptions
 import rewards
 from rewards import REWARDS, safe_reward
@@ -179,6 +179,7 @@ def reward_model(cfg):
             else cfg.model)
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     model, tokenizer = rm.load(path, device, new_head=True)
+    disable_dropout(model)  # as TRL's reward trainer: a text's score is one number, in training too
     context = getattr(model.config, "max_position_embeddings", None) or cfg.rm_max_tokens
     cfg = dataclasses.replace(cfg, rm_max_tokens=min(cfg.rm_max_tokens, context))
     before = rm.evaluate_pairs(model, tokenizer, test_pairs, cfg.rm_max_tokens) if test_pairs else {}

@@ -124,7 +124,7 @@ def check_reward_model(path):
 
 
 def load(path, device, dtype="float32", new_head=False):
-    """(model, tokenizer) of a sequence-classification model at `path`, eval mode, dropout off.
+    """(model, tokenizer) of a sequence-classification model at `path`, in eval mode.
     new_head: `path` is a backbone (a causal LM, an encoder) given a fresh one-output head. A
     tokenizer without a pad token pads with EOS; the model is told which id pads."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -150,9 +150,6 @@ def load(path, device, dtype="float32", new_head=False):
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "right"
-    for module in model.modules():  # as engine.disable_dropout: the score of a text is one number
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
     return model.to(device).eval(), tokenizer
 
 
