@@ -24,6 +24,7 @@ Commands (every grpo.py flag applies; `python r1.py MODE --help` lists the extra
 """
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -38,12 +39,12 @@ import data
 import distributed
 import grpo
 import reward_model as rm
+import rewards
 import runs
 import sft as supervised
 from configurator import ConfigError, Path, unread
 from engine import disable_dropout, open_policy
 from reward_model import RewardModelOptions
-import rewards
 from rewards import REWARDS, safe_reward
 
 
@@ -180,8 +181,7 @@ def reward_model(cfg):
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     model, tokenizer = rm.load(path, device, new_head=True)
     disable_dropout(model)  # as TRL's reward trainer: a text's score is one number, in training too
-    context = getattr(model.config, "max_position_embeddings", None) or cfg.rm_max_tokens
-    cfg = dataclasses.replace(cfg, rm_max_tokens=min(cfg.rm_max_tokens, context))
+    cfg = dataclasses.replace(cfg, rm_max_tokens=rm.fit_context(model, cfg.rm_max_tokens))
     before = rm.evaluate_pairs(model, tokenizer, test_pairs, cfg.rm_max_tokens) if test_pairs else {}
     metrics, show, started = runs.RunLog(cfg.out_dir, cfg, fresh=True), runs.Progress("rm"), time.time()
 
@@ -226,7 +226,12 @@ def longest_repeat(text, span=8):
 def keep_spec(cfg):
     """keep_rewards as (name, the least score kept) pairs: a rule's default is 1, in full; a reward
     model's (rm:PATH:min) the score its filter asks, R1's semantic filtering by a learned score."""
-    return rewards.parse_reward_spec(cfg.keep_rewards) if cfg.keep_rewards.strip(", ") else []
+    return list(parsed_keep_rewards(cfg.keep_rewards))
+
+
+@functools.lru_cache(maxsize=8)  # verdict reads it for every completion
+def parsed_keep_rewards(spec):
+    return tuple(rewards.parse_reward_spec(spec)) if spec.strip(", ") else ()
 
 
 def verdict(text, example, truncated, cfg, seen, learned=None):
@@ -407,8 +412,7 @@ def recipe(cfg, scale=1.0):
     first = rejection_sample(dataclasses.replace(sampling, output=os.path.join(root, "coherence_kept.jsonl"),
                                                  pairs_output=os.path.join(root, "coherence_pairs.jsonl"),
                                                  sample_prompts=steps(300)))
-    with open(first["pairs_output"]) as f:
-        incoherent = [row for row in map(json.loads, f) if row["why"] != "wrong"]
+    incoherent = [row for _, row in data.read_jsonl(first["pairs_output"]) if row["why"] != "wrong"]
     coherence = incoherent and "rm:" + run_rm("coherence_rm", rl_model, pairs_file("coherence_pairs.jsonl",
                                                                                     incoherent), 200)
     filters = sampling.keep_rewards + (f",{coherence}:0" if coherence else "")  # kept: scored above 0
@@ -417,8 +421,7 @@ def recipe(cfg, scale=1.0):
     if not counts["kept"]:
         raise ConfigError("recipe: rejection sampling kept no completion: "
                           "the RL model learned too little to continue")
-    with open(kept) as f:
-        rows = [json.loads(line) for line in f]
+    rows = [row for _, row in data.read_jsonl(kept)]
     for i in range(0, len(rows), 5):
         rows[i]["completion"] = greeted(rows[i]["completion"])
     write_jsonl(kept, rows)

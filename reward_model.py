@@ -101,6 +101,11 @@ def scores(model, tokenizer, prompts, completions, max_tokens, batch_size=64):
     return torch.cat(out).float() if out else torch.zeros(0, device=device)
 
 
+def fit_context(model, max_tokens):
+    """max_tokens within the model's context (max_position_embeddings), where it has one."""
+    return min(max_tokens, getattr(model.config, "max_position_embeddings", None) or max_tokens)
+
+
 def check_reward_model(path):
     """What keeps `path` from serving as a reward model, in one line, or None: a folder that is no
     model or is damaged, a model that is not for sequence classification, more than one output."""
@@ -169,8 +174,7 @@ class RewardModel:
         if self.model is None:
             dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
             self.model, self.tokenizer = load(self.path, device, dtype)
-            context = getattr(self.model.config, "max_position_embeddings", None) or self.max_tokens
-            self.max_tokens = min(self.max_tokens, context)
+            self.max_tokens = fit_context(self.model, self.max_tokens)
         prompts = [example["question"] for example in examples]
         values = scores(self.model, self.tokenizer, prompts, completions, self.max_tokens, self.batch_size)
         return values.tolist()

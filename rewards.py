@@ -432,13 +432,18 @@ def safe_reward(fn, completion, example):
         if isinstance(value, numbers.Real) and abs(value) <= MAX_REWARD:  # False for NaN
             return float(value), False
     except KeyboardInterrupt:
-        # SIG_DFL: a SIGINT already asked the run to stop
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
+        pass_interrupt_on()
     except BaseException:
         pass
     return 0.0, True
 
+
+
+def pass_interrupt_on():
+    """A KeyboardInterrupt caught inside a reward, raised again as SIGINT: while training, the run
+    saves and stops (SIG_DFL: a SIGINT already asked it to)."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)
 
 
 def score(texts, examples, lengths, spec, correct, shared):
@@ -471,10 +476,9 @@ def safe_batch_reward(fn, texts, contexts, device):
     try:
         values = torch.as_tensor(fn(texts, contexts, device), dtype=torch.float64).reshape(len(texts))
     except KeyboardInterrupt:
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
+        pass_interrupt_on()
         return torch.zeros(len(texts)), len(texts)
-    except Exception:
+    except BaseException:  # SystemExit too, as safe_reward
         return torch.zeros(len(texts)), len(texts)
     good = values.abs() <= MAX_REWARD  # False for NaN
     return torch.where(good, values, 0.0).float(), int((~good).sum())

@@ -120,18 +120,22 @@ def test_a_reward_model_that_fails_is_counted_not_the_end_of_the_run():
         raise RuntimeError("out of memory")
     raising.batched = True
 
+    def leaving(texts, examples, device):
+        raise SystemExit(3)
+    leaving.batched = True
+
     def half_bad(texts, examples, device):
         return [1.0, float("nan"), 2e9, -3.0]
     half_bad.batched = True
-    rewards.REWARDS.update({"test:raising": raising, "test:half_bad": half_bad})
+    rewards.REWARDS.update({"test:raising": raising, "test:half_bad": half_bad, "test:leaving": leaving})
     try:
-        spec = [("test:raising", 1.0), ("test:half_bad", 1.0)]
+        spec = [("test:raising", 1.0), ("test:half_bad", 1.0), ("test:leaving", 1.0)]
         scores, failures, _ = rewards.score(["a", "b", "c", "d"], [{"question": "q", "answer": "1"}],
                                             torch.zeros(4), spec, rewards.accuracy_reward, {})
-        assert failures == 4 + 2
-        assert scores.tolist() == [[0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, -3.0]]
+        assert failures == 4 + 2 + 4
+        assert scores.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, -3.0, 0.0]]
     finally:
-        del rewards.REWARDS["test:raising"], rewards.REWARDS["test:half_bad"]
+        del rewards.REWARDS["test:raising"], rewards.REWARDS["test:half_bad"], rewards.REWARDS["test:leaving"]
 
 
 def two_output_model(path, backbone):
