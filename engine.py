@@ -46,6 +46,7 @@ class EngineOptions:
     share_prompt: bool = True      # a group's G sequences share one pass over their prompt (same result)
     disable_dropout: bool = True   # dropout off: the update sees the policy that sampled (TRL: the same)
     compile: bool = False          # torch.compile the log-prob forward (no gain measured, ~100 s to compile)
+    chunked_head: bool = True      # lmhead.py: log-probs without [B, C, V] logits, where those pass 2^24
 
     def checks(self):
         vllm = self.decoder == "vllm"
@@ -163,6 +164,13 @@ def can_share_prompts(model):
     config = getattr(unwrap(model), "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return set(getattr(config, "layer_types", None) or ATTENTION_LAYERS) <= ATTENTION_LAYERS
+
+
+def shares_prompt_pass(model, share):
+    """Whether a log-prob pass runs a group's prompt once (share): where its cache can be copied and
+    no layer recomputes activations (gradient checkpointing keeps no cache)."""
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules())
+    return share and not checkpointed and can_share_prompts(model)
 
 
 def cache_name(model):

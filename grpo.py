@@ -31,6 +31,7 @@ import torch
 
 import data
 import distributed
+import lmhead
 import objectives
 import runs
 import tools
@@ -38,7 +39,7 @@ from configurator import ConfigError, Path, parse_args, unread
 from distributed import DistributedOptions, all_sum, every_rank_done, gather, my_share, say
 from engine import (Definition, EngineOptions, LoraOptions, Sampled, add_lora, cache_name, cache_of,
                     can_share_prompts, draw_uniforms, merged_weights, new_cache, open_policy, open_reference,
-                    positions_of, unwrap, uses_bf16)
+                    positions_of, shares_prompt_pass, uses_bf16)
 from rewards import RewardOptions, parse_reward_spec, reflects, score
 from runs import RunOptions
 from sft import ColdStart, cold_start
@@ -296,8 +297,7 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion, temper
     choice, so that every rank makes as many forward calls (FSDP gathers weights in each)."""
     positions = positions_of(attention_mask)
     prompt_len = input_ids.size(1) - num_completion
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules())
-    if share_prompt and not checkpointed and can_share_prompts(model):
+    if shares_prompt_pass(model, share_prompt):
         first, cache = prefill_prompts(model, input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
         rest = model(input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask, use_cache=True,
                      position_ids=positions[:, prompt_len:], logits_to_keep=num_completion, **cache).logits
@@ -325,6 +325,8 @@ def logprobs(model, ids, attention, num_completion, cfg, with_entropy=False):
     """completion_logprobs at cfg.temperature, under bf16 autocast when cfg.bf16: the weights stay
     fp32 (the optimizer's master copy) and the matmuls run in bf16 (as sampling does)."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, ids.device)):
+        if lmhead.matters(model, cfg):  # lmhead.py: the same values, never [B, C, V] logits at once
+            return lmhead.logprobs(model, ids, attention, num_completion, cfg, with_entropy, prefill_prompts)
         return completion_logprobs(model, ids, attention, num_completion, cfg.temperature, cfg.share_prompt,
                                    with_entropy)
 

@@ -10,6 +10,7 @@ from packaging.version import Version
 import data
 import engine
 import grpo
+import lmhead
 from conftest import draw
 from grpo import Config
 
@@ -125,3 +126,36 @@ def test_one_training_step_runs(name, tokenizer):
     optimizer.step()
     moved = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
     assert sum(moved) > len(moved) // 2
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_chunked_head_equals_the_definition(name, tokenizer, monkeypatch):
+    """lmhead.logprobs: grpo.completion_logprobs' log-probs, entropies and gradients (a chunk
+    of 4 positions at a time), with the prompt shared and not; families whose logits are more than
+    hidden @ W^T (Gemma 2's softcap) keep the definition's path."""
+    model = build(name, tokenizer)
+    if name == "gemma2":
+        assert lmhead.plain_head(model) is None
+        return
+    assert lmhead.plain_head(model) is model.get_output_embeddings()
+    monkeypatch.setattr(lmhead, "CHUNK_LOGITS", 4 * len(tokenizer))
+    ids, mask = group_prompts(tokenizer)
+    completion = torch.randint(7, 40, (len(ids), 6), generator=torch.Generator().manual_seed(1))
+    full, attention = torch.cat([ids, completion], 1), torch.cat([mask, torch.ones_like(completion)], 1)
+    weights = torch.randn(2, len(ids), completion.size(1), generator=torch.Generator().manual_seed(2))
+
+    def values_and_grads(forward, share):
+        model.zero_grad()
+        logp, entropy = forward(share)
+        ((logp * weights[0]).sum() + (entropy * weights[1]).sum()).backward()
+        return [logp.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters()
+                                                    if p.grad is not None]
+    for share in (False, True):
+        theirs = values_and_grads(lambda share: grpo.completion_logprobs(
+            model, full, attention, completion.size(1), 0.7, share), share)
+        cfg = Config(temperature=0.7, share_prompt=share)
+        ours = values_and_grads(lambda share: lmhead.logprobs(
+            model, full, attention, completion.size(1), cfg, True, grpo.prefill_prompts), share)
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (share, (a - b).abs().max())

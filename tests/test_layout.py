@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = {"grpo", "objectives", "engine", "vllm_sampler", "rewards", "data", "sft", "configurator", "runs",
-           "distributed", "r1", "plot", "tools", "usercode", "reward_model"}
+           "distributed", "r1", "plot", "tools", "usercode", "reward_model", "lmhead"}
 ALLOWED = {  # what each module may import of the project, at any depth of its code
     "configurator": set(),
     "usercode": {"configurator"},
@@ -23,10 +23,11 @@ ALLOWED = {  # what each module may import of the project, at any depth of its c
     "vllm_sampler": {"configurator", "distributed", "runs"},
     "tools": {"configurator", "distributed", "rewards", "usercode"},
     "engine": {"configurator", "distributed", "runs", "tools", "vllm_sampler"},
+    "lmhead": {"configurator", "engine"},
     "data": {"configurator", "distributed", "rewards", "tools"},
     "sft": {"configurator", "data", "distributed", "engine", "runs", "tools"},
-    "grpo": {"configurator", "data", "distributed", "engine", "objectives", "rewards", "runs", "sft",
-             "tools"},
+    "grpo": {"configurator", "data", "distributed", "engine", "lmhead", "objectives", "rewards", "runs",
+             "sft", "tools"},
     "r1": {"configurator", "data", "distributed", "engine", "grpo", "reward_model", "rewards", "runs", "sft"},
 }
 
