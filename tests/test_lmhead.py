@@ -150,3 +150,22 @@ def test_the_memory_bench_runs_and_the_paths_agree(tmp_path):
     assert result["plain"]["peak_mib"] > 0 and result["chunked"]["peak_mib"] > 0
     assert all(diff <= 1e-5 for diff in result["max_abs_diff"].values())
     assert not list(tmp_path.glob("values*"))  # the compared values are removed
+
+
+def test_gradient_checkpointing_runs_every_row_and_matches():
+    """Under gradient checkpointing (no cache) the prompt is not shared, in either path; the same
+    values and gradients."""
+    V = 300
+    model, (ids, attention, C) = llama(V), batch(V)
+    model.gradient_checkpointing_enable()
+    model.train()
+
+    def values_and_grads(forward):
+        model.zero_grad()
+        logp, entropy = forward()
+        (logp.sum() + entropy.sum()).backward()
+        return [logp.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters()]
+    theirs = values_and_grads(lambda: grpo.completion_logprobs(model, ids, attention, C, 0.9, True))
+    cfg = grpo.Config(temperature=0.9, share_prompt=True)
+    ours = values_and_grads(lambda: lmhead.logprobs(model, ids, attention, C, cfg, True, grpo.prefill_prompts))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
