@@ -167,5 +167,6 @@ def test_gradient_checkpointing_runs_every_row_and_matches():
         return [logp.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters()]
     theirs = values_and_grads(lambda: grpo.completion_logprobs(model, ids, attention, C, 0.9, True))
     cfg = grpo.Config(temperature=0.9, share_prompt=True)
-    ours = values_and_grads(lambda: lmhead.logprobs(model, ids, attention, C, cfg, True, grpo.prefill_prompts))
+    ours = values_and_grads(lambda: lmhead.logprobs(model, ids, attention, C, cfg, True,
+                                                    grpo.prefill_prompts))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
