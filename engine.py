@@ -15,6 +15,7 @@ Nothing here knows about rewards or the GRPO objective.
 import copy
 import inspect
 import os
+import time
 import types
 import warnings
 from collections import OrderedDict
@@ -528,6 +529,7 @@ class StaticDecoder:
         self.model, self.pick, self.picking = unwrap(model), definition.pick, definition.picking
         self.body, self.bucket, self.backend, self.states = self.model.model, bucket, backend, OrderedDict()
         self.step, self.compiled, self.reported = self.decode_step, compile, False
+        self.warm = set()  # the ways of picking whose compiled step has run (compiling is said before)
         if compile:
             graphs = self.model.device.type == "cuda" and backend == "inductor"
             self.step = torch.compile(own_code(self.decode_step), backend=backend, dynamic=True,
@@ -669,11 +671,19 @@ class StaticDecoder:
             tensor.fill_(value)
         s.eos_ids.copy_(how.eos_ids)
         mode, columns, skips = self.picking(how.temperature, how.top_p), T, cudagraph_skips()
+        cold, started = self.compiled and mode not in self.warm, time.perf_counter()
+        if cold:  # minutes without a line read as a hang
+            say(f"sampling: compiling the decode step for {mode} decoding, once (on a GPU this can take "
+                "minutes); a line follows when it has run")
         for column in range(1, T):
             if column % 8 == 0 and every_rank_done(s.done):  # a wait for the device, so every 8 tokens
                 columns = column
                 break
             self.step(s, mode)
+        if cold and self.compiled:
+            self.warm.add(mode)
+            say(f"sampling: the {mode} decode step compiled and sampled {columns} tokens in "
+                f"{time.perf_counter() - started:.0f} s")
         if self.compiled and device.type == "cuda" and not self.reported:
             self.reported = True
             say("sampling: the compiled step " + ("captured CUDA graphs" if cudagraph_skips() == skips else

@@ -5,6 +5,7 @@ for the device between the every-8-tokens checks, the sampled tokens are transfo
 close to them (bf16), a bf16 copy of fp32 weights follows every update, and a compile that fails
 falls back to the eager step in one line."""
 import copy
+import re
 
 import pytest
 import torch
@@ -62,6 +63,24 @@ def test_the_compiled_step_is_one_graph_with_the_eager_steps_tokens(name, temper
     out = traced.sample(ids, mask, settings)
     assert len(compiled) == 1 and torch.equal(out.tokens, eager.tokens)
     assert torch.allclose(out.logp, eager.logp, atol=1e-5)
+
+
+def test_each_first_compile_is_said_before_and_after(tiny, tokenizer, capsys):
+    """No silent minutes: before the first call of each way of picking, a line says the step is
+    compiling; after it, how long the call took; a warm step says nothing."""
+    decoder = engine.StaticDecoder(tiny[0], grpo.DEFINITION, compile=True, bucket=16,
+                                   backend=counting_backend([]))
+    ids, mask = prompts(tokenizer, ["1+2", "3+4"], 2)
+    said = []
+    for temperature in (1.0, 1.0, 0.0):
+        decoder.sample(ids, mask, how(tokenizer, len(ids), temperature=temperature))
+        said.append(capsys.readouterr().out.splitlines())
+    assert said[0][0] == ("sampling: compiling the decode step for sample decoding, once (on a GPU this can "
+                          "take minutes); a line follows when it has run")
+    assert re.fullmatch(r"sampling: the sample decode step compiled and sampled \d+ tokens in \d+ s",
+                        said[0][1])
+    assert said[1] == []
+    assert said[2][0].startswith("sampling: compiling the decode step for greedy decoding")
 
 
 @pytest.mark.slow
