@@ -124,8 +124,29 @@ def clip_grad_norm(model, max_norm):
 
 def every_rank_done(done):
     """Whether every row of `done` [B] bool is True on every rank (ranks stop decoding together,
-    as FSDP's weight gathers must pair up)."""
-    return all_sum((~done).sum()).item() == 0
+    as FSDP's weight gathers must pair up); a check of sampling_check's."""
+    return sampling_check((~done).sum()) == 0
+
+
+class RankFailed(Exception):
+    """Another rank failed while sampling; its own error is in its output."""
+
+
+def sampling_check(value, failed=False):
+    """The max over ranks of `value` (a 0-d integer tensor), by a collective that also carries
+    whether a rank failed. Every collective of sampling is one of these (the decoders' stop checks,
+    the tools' rounds, one after each sampler call), so a rank whose sampler raised (an OOM, a
+    tool's bug) meets whichever the others wait in with failed=True, and they raise RankFailed
+    there rather than wait for it until the collective's timeout (NCCL's: 10 minutes)."""
+    if not dist.is_initialized():
+        return int(value)
+    flags = torch.stack([torch.tensor(int(failed), device=value.device), value.long()]).to(comm_device())
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    someone_failed, top = flags.tolist()
+    if someone_failed and not failed:
+        raise RankFailed(f"rank {dist.get_rank()} stopped: another rank failed while sampling (its error "
+                         "is in its own output)")
+    return top
 
 
 def any_rank(flags):

@@ -27,7 +27,7 @@ import torch
 import runs
 import tools
 from configurator import ConfigError, unread
-from distributed import distribute, every_rank_done, say
+from distributed import RankFailed, distribute, every_rank_done, sampling_check, say
 
 
 MIN_TEMPERATURE = 1e-3  # the sampling temperature's floor: below it sampling is greedy in effect
@@ -353,7 +353,15 @@ class Engine:
         how = Sampling(max_new_tokens, self.eos_ids, self.pad_id, temperature, top_p, uniforms,
                        self.share_prompt)
         how = how._replace(uniforms=draw_uniforms(prompt_ids, how) if uniforms is None else uniforms)
-        out = Sampled(**self.tools.sample(self.sample_once, prompt_ids, prompt_mask, how))
+        nothing = torch.zeros((), dtype=torch.long, device=prompt_ids.device)
+        try:
+            out = Sampled(**self.tools.sample(self.sample_once, prompt_ids, prompt_mask, how))
+        except RankFailed:
+            raise
+        except Exception:  # under torchrun the other ranks stop at their next check, with their own line
+            sampling_check(nothing, failed=True)
+            raise
+        sampling_check(nothing)  # where a rank failed after its sampler's last check
         ended = completion_mask(out.tokens, self.eos_ids)
         return out._replace(mask=ended * out.mask, lengths=ended.sum(1))
 
@@ -639,7 +647,7 @@ class StaticDecoder:
         """As grpo.sample (the same tokens for the same uniforms) -> Sampled."""
         try:
             return self.run(prompt_ids, prompt_mask, how)
-        except torch.OutOfMemoryError:  # not the compiler's failure: the eager step would not fit either
+        except (torch.OutOfMemoryError, RankFailed):  # not the compiler's: the eager step would fail too
             raise
         except Exception as err:  # compiling failed (a missing compiler, Triton, ...): the eager step goes on
             if self.step == self.decode_step:

@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from configurator import ConfigError, Path, fields_in_order, read_text
-from distributed import (all_sum, any_rank, barrier, full_state, gather, leave_distributed,
+from distributed import (RankFailed, all_sum, any_rank, barrier, full_state, gather, leave_distributed,
                          load_optimizer_state, main_rank, my_share, say, world_size)
 
 
@@ -697,6 +697,9 @@ def cli(prog, run):
     except ConfigError as err:
         say(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except RankFailed as err:  # no barrier: the rank that failed has gone
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
     except Stop as stop:  # every rank stops at the same step
         barrier()
         say(f"{prog}: {stop}", file=sys.stderr)

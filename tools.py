@@ -234,7 +234,7 @@ class Toolbox:
             # under torchrun every rank samples each round, for as many tokens: the samplers' stop
             # checks are collectives; a rank with no row going samples a stand-in, then drops it
             room = max((T - len(rows[i]["tokens"]) for i in going), default=0)
-            room = int(distributed.gather(torch.tensor([room], device=device)).max())
+            room = distributed.sampling_check(torch.tensor(room, device=device))
             if room == 0:
                 break
             order, so_far = going or [0], [rows[i]["tokens"] for i in going] or [[]]  # [0]: the stand-in

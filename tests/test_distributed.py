@@ -181,3 +181,54 @@ def test_a_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):
     assert (run_dir / "latest").read_text() == f"checkpoint-{steps[-1]:06d}"
     launch([f"--resume={run_dir}", f"--max_steps={steps[-1] + 1}"], ranks=2)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == steps[-1] + 1
+
+
+FAILING_RANK = """
+import os, sys, time, traceback
+sys.path.insert(0, {root!r})
+import engine, grpo, runs
+calls = []
+def failing(real, limit):
+    def wrapped(self, *args, **kwargs):
+        calls.append(1)
+        if os.environ["RANK"] == "1" and len(calls) == limit:
+            raise RuntimeError("CUDA out of memory (injected on rank 1)")
+        return real(self, *args, **kwargs)
+    return wrapped
+if {where!r} == "before the first check":
+    engine.Engine.sample_once = failing(engine.Engine.sample_once, 2)
+else:
+    engine.StaticDecoder.decode_step = failing(engine.StaticDecoder.decode_step, 40)
+try:
+    code = grpo.main(sys.argv[1:])
+except Exception:
+    traceback.print_exc()
+    if os.environ["RANK"] == "1":
+        time.sleep(600)  # alive and silent, as a rank on another node whose exit is not seen
+    raise
+runs.exit(code)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["before the first check", "between two checks"])
+def test_a_rank_that_fails_while_sampling_stops_the_others(tmp_path, where):
+    """Rank 1's sampler raises (an OOM, at its second call, or mid-decode) and rank 1 then stays up,
+    silent, as a rank on another node would: rank 0 stops at its next check of sampling, with one
+    line, instead of waiting for rank 1 in a collective until the timeout; the run directory keeps
+    what it had (the step before, no half-written file)."""
+    script, run_dir = tmp_path / "failing_rank.py", tmp_path / "run"
+    script.write_text(FAILING_RANK.format(root=ROOT, where=where))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), *ARGS, "--eval_size=0", "--max_steps=4",
+                             f"--out_dir={run_dir}"], env=env, capture_output=True, text=True,
+                            timeout=300)  # a hang guard only
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "grpo.py: rank 0 stopped: another rank failed while sampling (its error is in its own output)" \
+        in output
+    assert "RuntimeError: CUDA out of memory (injected on rank 1)" in output
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 4
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
