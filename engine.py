@@ -524,9 +524,11 @@ class StaticDecoder:
     device, in place on one DecodeState per shape, with no host sync: whether every row has ended
     is asked every 8 tokens. It reuses the Hugging Face model's modules (projections, norms, MLP,
     rotary), so it samples the weights it is given as they are now.
-    compile: torch.compile the step (on CUDA "reduce-overhead", i.e. CUDA graphs) with dynamic
-    shapes, so that batch and length buckets share one graph per way of picking (greedy, sampled,
-    nucleus); prompts are left-padded to a multiple of `bucket` tokens and batches to batch_bucket.
+    compile: torch.compile the step (on CUDA "reduce-overhead", i.e. CUDA graphs) with the rows and
+    lengths of its state marked dynamic and every other size static, so that batch and length
+    buckets share one graph per way of picking (greedy, sampled, nucleus) and the graph's inputs
+    are tensors on the device and sizes (no float of the model becomes a CPU scalar input); prompts
+    are left-padded to a multiple of `bucket` tokens and batches to batch_bucket.
     A compile that fails says so in one line and the eager step goes on."""
 
     # shapes whose DecodeState is kept between calls, through the update too (each holds a KV cache
@@ -540,7 +542,7 @@ class StaticDecoder:
         self.warm = set()  # the ways of picking whose compiled step has run (compiling is said before)
         if compile:
             graphs = self.model.device.type == "cuda" and backend == "inductor"
-            self.step = torch.compile(own_code(self.decode_step), backend=backend, dynamic=True,
+            self.step = torch.compile(own_code(self.decode_step), backend=backend,
                                       fullgraph=True, mode="reduce-overhead" if graphs else None)
 
     @staticmethod
@@ -639,6 +641,13 @@ class StaticDecoder:
                 entropies=zeros(rows, new_tokens))
             for tensor in [*(t for pair in caches for t in pair), *state[1:]]:
                 torch._dynamo.mark_static_address(tensor, guard=False)  # a new state re-records, no recompile
+            # rows and lengths are the graph's only symbols: head_dim and the model's floats (eps, scales)
+            # stay constants, so that no batch size equal to head_dim recompiles and no CPU scalar is an input
+            dynamic = [*((t, [0, 2]) for pair in caches for t in pair), (state.key_mask, [0, 1]),
+                       *((t, [0, 1]) for t in (state.uniforms, state.tokens, state.logps, state.entropies)),
+                       *((t, 0) for t in (state.token, state.position, state.done))]
+            for tensor, dims in dynamic:
+                torch._dynamo.mark_dynamic(tensor, dims)
             self.states[key] = state
         return self.states[key]
 

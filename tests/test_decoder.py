@@ -65,6 +65,32 @@ def test_the_compiled_step_is_one_graph_with_the_eager_steps_tokens(name, temper
     assert torch.allclose(out.logp, eager.logp, atol=1e-5)
 
 
+def test_the_compiled_steps_inputs_are_weights_state_and_sizes(tiny, tokenizer):
+    """What CUDA graphs need of the compiled step, proved on CPU with a backend that records the graph:
+    every input is a weight of the model, a tensor of the decode state (static addresses) or a size;
+    none is a CPU scalar made from a float the model holds (RMSNorm's eps, attention's scaling), which
+    dynamic=True made of them. And a first batch equal to head_dim (32 here; duck sizing would tie the
+    two) compiles the one graph that every later batch and length reuses."""
+    model = tiny[0]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    inputs, known = [], {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    def recording(graph, example_inputs):
+        inputs.append(example_inputs)
+        for state in decoder.states.values():  # the state being decoded, when the graph is traced
+            known.update(t.data_ptr() for t in [*(c for pair in state.caches for c in pair), *state[1:]])
+        return graph.forward
+    decoder = engine.StaticDecoder(model, grpo.DEFINITION, compile=True, bucket=16, backend=recording)
+    for rows, question in ((head_dim, "1+2"), (16, "12+34+56+78+9"), (64, "1+2"), (8, "3+4"), (128, "5+6")):
+        ids, mask = prompts(tokenizer, [question], rows)
+        decoder.sample(ids, mask, how(tokenizer, rows, new_tokens=10))
+    assert len(inputs) == 1
+    tensors = [x for x in inputs[0] if isinstance(x, torch.Tensor)]
+    assert all(isinstance(x, (torch.SymInt, int)) for x in inputs[0] if not isinstance(x, torch.Tensor))
+    assert not [x for x in tensors if x.dtype == torch.float64]
+    assert all(x.data_ptr() in known for x in tensors)
+
+
 def test_each_first_compile_is_said_before_and_after(tiny, tokenizer, capsys):
     """No silent minutes: before the first call of each way of picking, a line says the step is
     compiling; after it, how long the call took; a warm step says nothing."""
