@@ -139,7 +139,7 @@ def sampling_check(value, failed=False):
     tool's bug) meets whichever the others wait in with failed=True, and they raise RankFailed
     there rather than wait for it until the collective's timeout (NCCL's: 10 minutes)."""
     if not dist.is_initialized():
-        return int(value)
+        return value.item()
     flags = torch.stack([torch.tensor(int(failed), device=value.device), value.long()]).to(comm_device())
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     someone_failed, top = flags.tolist()

@@ -692,11 +692,14 @@ class StaticDecoder:
         if cold:  # minutes without a line read as a hang
             say(f"sampling: compiling the decode step for {mode} decoding, once (on a GPU this can take "
                 "minutes); a line follows when it has run")
-        for column in range(1, T):
-            if column % 8 == 0 and every_rank_done(s.done):  # a wait for the device, so every 8 tokens
-                columns = column
-                break
-            self.step(s, mode)
+        # what is not marked dynamic stays constant, whatever an earlier decoder saw: torch remembers
+        # which floats and sizes changed by source line, and would make them inputs here too
+        with torch._dynamo.config.patch(specialize_float=True, automatic_dynamic_shapes=False):
+            for column in range(1, T):
+                if column % 8 == 0 and every_rank_done(s.done):  # a wait for the device, so every 8 tokens
+                    columns = column
+                    break
+                self.step(s, mode)
         if cold and self.compiled:
             self.warm.add(mode)
             say(f"sampling: the {mode} decode step compiled and sampled {columns} tokens in "
