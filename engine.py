@@ -687,7 +687,7 @@ class StaticDecoder:
                               (s.top_p, how.top_p), (s.pad_id, how.pad_id)):
             tensor.fill_(value)
         s.eos_ids.copy_(how.eos_ids)
-        mode, columns, skips = self.picking(how.temperature, how.top_p), T, cudagraph_skips()
+        mode, columns, graphs = self.picking(how.temperature, how.top_p), T, cuda_graphs_recorded(device)
         cold, started = self.compiled and mode not in self.warm, time.perf_counter()
         if cold:  # minutes without a line read as a hang
             say(f"sampling: compiling the decode step for {mode} decoding, once (on a GPU this can take "
@@ -706,8 +706,10 @@ class StaticDecoder:
                 f"{time.perf_counter() - started:.0f} s")
         if self.compiled and device.type == "cuda" and not self.reported:
             self.reported = True
-            say("sampling: the compiled step " + ("captured CUDA graphs" if cudagraph_skips() == skips else
-                                                  "did not capture CUDA graphs (torch's log says why)"))
+            recorded = cuda_graphs_recorded(device) - graphs  # counted, not inferred from no skip
+            say("sampling: the compiled step " + (f"recorded {recorded} CUDA graph(s), replayed from now on"
+                                                  if recorded > 0 else "recorded no CUDA graph (torch's log "
+                                                  "says why: TORCH_LOGS=perf_hints)"))
         return Sampled(*(out[:B, :columns].clone() for out in (s.tokens, s.logps, s.entropies)))
 
     def prefill(self, s, prompt_ids, prompt_mask, share):
@@ -742,7 +744,18 @@ def own_code(method):
     return types.MethodType(twin, method.__self__)
 
 
-def cudagraph_skips():
-    """How often torch's inductor has declined to capture a CUDA graph in this process."""
-    from torch._dynamo.utils import counters
-    return counters["inductor"]["cudagraph_skips"]
+def cuda_graphs_recorded(device):
+    """How many CUDA graphs torch.compile's reduce-overhead mode (inductor's cudagraph trees) has
+    recorded on `device` in this process, counted node by node in its tree manager: 0 off CUDA or
+    before any."""
+    if device.type != "cuda":
+        return 0
+    from torch._inductor import cudagraph_trees
+    manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+    nodes = [node for roots in (getattr(manager, "roots", None) or {}).values() for node in roots]
+    count = 0
+    while nodes:
+        node = nodes.pop()
+        count += 1
+        nodes.extend(child for children in node.children.values() for child in children)
+    return count

@@ -58,11 +58,11 @@ def check_families(device):
         how = engine.Sampling(24, torch.tensor([255], device=device), 0, 0.0)
         theirs = grpo.sample(model, ids, mask, how).tokens
         eager = engine.StaticDecoder(model, grpo.DEFINITION).sample(ids, mask, how).tokens
-        skips = engine.cudagraph_skips()
+        graphs = engine.cuda_graphs_recorded(device)
         compiled = engine.StaticDecoder(model, grpo.DEFINITION, compile=True).sample(ids, mask, how).tokens
         out[name] = {"eager_equals_transformers": torch.equal(eager, theirs),
                      "compiled_equals_eager": torch.equal(compiled, eager),
-                     "cuda_graphs_captured": device.type == "cuda" and engine.cudagraph_skips() == skips}
+                     "cuda_graphs_recorded": engine.cuda_graphs_recorded(device) - graphs}
     return out
 
 
@@ -82,7 +82,7 @@ def decode(shape, device, batch, prompt_tokens, new_tokens):
         sampler.eos_ids = torch.tensor([vocab + 1], device=device)  # every row runs the full length
         for B in batch:
             prompts = torch.randint(1, vocab - 1, (B, prompt_tokens), device=device)
-            compiles, skips = len(torch._dynamo.utils.counters["stats"]), engine.cudagraph_skips()
+            compiles, graphs = len(torch._dynamo.utils.counters["stats"]), engine.cuda_graphs_recorded(device)
             start = time.perf_counter()
             sampler.sample(prompts, torch.ones_like(prompts), new_tokens)
             sync(device)
@@ -93,8 +93,7 @@ def decode(shape, device, batch, prompt_tokens, new_tokens):
             seconds = time.perf_counter() - start
             rows[f"{'compiled' if compiled else 'eager'}_b{B}"] = {
                 "tokens_per_s": B * new_tokens / seconds, "seconds": seconds, "first_call_seconds": warm,
-                "cuda_graphs_captured": (compiled and device.type == "cuda"
-                                         and engine.cudagraph_skips() == skips),
+                "cuda_graphs_recorded": engine.cuda_graphs_recorded(device) - graphs,
                 "dynamo_stats": dict(torch._dynamo.utils.counters["stats"]), "compiles_before": compiles}
     params = sum(p.numel() for p in model.parameters())
     layers, kv = SHAPES[shape]["num_hidden_layers"], SHAPES[shape]["num_key_value_heads"]

@@ -303,3 +303,24 @@ def test_each_decoder_compiles_on_its_own_below_the_recompile_limit(tokenizer):
                                      backend=counting_backend(compiled))
         decoder.sample(ids, mask, how(tokenizer, len(ids), temperature=0.0))
     assert len(compiled) == torch._dynamo.config.recompile_limit + 1
+
+
+def test_cuda_graphs_are_counted_in_torchs_tree_manager(monkeypatch):
+    """The "recorded CUDA graphs" line counts the nodes of inductor's cudagraph trees (a positive
+    check), here on a stand-in tree: two roots, one with two children and a grandchild."""
+    from types import SimpleNamespace
+
+    from torch._inductor import cudagraph_trees
+
+    def node(*children):
+        return SimpleNamespace(children={"f": list(children)} if children else {})
+    manager = SimpleNamespace(roots={"step": [node(node(), node(node()))], "other": [node()]})
+    asked = []
+    monkeypatch.setattr(cudagraph_trees, "get_manager",
+                        lambda index, create_if_none_exists: asked.append((index, create_if_none_exists))
+                        or manager)
+    assert engine.cuda_graphs_recorded(torch.device("cuda", 1)) == 5
+    assert asked == [(1, False)]  # looked at, never made
+    manager.roots = None  # torch resets it when every graph's function has died
+    assert engine.cuda_graphs_recorded(torch.device("cuda", 0)) == 0
+    assert engine.cuda_graphs_recorded(torch.device("cpu")) == 0
