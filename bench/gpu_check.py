@@ -1,27 +1,31 @@
 """The one-command GPU check: every figure the static decoder's CUDA path is built for, measured in
-one run (about 6-8 minutes on one H200), printed and saved as JSON.
+one run (about 6-8 minutes on one H200), each printed as it is measured and the JSON rewritten
+after every section, so that a section that fails (its error is recorded) or a run cut short keeps
+what came before.
 
     python bench/gpu_check.py                      # on a machine with CUDA; writes bench/gpu_check.json
     python bench/gpu_check.py --smoke --device=cpu # the same steps at a tiny size, anywhere (a test runs it)
 
 1. The families on CUDA: for Llama, Qwen2, Qwen3 and Mistral (tiny random models, fp32) the static
-   decoder's greedy tokens equal transformers', eager and compiled; whether CUDA graphs were
-   captured (torch's inductor counts each graph it declines).
+   decoder's greedy tokens equal transformers', eager and compiled; how many CUDA graphs were
+   recorded (counted in inductor's cudagraph trees).
 2. Decoding a Qwen2.5-0.5B-shaped model with its real 151,936-token vocabulary (random weights, no
    download) under bf16 autocast over fp32 weights (so from the engine's bf16 copy), at batch 64
-   and 256: tokens/s eager and compiled, as a share of the bound that the GPU's copy bandwidth,
-   measured in the same run, sets (each step reads every bf16 weight and the KV cache so far);
-   the compile warm-up; the graphs compiled; CUDA graphs captured or not.
+   and 256 (the largest first): tokens/s eager and compiled, as a share of the bound that the
+   GPU's copy bandwidth, measured in the same run, sets (step_reads: each step reads every bf16
+   weight, the whole KV cache and the [B, V] sampling epilogue); the compile warm-up; the graphs
+   compiled; the CUDA graphs recorded.
 3. The update's MFU at that shape (bench/gpu_bench.py's measurement).
 4. A 40-step GRPO run of that shape with the compiled static decoder (grpo.py itself, through a
    local model folder with a tokenizer of that vocabulary): seconds per step and its split.
-5. Where vllm is installed, decoder=vllm on that shape: tokens/s at both batches, one weight push,
-   and the GPU memory in use after sampling with and without sleep mode.
+5. Where vllm is installed, decoder=vllm on that shape, in a process of its own: tokens/s at both
+   batches, one weight push, and the GPU memory in use after sampling with and without sleep mode.
 """
 import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,7 +84,7 @@ def decode(shape, device, batch, prompt_tokens, new_tokens):
         sampler = engine.Engine(model, tokenizer, grpo.DEFINITION, bf16=bf16, decoder="static",
                                 compile_decode=compiled)
         sampler.eos_ids = torch.tensor([vocab + 1], device=device)  # every row runs the full length
-        for B in batch:
+        for B in sorted(batch, reverse=True):  # the largest first: the others fit in the memory it took
             prompts = torch.randint(1, vocab - 1, (B, prompt_tokens), device=device)
             compiles, graphs = len(torch._dynamo.utils.counters["stats"]), engine.cuda_graphs_recorded(device)
             start = time.perf_counter()
@@ -95,6 +99,10 @@ def decode(shape, device, batch, prompt_tokens, new_tokens):
                 "tokens_per_s": B * new_tokens / seconds, "seconds": seconds, "first_call_seconds": warm,
                 "cuda_graphs_recorded": engine.cuda_graphs_recorded(device) - graphs,
                 "dynamo_stats": dict(torch._dynamo.utils.counters["stats"]), "compiles_before": compiles}
+            print(json.dumps({f"decode_{'compiled' if compiled else 'eager'}_b{B}": {
+                k: rows[f"{'compiled' if compiled else 'eager'}_b{B}"][k] for k in ("tokens_per_s",
+                                                                                   "first_call_seconds")}}),
+                  flush=True)
     params = sum(p.numel() for p in model.parameters())
     layers, kv = SHAPES[shape]["num_hidden_layers"], SHAPES[shape]["num_key_value_heads"]
     head = SHAPES[shape]["hidden_size"] // SHAPES[shape]["num_attention_heads"]
@@ -104,9 +112,6 @@ def decode(shape, device, batch, prompt_tokens, new_tokens):
 def vllm_decode(shape, device, batches, prompt_tokens, new_tokens, folder):
     """decoder=vllm on the same shape (when vllm is installed): tokens/s per batch, one weight
     push, and the device's used memory awake and asleep (sleep mode, CUDA only)."""
-    import importlib.util
-    if importlib.util.find_spec("vllm") is None:
-        return {"skipped": "vllm is not installed (requirements-vllm.txt)"}
     import types
 
     import vllm_sampler
@@ -181,54 +186,98 @@ def grpo_run(shape, device, steps, out_dir):
             **{f"median_{k}": median(k) for k in ("t_sample", "t_rewards", "t_logprobs", "t_update")}}
 
 
+def step_reads(params, kv_bytes, vocab, B, width, new_tokens):
+    """The bytes one decode step of the static decoder moves at batch B: every bf16 weight, the whole
+    KV cache of width + new_tokens slots (attention reads every slot, masked or not), and the
+    sampling epilogue's fp32 [B, V] logits, written and read by softmax and cumsum (~3 passes)."""
+    return 2 * params + B * kv_bytes * (width + new_tokens) + 3 * 4 * B * vocab
+
+
+def section(results, name, output, measure):
+    """results[name] = measure(), or the error it raised; the JSON rewritten at once, so that a
+    section that fails or a run cut short keeps every figure measured before it."""
+    started = time.perf_counter()
+    try:
+        results[name] = measure()
+    except Exception as err:  # a section's failure is a figure too; the others still run
+        results[name] = {"error": f"{type(err).__name__}: {str(err).strip()[:500]}"}
+    results.setdefault("section_seconds", {})[name] = time.perf_counter() - started
+    with open(output, "w") as f:
+        json.dump(results, f, indent=1)
+    print(json.dumps({name: results[name]}), flush=True)
+
+
+def vllm_in_subprocess(args, folder):
+    """The vLLM section in a process of its own (two vllm.LLM in one process trip its memory
+    profiling, and a crash there must not end this run) -> its results."""
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vllm is not installed (requirements-vllm.txt)"}
+    output = os.path.join(folder, "vllm.json")
+    subprocess.run([sys.executable, os.path.abspath(__file__), f"--device={args.device}", "--section=vllm",
+                    f"--output={output}", *(["--smoke"] if args.smoke else [])], check=True, timeout=600)
+    with open(output) as f:
+        return json.load(f)["vllm"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that every part runs")
     parser.add_argument("--output", default=os.path.join(HERE, "gpu_check.json"))
+    parser.add_argument("--section", choices=("all", "vllm"), default="all")  # vllm: the subprocess's
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shape, batches, prompt_tokens, new_tokens, steps = (("tiny", (8, 16), 16, 16, 3) if args.smoke else
                                                         ("qwen2.5-0.5b", (64, 256), 128, 256, 40))
+    vocab = SHAPES[shape]["vocab_size"]
     results = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "shape": shape}
-    started = time.perf_counter()
-    results["families"] = check_families(device)
-    print(json.dumps({"families": results["families"]}), flush=True)
-    rows, params, kv_bytes = decode(shape, device, batches, prompt_tokens, new_tokens)
-    bandwidth, flops = ceilings(device)
+    started, work = time.perf_counter(), tempfile.mkdtemp()
+    if args.section == "vllm":
+        section(results, "vllm", args.output,
+                lambda: vllm_decode(shape, device, batches, prompt_tokens, new_tokens, work))
+        return results
+    names = ("copy_bandwidth_bytes_s", "bf16_matmul_flop_s")
+    section(results, "ceilings", args.output, lambda: dict(zip(names, ceilings(device))))
+    bandwidth = results["ceilings"].get("copy_bandwidth_bytes_s")
 
-    def add_shares(table):  # each row's tokens/s as a share of the bandwidth bound at its batch
+    def add_shares(table, params, kv_bytes):  # each row's tokens/s as a share of the bandwidth bound
+        width = -(-prompt_tokens // 64) * 64  # the static decoder's prompt bucket
         for key, row in table.items():
-            if isinstance(row, dict) and "_b" in key:
+            if isinstance(row, dict) and "_b" in key and "seconds" in row:
                 B = int(key.split("_b")[1])
-                read = sum(2 * params + B * kv_bytes * (prompt_tokens + t) for t in range(new_tokens))
+                read = new_tokens * step_reads(params, kv_bytes, vocab, B, width, new_tokens)
                 row["share_of_bound"] = read / bandwidth / row["seconds"] if bandwidth else None
-    add_shares(rows)
-    results.update(decode=rows, copy_bandwidth_gb_s=bandwidth and bandwidth / 1e9,
-                   bf16_matmul_tflop_s=flops and flops / 1e12)
-    print(json.dumps({"decode": rows}), flush=True)
-    import gpu_bench
-    update = os.path.join(tempfile.mkdtemp(), "update.json")
-    gpu_bench.main([f"--shape={shape}", f"--device={device.type}", "--modes=eager", "--repeats=1",
-                    f"--batch={batches[0]}", f"--prompt_tokens={prompt_tokens}", f"--new_tokens={new_tokens}",
-                    f"--output={update}"])
-    with open(update) as f:
-        results["update"] = json.load(f)
-    work = tempfile.mkdtemp()
+        return table
+    section(results, "families", args.output, lambda: check_families(device))
+
+    def decoding():
+        rows, params, kv_bytes = decode(shape, device, batches, prompt_tokens, new_tokens)
+        results["kv_bytes_per_token_row"], results["params"] = kv_bytes, params
+        return add_shares(rows, params, kv_bytes)
+    section(results, "decode", args.output, decoding)
+
+    def update():
+        import gpu_bench
+        path = os.path.join(work, "update.json")
+        gpu_bench.main([f"--shape={shape}", f"--device={device.type}", "--modes=eager", "--repeats=1",
+                        f"--batch={batches[0]}", f"--prompt_tokens={prompt_tokens}",
+                        f"--new_tokens={new_tokens}", f"--output={path}"])
+        with open(path) as f:
+            return json.load(f)
+    section(results, "update", args.output, update)
     try:
-        results["grpo_run"] = grpo_run(shape, device, steps, work)
-        folder = os.path.join(work, "vllm_model")
-        results["vllm"] = vllm_decode(shape, device, batches, prompt_tokens, new_tokens, folder)
-        add_shares(results["vllm"])
-        print(json.dumps({"vllm": results["vllm"]}), flush=True)
+        section(results, "grpo_run", args.output, lambda: grpo_run(shape, device, steps, work))
+        shape_bytes = (results.get("params", 0), results.get("kv_bytes_per_token_row", 0))
+        section(results, "vllm", args.output,
+                lambda: add_shares(vllm_in_subprocess(args, work), *shape_bytes))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - started
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)
-    print(json.dumps(results, indent=1))
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} ({results['seconds']:.0f} s)")
     return results
 
 

@@ -149,6 +149,27 @@ def test_the_gpu_check_runs_every_part_at_a_tiny_size_on_cpu(tmp_path):
     assert all(r["eager_equals_transformers"] and r["compiled_equals_eager"] for r in families)
     assert {"eager_b8", "eager_b16", "compiled_b8", "compiled_b16"} == set(result["decode"])
     assert result["grpo_run"]["steps"] == 3 and result["update"]["eager"]["update_tokens_per_s"] > 0
+    assert all("share_of_bound" in row for row in result["decode"].values())  # None: no bandwidth on CPU
+
+
+def test_a_gpu_check_section_that_fails_is_recorded_and_the_rest_runs(tmp_path, capsys):
+    check, output, results = load_bench("gpu_check"), tmp_path / "check.json", {"date": "today"}
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    check.section(results, "decode", output, broken)
+    assert json.loads(output.read_text())["decode"] == {
+        "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    check.section(results, "update", output, lambda: {"tokens_per_s": 1.0})
+    written = json.loads(output.read_text())
+    assert written["update"] == {"tokens_per_s": 1.0} and "error" in written["decode"]
+    assert capsys.readouterr().out.splitlines()[-1] == '{"update": {"tokens_per_s": 1.0}}'
+
+
+def test_a_decode_steps_reads_by_hand():
+    """2 bytes per weight, the whole cache (width + new tokens slots) per row, and 3 fp32 passes
+    over [B, V]: 2 * 10 + 4 * 7 * (16 + 8) + 12 * 4 * 100."""
+    assert load_bench("gpu_check").step_reads(10, 7, 100, 4, 16, 8) == 20 + 672 + 4800
 
 
 def test_the_decode_benchmark_runs_beside_a_baseline_commit(capsys):
