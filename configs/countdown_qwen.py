@@ -11,10 +11,13 @@ KL 0.001, up to 1024 new tokens (TinyZero's settings). Group size and batch are 
 The prefill's text before <think> is prompt: the rewards see the answer from <think> on, so a
 perfect completion scores format 1 (tests/test_config.py checks every shipped config so).
 
-Memory (estimated, not run): dtype=bfloat16 computes in bf16 over fp32 master weights, as lr 1e-6
-steps would round away on bf16 weights: weights, gradients and AdamW state take 16 bytes per
-parameter (~48 GB), the bf16 reference ~6 GB, activations little with gradient checkpointing:
-one 80 GB GPU, or two with torchrun --sharding=fsdp.
+Memory, by arithmetic (python bench/recipe_memory.py configs/countdown_qwen.py; not run):
+dtype=bfloat16 computes in bf16 over fp32 master weights, as lr 1e-6 steps would round away on
+bf16 weights: the training state 49.4 GB (16 bytes a parameter), the bf16 reference 6.2, the static
+decoder's bf16 copy 6.2 and its decode states 15.1 (256 rows of up to 1,280 slots, and evaluation's
+64), activations with gradient checkpointing 10.3: an 87 GB peak, so one 141 GB GPU (H200). On one
+80 GB GPU add --decoder=hf (no bf16 copy, and its cache is freed before the update): 71 GB. Or two
+80 GB GPUs with torchrun --sharding=fsdp, which halves the training state.
 
 What to expect, from TinyZero's report (NOT measured with this recipe): the 3B base model starts by
 guessing and stopping, then learns to search, check

@@ -10,10 +10,12 @@ warmup, 16 completions per question, prompts up to 256 tokens); beta 0.04 and cl
 DeepSeekMath; 512 new tokens, enough for GSM8K's reasoning. The rest is chosen here.
 For Qwen2.5-1.5B-Instruct: model = "Qwen/Qwen2.5-1.5B-Instruct", micro_batch_size = 16.
 
-Memory, one 80 GB GPU: 0.5B parameters in fp32 with gradients and AdamW state (16 bytes each)
-~8 GB, the reference ~2 GB, and activations for micro-batches of 32 sequences of up to ~800
-tokens. One 24 GB GPU: add --dtype=bfloat16 --micro_batch_size=8 --gradient_checkpointing=True
-(bf16 compute over the same fp32 master weights; the reference in bf16, ~1 GB).
+Memory, one 80 GB GPU, by arithmetic (python bench/recipe_memory.py configs/gsm8k_qwen.py): the
+training state 7.9 GB (16 bytes a parameter), the reference 2.0, the static decoder's bf16 copy
+1.0 and decode states 3.6, a micro-batch's activations (32 sequences of up to 768 tokens) 40.4 GB:
+a 55 GB peak, plus CUDA's own. One 24 GB GPU: add --dtype=bfloat16 --micro_batch_size=8
+--gradient_checkpointing=True (bf16 compute over the same fp32 master weights; the reference in
+bf16, ~1 GB).
 
 What to expect. Figures from the sources, NOT measured with this recipe: Qwen2.5-0.5B-Instruct scores
 about 50 % on GSM8K (Qwen2.5 technical report,

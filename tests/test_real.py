@@ -301,3 +301,34 @@ def test_a_real_pretrained_model_trains_on_gsm8k_then_reloads(tmp_path):
                                         return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_a_recipes_memory_by_hand(monkeypatch):
+    """bench/recipe_memory.py's parts on a small shape, by hand: 16 bytes a parameter, the reference
+    in its dtype, the bf16 copy, rows x slots x the bf16 K and V of every layer; activations measured
+    (more with the plain head than chunked, less with gradient checkpointing); decoder=hf's peak
+    the larger of sampling and update."""
+    memory = load_bench("recipe_memory")
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=40000, tie_word_embeddings=True)
+    monkeypatch.setitem(memory.SHAPES, "small", shape)
+    # the tied embedding; per layer q (with bias), k and v (2 KV heads of 16, biased), o, the MLP's three
+    # matrices and two norms; the final norm
+    params = 40000 * 64 + 3 * ((64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
+    cfg = grpo.Config(model="small", max_new_tokens=64, prompts_per_step=2, group_size=4, micro_batch_size=8,
+                      dtype="bfloat16", eval_size=16, eval_batch_size=8)
+    parts, peak = memory.budget(cfg, prompt_tokens=60)
+    slots = 64 + 64  # the prompt's 64-token bucket and the new tokens
+    assert parts["training state (16 B/param)"] == 16 * params
+    assert parts["reference"] == 2 * params and parts["bf16 copy for the static decoder"] == 2 * params
+    assert parts["decode state, training batch"] == 8 * slots * (2 * 3 * 2 * 16 * 2)
+    assert parts["decode state, evaluation"] == 8 * slots * (2 * 3 * 2 * 16 * 2)
+    assert peak == sum(parts.values())
+    plain = memory.budget(grpo.Config(**{**vars(cfg), "chunked_head": False}), 60)[0]
+    checkpointed = memory.budget(grpo.Config(**{**vars(cfg), "gradient_checkpointing": True}), 60)[0]
+    name = "activations of a micro-batch"
+    assert checkpointed[name] < parts[name] < plain[name]
+    hf_parts, hf_peak = memory.budget(grpo.Config(**{**vars(cfg), "decoder": "hf"}), 60)
+    sampling = sum(v for k, v in hf_parts.items() if k != name)
+    update = sum(v for k, v in hf_parts.items() if not k.startswith("decode state"))
+    assert hf_parts["bf16 copy for the static decoder"] == 0 and hf_peak == max(sampling, update)
