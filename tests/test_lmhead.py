@@ -170,3 +170,28 @@ def test_gradient_checkpointing_runs_every_row_and_matches():
     ours = values_and_grads(lambda: lmhead.logprobs(model, ids, attention, C, cfg, True,
                                                     grpo.prefill_prompts))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
+
+
+def test_lora_adapters_train_through_the_chunked_head(monkeypatch):
+    """With LoRA's adapters on every linear layer but the head, the head stays a plain matmul: the
+    same log-probs, entropies and adapter gradients as the definition."""
+    pytest.importorskip("peft")
+    import engine
+    V = 300
+    model, (ids, attention, C) = llama(V), batch(V)
+    engine.add_lora(model, engine.LoraOptions(4, 8.0))
+    assert lmhead.plain_head(model) is model.get_output_embeddings()
+    monkeypatch.setattr(lmhead, "CHUNK_LOGITS", 2 * V)
+
+    def values_and_grads(forward):
+        model.zero_grad()
+        logp, entropy = forward()
+        (logp.sum() + entropy.sum()).backward()
+        return [logp.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters()
+                                                    if p.grad is not None]
+    theirs = values_and_grads(lambda: grpo.completion_logprobs(model, ids, attention, C, 0.9, True))
+    cfg = grpo.Config(temperature=0.9, share_prompt=True)
+    ours = values_and_grads(lambda: lmhead.logprobs(model, ids, attention, C, cfg, True,
+                                                    grpo.prefill_prompts))
+    assert len(ours) == len(theirs) > 2
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
