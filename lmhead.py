@@ -54,11 +54,11 @@ class ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, rows, dtype):
         logps, entropies, lses = [], [], []
+        w = weight.to(dtype)  # cast once, not per chunk
         for h, target in zip(hidden.split(rows), targets.split(rows)):
-            z = chunk_logits(h, weight, temperature, dtype)
-            lse = torch.logsumexp(z, -1)
-            logps.append(z.gather(-1, target[:, None]).squeeze(-1) - lse)
-            entropies.append(lse - torch.softmax(z, -1).mul_(z).sum(-1))
+            logp, entropy, lse = scored(chunk_logits(h, w, temperature), target)
+            logps.append(logp)
+            entropies.append(entropy)
             lses.append(lse)
         ctx.save_for_backward(hidden, weight, targets, torch.cat(lses))
         ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
@@ -74,7 +74,7 @@ class ChunkedHead(torch.autograd.Function):
         for i in range(0, len(hidden), ctx.rows):
             part = slice(i, i + ctx.rows)
             h = hidden[part]
-            z = chunk_logits(h, weight, ctx.temperature, ctx.dtype)
+            z = chunk_logits(h, w, ctx.temperature)
             p = (z - lse[part, None]).exp_()
             grad_z = torch.zeros_like(z)  # in place from here: a chunk's [n, V] temporaries are z, p and this
             if grad_logp is not None:
@@ -91,10 +91,18 @@ class ChunkedHead(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def chunk_logits(hidden, weight, temperature, dtype):
-    """One chunk's logits / temperature in fp32 [n, V], the matmul in dtype."""
+def chunk_logits(hidden, weight, temperature):
+    """One chunk's logits / temperature in fp32 [n, V], the matmul in weight's dtype (the run's
+    compute dtype, cast once by the caller)."""
     with torch.autocast(hidden.device.type, enabled=False):
-        return torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype)).float() / temperature
+        return torch.nn.functional.linear(hidden.to(weight.dtype), weight).float() / temperature
+
+
+def scored(z, targets):
+    """From scaled logits z [n, V] (fp32): the targets' log-probs [n], the entropies [n] and the
+    log-sum-exps [n]."""
+    lse = torch.logsumexp(z, -1)
+    return z.gather(-1, targets[:, None]).squeeze(-1) - lse, lse - (torch.softmax(z, -1) * z).sum(-1), lse
 
 
 def head_input(model, head, **inputs):
@@ -143,8 +151,7 @@ def logprobs(model, input_ids, attention_mask, num_completion, cfg, with_entropy
                                       temperature, rows, dtype)
     logp, entropy = logp.view(targets.shape), entropy.view(targets.shape)
     if first is not None:  # the first completion token, from the prompt's own logits
-        z = first[:, -1].float() / temperature
-        lse = torch.logsumexp(z, -1, keepdim=True)
-        logp = torch.cat([z.gather(-1, input_ids[:, prompt_len, None]) - lse, logp], 1)
-        entropy = torch.cat([lse - (torch.softmax(z, -1) * z).sum(-1, keepdim=True), entropy], 1)
+        first_logp, first_entropy, _ = scored(first[:, -1].float() / temperature, input_ids[:, prompt_len])
+        logp = torch.cat([first_logp[:, None], logp], 1)
+        entropy = torch.cat([first_entropy[:, None], entropy], 1)
     return logp, entropy if with_entropy else None

@@ -36,6 +36,15 @@ def batch(vocab, rows=4, prompt=5, completion=7):
     return ids, attention, completion
 
 
+def values_and_grads(model, forward):
+    """forward()'s log-probs and entropies, and the gradients of their sum on every trained parameter."""
+    model.zero_grad()
+    logp, entropy = forward()
+    (logp.sum() + entropy.sum()).backward()
+    return [logp.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters()
+                                                if p.grad is not None]
+
+
 def saved_sizes(model, run):
     """The sizes (numel) of the tensors autograd keeps for backward while run() computes, the model's
     parameters left out."""
@@ -159,16 +168,11 @@ def test_gradient_checkpointing_runs_every_row_and_matches():
     model, (ids, attention, C) = llama(V), batch(V)
     model.gradient_checkpointing_enable()
     model.train()
-
-    def values_and_grads(forward):
-        model.zero_grad()
-        logp, entropy = forward()
-        (logp.sum() + entropy.sum()).backward()
-        return [logp.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters()]
-    theirs = values_and_grads(lambda: grpo.completion_logprobs(model, ids, attention, C, 0.9, True))
+    theirs = values_and_grads(model, lambda: grpo.completion_logprobs(model, ids, attention, C, 0.9, True))
     cfg = grpo.Config(temperature=0.9, share_prompt=True)
-    ours = values_and_grads(lambda: lmhead.logprobs(model, ids, attention, C, cfg, True,
-                                                    grpo.prefill_prompts))
+    ours = values_and_grads(model, lambda: lmhead.logprobs(model, ids, attention, C, cfg, True,
+                                                           grpo.prefill_prompts))
+    assert len(ours) == len(theirs) == 2 + len(list(model.parameters()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
 
 
@@ -182,16 +186,9 @@ def test_lora_adapters_train_through_the_chunked_head(monkeypatch):
     engine.add_lora(model, engine.LoraOptions(4, 8.0))
     assert lmhead.plain_head(model) is model.get_output_embeddings()
     monkeypatch.setattr(lmhead, "CHUNK_LOGITS", 2 * V)
-
-    def values_and_grads(forward):
-        model.zero_grad()
-        logp, entropy = forward()
-        (logp.sum() + entropy.sum()).backward()
-        return [logp.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters()
-                                                    if p.grad is not None]
-    theirs = values_and_grads(lambda: grpo.completion_logprobs(model, ids, attention, C, 0.9, True))
+    theirs = values_and_grads(model, lambda: grpo.completion_logprobs(model, ids, attention, C, 0.9, True))
     cfg = grpo.Config(temperature=0.9, share_prompt=True)
-    ours = values_and_grads(lambda: lmhead.logprobs(model, ids, attention, C, cfg, True,
-                                                    grpo.prefill_prompts))
+    ours = values_and_grads(model, lambda: lmhead.logprobs(model, ids, attention, C, cfg, True,
+                                                           grpo.prefill_prompts))
     assert len(ours) == len(theirs) > 2
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
